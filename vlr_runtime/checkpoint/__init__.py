@@ -1,0 +1,1 @@
+"""Hugging Face import/export and sharded save/resume."""

@@ -1,0 +1,1 @@
+"""Input formats, image processing, tokenization, packing and loading."""

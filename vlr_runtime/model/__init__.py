@@ -1,0 +1,1 @@
+"""Qwen2.5-VL reward model on megatron-core."""
