@@ -5,5 +5,6 @@ Every op has an eager reference (``<op>_ref``), an autograd Function and a publi
 """
 
 from vlr_kernels._backend import BackendUnavailable, resolve_backend, set_default_backend
+from vlr_kernels.varlen_attention import varlen_attention, varlen_attention_ref
 
-__all__ = ["BackendUnavailable", "resolve_backend", "set_default_backend"]
+__all__ = ["BackendUnavailable", "resolve_backend", "set_default_backend", "varlen_attention", "varlen_attention_ref"]
