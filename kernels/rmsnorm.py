@@ -1,0 +1,171 @@
+"""RMSNorm with an optional fused residual add (Hugging Face Qwen2 semantics), Triton forward and backward.
+
+``y = weight * (s * rsqrt(mean(s**2) + eps))`` with ``s = x`` or ``s = x + residual`` (the sum rounded to x's dtype,
+as the eager decoder does). Math in fp32; the output dtype is ``promote(x.dtype, weight.dtype)`` like HF's module.
+Backward stores only ``s`` and the per-row ``rstd`` (fp32, 4 bytes a row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlr_kernels._backend import resolve_backend
+from vlr_kernels._triton_compat import tl, triton, triton_jit
+
+_BACKENDS = ("triton", "torch")
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Eager reference: exactly ``Qwen2RMSNorm`` (fp32 statistics, normalised value cast back, times weight).
+    float64 inputs stay float64 so tests can use it as the high-precision reference."""
+    s = x if residual is None else x + residual
+    ct = torch.promote_types(s.dtype, torch.float32)
+    h = s.to(ct)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * h.to(s.dtype)
+    return y if residual is None else (y, s)
+
+
+@triton_jit
+def _rms_norm_fwd_kernel(
+    x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * n_cols + cols, mask=mask, other=0.0)
+        # round the sum to the storage dtype first: that rounded sum is what the next layer's residual sees
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    tl.store(rstd_ptr + row, rstd)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * n_cols + cols, (xf * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_jit
+def _rms_norm_bwd_kernel(
+    dy_ptr, ds_ptr, s_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, n_cols, rows_per_program,
+    HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    for i in range(0, rows_per_program):
+        row = (row_start + i).to(tl.int64)
+        if row < n_rows:
+            offs = row * n_cols + cols
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            xhat = xhat * rstd
+            dyw = dy * w
+            dx = rstd * (dyw - xhat * (tl.sum(dyw * xhat, axis=0) / n_cols))
+            if HAS_DS:
+                dx += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
+    tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+
+
+def _num_warps(block_n: int) -> int:
+    return min(max(block_n // 256, 1), 16)
+
+
+def rms_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward on ``x [M, N]`` (contiguous). Returns ``(y [M, N], s [M, N], rstd [M] fp32)``;
+    ``s`` is ``x`` itself without a residual."""
+    m, n = x.shape
+    y = torch.empty((m, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    s = x if residual is None else torch.empty_like(x)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    block_n = triton.next_power_of_2(n)
+    _rms_norm_fwd_kernel[(m,)](
+        x, residual if residual is not None else x, weight, y, s, rstd, n, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
+    )
+    return y, s, rstd
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward. ``dy [M, N]`` grad of y, ``ds [M, N]`` grad of the residual-sum output (or None).
+    Returns ``(dx [M, N] in s's dtype, dweight [N] in weight's dtype)``."""
+    m, n = s.shape
+    dx = torch.empty_like(s)
+    # enough programs to fill the GPU; each keeps its slice's dweight partial in registers
+    programs = min(m, 4 * torch.cuda.get_device_properties(s.device).multi_processor_count) if s.is_cuda else min(m, 4)
+    rows_per_program = triton.cdiv(m, programs)
+    dw_part = torch.empty((programs, n), dtype=torch.float32, device=s.device)
+    block_n = triton.next_power_of_2(n)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy, ds if ds is not None else dy, s, weight, rstd, dx, dw_part, m, n, rows_per_program,
+        HAS_DS=ds is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
+    )
+    return dx, dw_part.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels: outputs ``y`` or ``(y, x + residual)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        r2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
+        y, s, rstd = rms_norm_fwd(x2, weight.contiguous(), eps, r2)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.has_residual = residual is not None
+        ctx.shape = shape
+        if residual is None:
+            return y.view(shape)
+        return y.view(shape), s.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        s, weight, rstd = ctx.saved_tensors
+        n = ctx.shape[-1]
+        ds2 = ds.reshape(-1, n).contiguous() if ds is not None else None
+        dx, dw = rms_norm_bwd(dy.reshape(-1, n).contiguous(), ds2, s, weight, rstd)
+        dx = dx.view(ctx.shape)
+        return dx, dw, (dx if ctx.has_residual else None), None
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim.
+
+    Args:
+        x: ``[..., N]``; weight: ``[N]``; residual: ``[..., N]`` like x, or None.
+    Returns:
+        ``y [..., N]`` (dtype ``promote(x, weight)``), or with a residual ``(y, x + residual)`` - the sum is the next
+        residual stream, so callers need not add it again.
+    """
+    if x.dim() < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight must be [{x.shape[-1] if x.dim() else '?'}], got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"rms_norm: residual must match x {tuple(x.shape)} {x.dtype}, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    if weight.device != x.device or (residual is not None and residual.device != x.device):
+        raise ValueError("rms_norm: x, weight and residual must be on the same device")
+    name = resolve_backend("rms_norm", x.device, backend, _BACKENDS)
+    if name == "torch":
+        return rms_norm_ref(x, weight, eps, residual)
+    return RMSNormFunction.apply(x, weight, residual, eps)
