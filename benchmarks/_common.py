@@ -1,0 +1,250 @@
+"""Shared benchmark plumbing: timing (CUDA events, or a CPU wall clock), peak memory, environment facts, one CSV
+schema, a markdown table, and a measured copy-bandwidth ceiling.
+
+CSV schema (one row per measured number)::
+
+    kernel, provider, mode, metric, x, p50, p20, p80, gpu, torch, triton, sha, time
+
+``metric`` is ``ms`` (p50/p20/p80 of the timed runs), ``peak_MiB`` (allocated above the inputs), ``GB/s`` or
+``TFLOP/s`` (from the p50 time) and ``pct_copy_bw`` (GB/s over the measured copy ceiling). A provider that cannot
+run here is reported as skipped with its reason and writes no row: never zeros as data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CSV = REPO / "benchmarks" / "results.csv"
+_L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any L2 (H100 50 MB, H200 60 MB)
+
+
+@dataclass
+class Row:
+    kernel: str
+    provider: str
+    mode: str
+    metric: str
+    x: str
+    p50: float
+    p20: float
+    p80: float
+    gpu: str
+    torch: str
+    triton: str
+    sha: str
+    time: str
+
+
+def env_info(device: torch.device) -> dict[str, str]:
+    """GPU name (or CPU model), torch/triton versions, git sha (``+dirty`` with local changes), UTC time."""
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = "cpu:" + (platform.processor() or platform.machine())
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "sha": sha, "time": now}
+
+
+def time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int = 10,
+    rep: int = 50,
+    before_each: Callable[[], None] | None = None,
+) -> tuple[float, float, float]:
+    """``(p50, p20, p80)`` milliseconds of ``fn()``. On CUDA: CUDA events around each call, L2 flushed before each
+    call (so small kernels are not timed hot), ``before_each`` (e.g. clearing ``.grad``) outside the timed region.
+    On CPU: wall clock."""
+    for _ in range(warmup):
+        if before_each:
+            before_each()
+        fn()
+    times: list[float] = []
+    if device.type == "cuda":
+        flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        for i in range(rep):
+            if before_each:
+                before_each()
+            flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        for _ in range(rep):
+            if before_each:
+                before_each()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """MiB allocated at peak by ``fn()`` above what was allocated before it; None on CPU (not measurable)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, rep: int = 20) -> float:
+    """Measured device copy bandwidth (GB/s, bytes read + bytes written) of ``dst.copy_(src)`` on ``nbytes``."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    p50, _, _ = time_ms(lambda: dst.copy_(src), device, warmup=3, rep=rep)
+    return 2 * nbytes / (p50 * 1e-3) / 1e9
+
+
+class Recorder:
+    """Collects rows for one benchmark run, writes them to the CSV and prints the markdown table."""
+
+    def __init__(self, kernel: str, device: torch.device, csv_path: Path | None = DEFAULT_CSV):
+        self.kernel = kernel
+        self.device = device
+        self.env = env_info(device)
+        self.csv_path = csv_path
+        self.rows: list[Row] = []
+        self.skipped: list[str] = []
+
+    def add(self, provider: str, mode: str, metric: str, x: str, p50: float, p20: float | None = None,
+            p80: float | None = None) -> None:
+        p20 = p50 if p20 is None else p20
+        p80 = p50 if p80 is None else p80
+        self.rows.append(Row(self.kernel, provider, mode, metric, x, p50, p20, p80, **self.env))
+
+    def skip(self, provider: str, reason: str) -> None:
+        self.skipped.append(f"{provider}: {reason}")
+        print(f"[{self.kernel}] skipped {provider}: {reason}", flush=True)
+
+    def measure(
+        self,
+        provider: str,
+        x: str,
+        modes: dict[str, tuple[Callable[[], object], Callable[[], None] | None]],
+        bytes_moved: dict[str, int] | None = None,
+        ceiling_gbps: float | None = None,
+        warmup: int = 10,
+        rep: int = 50,
+    ) -> None:
+        """Time each ``mode -> (fn, before_each)`` and record ms, peak MiB and (with ``bytes_moved[mode]``)
+        GB/s and the fraction of ``ceiling_gbps``. A failure in one provider is recorded as a skip."""
+        try:
+            for mode, (fn, before_each) in modes.items():
+                p50, p20, p80 = time_ms(fn, self.device, warmup, rep, before_each)
+                self.add(provider, mode, "ms", x, p50, p20, p80)
+                if before_each:
+                    before_each()
+                mem = peak_mib(fn, self.device)
+                if mem is not None:
+                    self.add(provider, mode, "peak_MiB", x, mem)
+                if bytes_moved and mode in bytes_moved:
+                    gbps = bytes_moved[mode] / (p50 * 1e-3) / 1e9
+                    self.add(provider, mode, "GB/s", x, gbps)
+                    if ceiling_gbps:
+                        self.add(provider, mode, "pct_copy_bw", x, 100.0 * gbps / ceiling_gbps)
+        except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others' numbers
+            self.skip(provider, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+
+    def finish(self) -> str:
+        """Append rows to the CSV (header written once) and return the markdown table (also printed)."""
+        if self.csv_path is not None and self.rows:
+            append_csv(self.csv_path, self.rows)
+        table = markdown_table(self.rows, self.env)
+        print(table, flush=True)
+        return table
+
+
+def append_csv(path: Path, rows: Sequence[Row]) -> None:
+    """Append ``rows`` to ``path`` in the one schema; writes the header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def markdown_table(rows: Sequence[Row], env: dict[str, str] | None = None) -> str:
+    """One line per (kernel, x, provider, mode): p50 ms [p20-p80], peak MiB, GB/s, % of copy bandwidth."""
+    by_key: dict[tuple[str, str, str, str], dict[str, Row]] = {}
+    for r in rows:
+        by_key.setdefault((r.kernel, r.x, r.provider, r.mode), {})[r.metric] = r
+    lines = []
+    if env:
+        lines.append(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['sha']} | {env['time']}")
+        lines.append("")
+    lines.append("| kernel | x | provider | mode | ms p50 [p20-p80] | peak MiB | GB/s | % copy bw |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (kernel, x, provider, mode), m in by_key.items():
+        ms = m.get("ms")
+        ms_s = f"{ms.p50:.4f} [{ms.p20:.4f}-{ms.p80:.4f}]" if ms else ""
+        mem = f"{m['peak_MiB'].p50:.1f}" if "peak_MiB" in m else ""
+        gbps = f"{m['GB/s'].p50:.0f}" if "GB/s" in m else ""
+        pct = f"{m['pct_copy_bw'].p50:.0f}%" if "pct_copy_bw" in m else ""
+        lines.append(f"| {kernel} | {x} | {provider} | {mode} | {ms_s} | {mem} | {gbps} | {pct} |")
+    return "\n".join(lines)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments every benchmark takes: --quick (tiny CPU-sized shapes), --dtype, --csv, --rep."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few reps (CPU smoke run)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="CSV to append rows to")
+    p.add_argument("--rep", type=int, default=50)
+    p.add_argument("--providers", default="", help="comma-separated subset of providers (default: all)")
+    return p
+
+
+def bench_device() -> torch.device:
+    """CUDA when present, else CPU (where triton runs only under TRITON_INTERPRET=1)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def want(provider: str, selected: str) -> bool:
+    """True when ``provider`` is in the comma-separated ``selected`` list (empty = all)."""
+    return not selected or provider in selected.split(",")
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` with static shapes; failures surface at the first call (recorded as a skip)."""
+    return torch.compile(fn, dynamic=False)
