@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vlr_kernels._backend import BackendUnavailable, resolve_backend
+from vlr_kernels._backend import resolve_backend
+from vlr_kernels._triton_compat import tl, triton, triton_jit
 
 _BACKENDS = ("triton", "cuda", "torch")
 
@@ -142,6 +143,250 @@ def fused_reward_loss_ref(
     return loss, rewards, accuracy
 
 
+@triton_jit
+def _reward_fwd_kernel(
+    h_ptr, idx_ptr, w_ptr, b_ptr, g_ptr, rewards_ptr, rstd_ptr, n_cols, stride_t, eps,
+    HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    s = tl.program_id(0)
+    row = tl.load(idx_ptr + s)
+    cols = tl.arange(0, BLOCK_H)
+    dot = tl.zeros([BLOCK_H], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # one pass: rstd is a per-row scalar, so reward = rstd * dot(x, norm_w * head_w) + b
+    for start in range(0, n_cols, BLOCK_H):
+        c = start + cols
+        mask = c < n_cols
+        x = tl.load(h_ptr + row * stride_t + c, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            w = w * tl.load(g_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            sumsq += x * x
+        dot += x * w
+    rstd = 1.0
+    if HAS_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / n_cols + eps)
+    reward = tl.sum(dot, axis=0) * rstd + tl.load(b_ptr).to(tl.float32)
+    tl.store(rewards_ptr + s, reward)
+    tl.store(rstd_ptr + s, rstd)
+
+
+@triton_jit
+def _pair_loss_kernel(
+    rewards_ptr, pair_ptr, margin_ptr, loss_ptr, acc_ptr, n_scored, n_pairs, center_coef,
+    HAS_MARGIN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK)
+    loss = tl.zeros([BLOCK], dtype=tl.float32)
+    correct = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_pairs, BLOCK):
+        p = start + offs
+        mask = p < n_pairs
+        rc = tl.load(rewards_ptr + tl.load(pair_ptr + 2 * p, mask=mask, other=0), mask=mask, other=0.0)
+        rr = tl.load(rewards_ptr + tl.load(pair_ptr + 2 * p + 1, mask=mask, other=0), mask=mask, other=0.0)
+        d = rc - rr
+        correct += tl.where(mask & (d > 0), 1.0, 0.0)
+        if HAS_MARGIN:
+            d -= tl.load(margin_ptr + p, mask=mask, other=0.0).to(tl.float32)
+        # -logsigmoid(d) = softplus(-d) = max(-d, 0) + log(1 + exp(-|d|)): no overflow for any d
+        sp = tl.maximum(-d, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(d)))
+        loss += tl.where(mask, sp, 0.0)
+    total = tl.sum(loss, axis=0) / n_pairs
+    sq = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_scored, BLOCK):
+        r = tl.load(rewards_ptr + start + offs, mask=start + offs < n_scored, other=0.0)
+        sq += r * r
+    total += center_coef * tl.sum(sq, axis=0) / n_scored
+    tl.store(loss_ptr, total)
+    tl.store(acc_ptr, tl.sum(correct, axis=0) / n_pairs)
+
+
+@triton_jit
+def _reward_bwd_kernel(
+    h_ptr, idx_ptr, pair_ptr, margin_ptr, w_ptr, b_ptr, g_ptr, rewards_ptr, rstd_ptr, dloss_ptr, drewards_ptr,
+    dh_ptr, dr_ptr, dw_part_ptr, dg_part_ptr, n_cols, stride_t, stride_dt, n_scored, n_pairs, center_coef,
+    HAS_NORM: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_DREWARDS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    s = tl.program_id(0)
+    # dL/dr_s: each pair adds -sigmoid(-d)/P to its chosen reward and the opposite to its rejected one
+    offs = tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for start in range(0, n_pairs, BLOCK_P):
+        p = start + offs
+        mask = p < n_pairs
+        ic = tl.load(pair_ptr + 2 * p, mask=mask, other=-1)
+        ir = tl.load(pair_ptr + 2 * p + 1, mask=mask, other=-1)
+        hit = ((ic == s) | (ir == s)) & mask
+        rc = tl.load(rewards_ptr + ic, mask=hit, other=0.0)
+        rr = tl.load(rewards_ptr + ir, mask=hit, other=0.0)
+        d = rc - rr
+        if HAS_MARGIN:
+            d -= tl.load(margin_ptr + p, mask=hit, other=0.0).to(tl.float32)
+        sig_neg = 1.0 / (1.0 + tl.exp(d))
+        sign = tl.where(ic == s, 1.0, 0.0) - tl.where(ir == s, 1.0, 0.0)
+        acc += tl.where(hit, -sig_neg * sign, 0.0)
+    r_s = tl.load(rewards_ptr + s)
+    g_r = tl.sum(acc, axis=0) / n_pairs + 2.0 * center_coef * r_s / n_scored
+    g_r = g_r * tl.load(dloss_ptr).to(tl.float32)
+    if HAS_DREWARDS:
+        g_r += tl.load(drewards_ptr + s).to(tl.float32)
+    tl.store(dr_ptr + s, g_r)
+    row = tl.load(idx_ptr + s)
+    rstd = tl.load(rstd_ptr + s)
+    # mean(dL/dxhat * xhat) = g_r * (r_s - b) / H, known from the forward: no extra pass over the row
+    proj = g_r * (r_s - tl.load(b_ptr).to(tl.float32)) / n_cols
+    cols = tl.arange(0, BLOCK_H)
+    for start in range(0, n_cols, BLOCK_H):
+        c = start + cols
+        mask = c < n_cols
+        x = tl.load(h_ptr + row * stride_t + c, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            g = tl.load(g_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            xhat = x * rstd
+            dx = rstd * (g_r * w * g - xhat * proj)
+            tl.store(dw_part_ptr + s * n_cols + c, g_r * xhat * g, mask=mask)
+            tl.store(dg_part_ptr + s * n_cols + c, g_r * xhat * w, mask=mask)
+        else:
+            dx = g_r * w
+            tl.store(dw_part_ptr + s * n_cols + c, g_r * x, mask=mask)
+        tl.store(dh_ptr + row * stride_dt + c, dx.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_h(n_cols: int) -> int:
+    return min(triton.next_power_of_2(n_cols), 2048)
+
+
+def reward_fwd(
+    hidden: torch.Tensor, scored_index: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor,
+    norm_weight: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher: ``(rewards [S] fp32, rstd [S] fp32)`` (rstd = 1 without a norm)."""
+    s = scored_index.numel()
+    rewards = torch.empty(s, dtype=torch.float32, device=hidden.device)
+    rstd = torch.empty(s, dtype=torch.float32, device=hidden.device)
+    block_h = _block_h(hidden.shape[1])
+    _reward_fwd_kernel[(s,)](
+        hidden, scored_index, head_weight, head_bias, norm_weight if norm_weight is not None else head_weight,
+        rewards, rstd, hidden.shape[1], hidden.stride(0), eps,
+        HAS_NORM=norm_weight is not None, BLOCK_H=block_h, num_warps=4,
+    )
+    return rewards, rstd
+
+
+def pair_loss_fwd(
+    rewards: torch.Tensor, pair_index: torch.Tensor, margin: torch.Tensor | None, center_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher: ``(loss, accuracy)`` 0-d fp32 from ``rewards [S]``."""
+    loss = torch.empty((), dtype=torch.float32, device=rewards.device)
+    acc = torch.empty((), dtype=torch.float32, device=rewards.device)
+    _pair_loss_kernel[(1,)](
+        rewards, pair_index, margin if margin is not None else rewards, loss, acc, rewards.numel(),
+        pair_index.shape[0], float(center_coef), HAS_MARGIN=margin is not None, BLOCK=1024, num_warps=4,
+    )
+    return loss, acc
+
+
+def reward_loss_bwd(
+    dloss: torch.Tensor, drewards: torch.Tensor | None, hidden: torch.Tensor, scored_index: torch.Tensor,
+    pair_index: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, norm_weight: torch.Tensor | None,
+    margin: torch.Tensor | None, center_coef: float, rewards: torch.Tensor, rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Triton launcher: ``(dhidden [T, H], dhead_weight [H], dhead_bias, dnorm_weight [H] | None)``; dhidden is
+    one zero fill plus the S scored rows."""
+    s, n_cols = scored_index.numel(), hidden.shape[1]
+    dhidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+    dr = torch.empty(s, dtype=torch.float32, device=hidden.device)
+    dw_part = torch.empty((s, n_cols), dtype=torch.float32, device=hidden.device)
+    dg_part = torch.empty_like(dw_part) if norm_weight is not None else dw_part
+    _reward_bwd_kernel[(s,)](
+        hidden, scored_index, pair_index, margin if margin is not None else rewards, head_weight, head_bias,
+        norm_weight if norm_weight is not None else head_weight, rewards, rstd, dloss,
+        drewards if drewards is not None else rewards, dhidden, dr, dw_part, dg_part, n_cols, hidden.stride(0),
+        dhidden.stride(0), s, pair_index.shape[0], float(center_coef),
+        HAS_NORM=norm_weight is not None, HAS_MARGIN=margin is not None, HAS_DREWARDS=drewards is not None,
+        BLOCK_P=256, BLOCK_H=_block_h(n_cols), num_warps=4,
+    )
+    dw = dw_part.sum(0).to(head_weight.dtype)
+    db = dr.sum().reshape(head_bias.shape).to(head_bias.dtype)
+    dg = dg_part.sum(0).to(norm_weight.dtype) if norm_weight is not None else None
+    return dhidden, dw, db, dg
+
+
+class FusedRewardLossFunction(torch.autograd.Function):
+    """Autograd wrapper: forward = rewards of the scored rows + pair loss; backward = grads of hidden (scored rows
+    only), head weight/bias and norm weight. ``impl`` is ``"triton"`` or ``"cuda"``."""
+
+    @staticmethod
+    def forward(ctx, hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps, margin,
+                center_coef, impl):
+        ops = _launchers(impl)
+        rewards, rstd = ops.reward_fwd(hidden, scored_index, head_weight, head_bias, norm_weight, eps)
+        loss, acc = ops.pair_loss_fwd(rewards, pair_index, margin, center_coef)
+        ctx.save_for_backward(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin,
+                              rewards, rstd)
+        ctx.center_coef, ctx.impl = center_coef, impl
+        ctx.mark_non_differentiable(acc)
+        return loss, rewards, acc
+
+    @staticmethod
+    def backward(ctx, dloss, drewards, _dacc):
+        hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin, rewards, rstd = (
+            ctx.saved_tensors
+        )
+        dloss = dloss if dloss is not None else torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dh, dw, db, dg = _launchers(ctx.impl).reward_loss_bwd(
+            dloss.float().contiguous(), drewards.float().contiguous() if drewards is not None else None, hidden,
+            scored_index, pair_index, head_weight, head_bias, norm_weight, margin, ctx.center_coef, rewards, rstd,
+        )
+        return dh, None, None, dw, db, dg, None, None, None, None
+
+
+class _TritonLaunchers:
+    reward_fwd = staticmethod(reward_fwd)
+    pair_loss_fwd = staticmethod(pair_loss_fwd)
+    reward_loss_bwd = staticmethod(reward_loss_bwd)
+
+
+class _CudaLaunchers:
+    """The same three launchers backed by ``csrc/cuda/reward_loss.cu`` (ops registered as ``torch.ops.vlr_kernels``
+    when ``vlr_kernels._cuda`` is imported)."""
+
+    @staticmethod
+    def reward_fwd(hidden, scored_index, head_weight, head_bias, norm_weight, eps):
+        return torch.ops.vlr_kernels.reward_fwd(hidden, scored_index, head_weight, head_bias, norm_weight, eps)
+
+    @staticmethod
+    def pair_loss_fwd(rewards, pair_index, margin, center_coef):
+        return torch.ops.vlr_kernels.pair_loss_fwd(rewards, pair_index, margin, float(center_coef))
+
+    @staticmethod
+    def reward_loss_bwd(dloss, drewards, hidden, scored_index, pair_index, head_weight, head_bias, norm_weight,
+                        margin, center_coef, rewards, rstd):
+        dh, dw, db, dg = torch.ops.vlr_kernels.reward_loss_bwd(
+            dloss, drewards, hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin,
+            float(center_coef), rewards, rstd,
+        )
+        return dh, dw, db.reshape(head_bias.shape), (dg if norm_weight is not None else None)
+
+
+def _launchers(impl: str):
+    if impl == "cuda":
+        import vlr_kernels._cuda  # noqa: F401, PLC0415 - registers torch.ops.vlr_kernels.*
+
+        return _CudaLaunchers
+    return _TritonLaunchers
+
+
+def _kernel_inputs(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin):
+    """Kernels index rows with a row stride but need unit stride along H and contiguous small tensors."""
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    contig = [t.contiguous() if t is not None else None
+              for t in (scored_index, pair_index, head_weight, head_bias.reshape(-1), norm_weight, margin)]
+    return (hidden, *contig)
+
+
 def fused_reward_loss(
     hidden: torch.Tensor,
     scored_index: torch.Tensor,
@@ -178,7 +423,13 @@ def fused_reward_loss(
         return fused_reward_loss_ref(
             hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps, margin, center_coef
         )
-    raise BackendUnavailable(f"fused_reward_loss: backend {name!r} is not implemented yet; use backend='torch'")
+    hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin = _kernel_inputs(
+        hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin
+    )
+    loss, rewards, accuracy = FusedRewardLossFunction.apply(
+        hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps, margin, center_coef, name
+    )
+    return loss, rewards, accuracy
 
 
 @torch.no_grad()
@@ -198,7 +449,10 @@ def reward_scores(
     name = resolve_backend("fused_reward_loss", hidden.device, backend, _BACKENDS)
     if name == "torch":
         return _scored_rewards_ref(hidden, scored_index, head_weight, head_bias, norm_weight, eps)
-    raise BackendUnavailable(f"reward_scores: backend {name!r} is not implemented yet; use backend='torch'")
+    hidden, scored_index, _, head_weight, head_bias, norm_weight, _ = _kernel_inputs(
+        hidden, scored_index, None, head_weight, head_bias, norm_weight, None
+    )
+    return _launchers(name).reward_fwd(hidden, scored_index, head_weight, head_bias, norm_weight, eps)[0]
 
 
 class _GatherScoredRows(torch.autograd.Function):
