@@ -1,0 +1,218 @@
+"""Hugging Face Qwen2.5-VL directories in and out of the (tensor-parallel) reward model.
+
+Import: ``model.safetensors`` or sharded ``model-*.safetensors`` + ``model.safetensors.index.json``; each TP rank
+reads only its slices (safetensors slices are memory-mapped, so a rank never materialises a full tensor it shards).
+Reward head, first found of: ``value_head.safetensors`` (``v_head.summary.weight [1, H]``, ``v_head.summary.bias
+[1]``: Skywork-VL-Reward / LLaMA-Factory), ``score.weight [1, H]`` (+ optional ``score.bias``) in the main weights
+(sequence classification), else a freshly initialised head (logged, and reported as ``head="initialised"``).
+
+Export writes format (a) of design.md: HF Qwen2.5-VL safetensors in the released naming (``model.*``, ``visual.*``),
+``config.json`` (``tie_word_embeddings: true``: the reward model has no LM head, so ``lm_head`` is the embedding and
+nothing is missing when stock transformers loads it), ``value_head.safetensors``, and the tokenizer/processor files
+copied from ``source_dir``. TP shards are gathered; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import defaultdict
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vlr_runtime.model.args import ModelArgs
+from vlr_runtime.model.hf_names import HEAD_BIAS, HEAD_WEIGHT, fill_parameters, hf_param_specs, init_head
+from vlr_runtime.model.reward_model import RewardModel
+
+log = logging.getLogger(__name__)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+PREPROCESSING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
+)
+_RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def _canonical(name: str) -> str:
+    """transformers-5 module names -> the released (4.x) names used by the mapping table."""
+    for old, new in _RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(p for p in model_dir.glob("*.safetensors") if p.name != VALUE_HEAD_FILE)
+    if not files:
+        if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+            raise ValueError(f"{model_dir} holds only pickle weights (.bin/.pt); only safetensors are loaded")
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+class _SafetensorsReader:
+    """``read(name, dim, start, length)`` over a set of safetensors files (see ``hf_names.Reader``)."""
+
+    def __init__(self, files: list[Path], stack: ExitStack) -> None:
+        self.location: dict[str, tuple[object, str]] = {}
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"weight file {path} listed in the index is missing")
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            for key in handle.keys():
+                self.location[_canonical(key)] = (handle, key)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def __call__(self, name: str, dim: int | None, start: int, length: int) -> torch.Tensor:
+        if name not in self.location:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        handle, key = self.location[name]
+        if dim is None:
+            return handle.get_tensor(key)
+        sl = handle.get_slice(key)
+        index = tuple([slice(None)] * dim + [slice(start, start + length)])
+        return sl[index]
+
+
+def load_hf_checkpoint(model: RewardModel, model_dir: str | Path, *, head_seed: int = 0) -> dict:
+    """Load an HF Qwen2.5-VL directory into ``model`` (any TP size; this rank's slices only).
+
+    Returns ``{"files": [...], "head": "value_head" | "score" | "initialised", "ignored": [unused tensor names]}``.
+    Raises with the tensor name on a missing tensor or a shape mismatch.
+    """
+    from megatron.core import parallel_state
+
+    model_dir = Path(model_dir)
+    args_dir = ModelArgs.from_hf_config(model_dir)
+    if hf_param_specs(args_dir) != hf_param_specs(model.args):
+        raise ValueError(f"{model_dir}/config.json describes a different model than the one built")
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    files = _weight_files(model_dir)
+    with ExitStack() as stack:
+        reader = _SafetensorsReader(files, stack)
+        fill_parameters(model, reader, tp_rank, model.tp, skip=frozenset({"head.weight", "head.bias"}))
+        head_file = model_dir / VALUE_HEAD_FILE
+        if head_file.is_file():
+            head_reader = _SafetensorsReader([head_file], stack)
+            weight, bias, head = head_reader(HEAD_WEIGHT, None, 0, 0), head_reader(HEAD_BIAS, None, 0, 0), "value_head"
+        elif "score.weight" in reader:
+            weight = reader("score.weight", None, 0, 0)
+            bias = reader("score.bias", None, 0, 0) if "score.bias" in reader else torch.zeros(1)
+            head = "score"
+        else:
+            weight = bias = None
+            head = "initialised"
+        if weight is not None:
+            if weight.numel() != model.head.weight.numel() or bias.numel() != 1:
+                raise ValueError(f"reward head in {model_dir} has shapes {tuple(weight.shape)}/{tuple(bias.shape)}, "
+                                 f"expected [1, {model.args.hidden_size}] and [1] (one score per sequence)")
+            with torch.no_grad():
+                model.head.weight.copy_(weight.view_as(model.head.weight))
+                model.head.bias.copy_(bias.view_as(model.head.bias))
+        else:
+            init_head(model, head_seed)
+            log.warning("%s has no reward head (no %s, no score.weight): the head is freshly initialised",
+                        model_dir, VALUE_HEAD_FILE)
+        used = {part.name for spec in hf_param_specs(model.args) for part in spec.parts}
+        ignored = sorted(n for n in reader.location if n not in used and n not in ("score.weight", "score.bias"))
+    unexpected = [n for n in ignored if n != "lm_head.weight"]
+    if unexpected:
+        log.warning("%s: %d tensors not used by the reward model, e.g. %s", model_dir, len(unexpected), unexpected[:5])
+    return {"files": [f.name for f in files], "head": head, "ignored": ignored}
+
+
+def _gather_full_tensors(model: RewardModel) -> dict[str, torch.Tensor]:
+    """Full HF tensors (CPU) assembled from every TP rank's slices; every rank of the TP group must call it."""
+    from megatron.core import parallel_state
+
+    params = dict(model.named_parameters())
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = model.tp
+    segments: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    out: dict[str, torch.Tensor] = {}
+    for spec in hf_param_specs(model.args):
+        local = params[spec.param].detach()
+        if spec.split_dim is None:
+            out[spec.parts[0].name] = local.reshape(spec.parts[0].shape).cpu()
+            continue
+        if tp > 1:
+            pieces = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(pieces, local.contiguous(), group=group)
+        else:
+            pieces = [local]
+        lengths = [(p.length if p.length is not None else p.shape[spec.split_dim]) // tp for p in spec.parts]
+        per_rank = [piece.split(lengths, dim=spec.split_dim) for piece in pieces]
+        for j, part in enumerate(spec.parts):
+            segments[part.name][part.start] = torch.cat([r[j] for r in per_rank], dim=spec.split_dim).cpu()
+    for name, by_start in segments.items():
+        # Several parts of one HF tensor (the vision qkv) are row blocks of it.
+        out[name] = torch.cat([by_start[s] for s in sorted(by_start)], dim=0)
+    return out
+
+
+def export_hf_checkpoint(model: RewardModel, args: ModelArgs, out_dir: str | Path, *,
+                         source_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+                         max_shard_bytes: int = 5 * 2**30) -> Path | None:
+    """Write ``model`` as an HF Qwen2.5-VL directory + ``value_head.safetensors`` (see the module docstring).
+
+    Collective over the TP group (all ranks must call it); rank 0 of the world writes and gets ``out_dir`` back,
+    the other ranks ``None``. ``dtype``: tensor dtype on disk (default: the parameters' dtype).
+    """
+    tensors = _gather_full_tensors(model)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != 0:
+        dist.barrier()
+        return None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.head.weight.dtype
+    head = {k: tensors.pop(k).to(dtype).contiguous() for k in (HEAD_WEIGHT, HEAD_BIAS)}
+    save_file(head, str(out_dir / VALUE_HEAD_FILE), metadata={"format": "pt"})
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name].to(dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = args.to_hf_config()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if source_dir is not None:
+        for fname in PREPROCESSING_FILES:
+            src = Path(source_dir) / fname
+            if src.is_file():
+                shutil.copy2(src, out_dir / fname)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir

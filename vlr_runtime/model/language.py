@@ -1,0 +1,77 @@
+"""Qwen2 decoder over packed tokens: GQA with q/k/v bias and M-RoPE, SwiGLU MLP, RMSNorm; returns the last layer's
+hidden states BEFORE the final RMSNorm (the reward head applies that norm to the scored rows only)."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+from torch import nn
+from vlr_kernels.rotary import apply_rotary, mrope_cos_sin, rope_inv_freq
+
+from vlr_runtime.model.args import TextArgs
+from vlr_runtime.model.layers import CoreAttention, RMSNorm, SwiGLUMLP, _no_init, column_linear, row_linear
+
+
+class SelfAttention(nn.Module):
+    """Causal GQA; ``qkv`` column-parallel (local ``[q_r; k_r; v_r]``: ``Hq/tp`` and ``Hkv/tp`` heads), ``o_proj``
+    row-parallel without bias."""
+
+    def __init__(self, args: TextArgs, tp: int, config) -> None:
+        super().__init__()
+        if args.num_kv_heads % tp:
+            raise ValueError(f"num_key_value_heads {args.num_kv_heads} not divisible by tensor-parallel size {tp}")
+        self.q_heads, self.kv_heads = args.num_heads // tp, args.num_kv_heads // tp
+        self.head_dim = args.head_dim
+        self.qkv = column_linear(args.hidden_size, (args.num_heads + 2 * args.num_kv_heads) * self.head_dim,
+                                 bias=True, config=config)
+        self.o_proj = row_linear(args.num_heads * self.head_dim, args.hidden_size, bias=False, config=config)
+        self.core = CoreAttention(causal=True)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int, prefix_lens: torch.Tensor | None, split_lens: torch.Tensor | None) -> torch.Tensor:
+        """``x [T, H]``, ``cos/sin [T, head_dim]`` -> ``[T, H]``."""
+        t, d = x.shape[0], self.head_dim
+        q, k, v = self.qkv(x)[0].split([self.q_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = apply_rotary(q.view(t, self.q_heads, d), cos, sin)
+        k = apply_rotary(k.view(t, self.kv_heads, d), cos, sin)
+        out = self.core(q, k, v.view(t, self.kv_heads, d), cu_seqlens, max_seqlen, prefix_lens, split_lens)
+        return self.o_proj(out.reshape(t, self.q_heads * d))[0]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: TextArgs, tp: int, config) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn = SelfAttention(args, tp, config)
+        self.post_attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, bias=False, config=config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int, prefix_lens: torch.Tensor | None, split_lens: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class LanguageModel(nn.Module):
+    """Token embedding (vocab-parallel), decoder layers, and the final RMSNorm (applied by the reward head)."""
+
+    def __init__(self, args: TextArgs, tp: int, config) -> None:
+        super().__init__()
+        self.args = args
+        if args.vocab_size % tp:
+            raise ValueError(f"vocab_size {args.vocab_size} not divisible by tensor-parallel size {tp}")
+        self.embed = VocabParallelEmbedding(args.vocab_size, args.hidden_size, init_method=_no_init, config=config)
+        self.layers = nn.ModuleList(DecoderLayer(args, tp, config) for _ in range(args.num_layers))
+        self.final_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                prefix_lens: torch.Tensor | None = None, split_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """``embeds [T, H]``, ``position_ids [3, T]`` (M-RoPE t/h/w streams) -> ``[T, H]`` before the final norm."""
+        inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta).to(embeds.device)
+        cos, sin = mrope_cos_sin(position_ids, inv_freq, self.args.mrope_section)
+        # transformers casts the rotary tables to the activation dtype before rotating; do the same for parity.
+        cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
+        return x

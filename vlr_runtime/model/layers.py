@@ -1,0 +1,104 @@
+"""Building blocks shared by the vision tower and the decoder: tensor-parallel linears, RMSNorm, SwiGLU MLP and the
+one core-attention module.
+
+Tensor parallelism follows megatron-core: ``ColumnParallelLinear`` splits output features (each rank keeps
+``out/tp`` rows of the weight), ``RowParallelLinear`` splits input features and all-reduces its output.
+Fused projections (``qkv``, ``gate_up``) keep, on every rank, the concatenation of that rank's slice of each part
+(``[q_r; k_r; v_r]``, ``[gate_r; up_r]``), so a rank's heads/features are contiguous and no cross-rank reshuffle is
+ever needed. :mod:`vlr_runtime.checkpoint.hf` maps these local layouts to and from the HF tensors.
+
+All parameters are allocated with ``torch.empty`` inside a ``torch.device`` context (megatron's
+``use_cpu_initialization`` path honours it), so one code path builds on CPU, CUDA and the meta device; values are
+written later by :mod:`vlr_runtime.checkpoint.hf` (checkpoint or seeded random init).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+from vlr_kernels.rmsnorm import rms_norm
+from vlr_kernels.swiglu import swiglu
+from vlr_kernels.varlen_attention import varlen_attention
+
+
+def parallel_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
+    """The megatron config every TP layer of the model is built with (no sequence parallelism, no fusions that
+    need apex/TE, values written by our loader rather than megatron's initialisers)."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        params_dtype=dtype,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _no_init(_: torch.Tensor) -> None:
+    """Megatron wants an init method; weights are written by the loader instead."""
+
+
+def column_linear(in_features: int, out_features: int, *, bias: bool, config: ModelParallelConfig) -> ColumnParallelLinear:
+    return ColumnParallelLinear(in_features, out_features, config=config, init_method=_no_init, bias=bias,
+                                gather_output=False)
+
+
+def row_linear(in_features: int, out_features: int, *, bias: bool, config: ModelParallelConfig) -> RowParallelLinear:
+    return RowParallelLinear(in_features, out_features, config=config, init_method=_no_init, bias=bias,
+                             input_is_parallel=True, skip_bias_add=False)
+
+
+class RMSNorm(nn.Module):
+    """HF Qwen2 RMSNorm (normalise in fp32, cast back, multiply by ``weight``) through ``vlr_kernels.rms_norm``."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]`` -> ``[T, H]``."""
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SwiGLUMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with ``gate_up`` column-parallel (local ``[gate_r; up_r]``) and ``down``
+    row-parallel."""
+
+    def __init__(self, hidden: int, intermediate: int, *, bias: bool, config: ModelParallelConfig) -> None:
+        super().__init__()
+        self.gate_up = column_linear(hidden, 2 * intermediate, bias=bias, config=config)
+        self.down = row_linear(intermediate, hidden, bias=bias, config=config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]`` -> ``[T, H]`` (all-reduced over the TP group)."""
+        gate, up = self.gate_up(x)[0].chunk(2, dim=-1)
+        return self.down(swiglu(gate, up))[0]
+
+
+class CoreAttention(nn.Module):
+    """The one attention entry point of the model: packed ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` and segment metadata
+    in, ``[T, Hq, D]`` out, through ``vlr_kernels.varlen_attention`` (whose backend is chosen there, not here)."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        prefix_lens: torch.Tensor | None = None,
+        split_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``cu_seqlens [N+1]`` int32 segment boundaries; ``prefix_lens``/``split_lens [N]`` the shared-prompt
+        layout (causal only, see ``vlr_kernels.varlen_attention``)."""
+        return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
+                                prefix_lens=prefix_lens, split_lens=split_lens)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}"

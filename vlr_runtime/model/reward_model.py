@@ -1,0 +1,128 @@
+"""The reward model: vision tower + Qwen2 decoder + scalar head, over one :class:`PackedBatch`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vlr_kernels.reward_loss import fused_reward_loss, reward_scores
+
+from vlr_runtime.data.types import PackedBatch
+from vlr_runtime.model.args import ModelArgs
+from vlr_runtime.model.language import LanguageModel
+from vlr_runtime.model.layers import parallel_config
+from vlr_runtime.model.vision import VisionTower
+
+
+class RewardModel(nn.Module):
+    """Qwen2.5-VL with a ``Linear(H, 1)`` head on the final-normed hidden state of each scored token.
+
+    Built by :func:`build_reward_model`; see the package docstring for the parameter tree and the HF names.
+    """
+
+    def __init__(self, args: ModelArgs, tp: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.args = args
+        self.tp = tp
+        config = parallel_config(tp, dtype)
+        self.vision = VisionTower(args.vision, tp, config)
+        self.language = LanguageModel(args.text, tp, config)
+        self.head = nn.Linear(args.hidden_size, 1, bias=True)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.language.final_norm
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """Token embeddings ``[T, H]`` with every ``<|image_pad|>`` row replaced by its image's vision embedding.
+
+        Each unique image (``batch.pixel_values``) is encoded once; ``batch.image_index [G]`` says which image fills
+        the G-th placeholder group, so images shared by chosen and rejected are reused, not re-encoded.
+        """
+        embeds = self.language.embed(batch.input_ids)
+        image_pos = (batch.input_ids == self.args.image_token_id).nonzero().squeeze(1)
+        if batch.num_images == 0:
+            if image_pos.numel():
+                raise ValueError(f"batch has {image_pos.numel()} <|image_pad|> tokens but no images "
+                                 f"(ids {batch.sample_ids})")
+            return embeds
+        if batch.pixel_values is None:
+            raise ValueError("image_grid_thw is set but pixel_values is None")
+        grid = batch.image_grid_thw
+        image_embeds = self.vision(batch.pixel_values, grid)
+        tokens_per_image = grid.prod(-1) // self.args.vision.spatial_merge_size**2
+        image_index = (batch.image_index if batch.image_index is not None
+                       else torch.arange(grid.shape[0], device=grid.device))
+        group_sizes = tokens_per_image[image_index]
+        total = int(group_sizes.sum())
+        if total != image_pos.numel():
+            raise ValueError(f"{image_pos.numel()} <|image_pad|> tokens but the image groups need {total} "
+                             f"(ids {batch.sample_ids})")
+        # Row of image_embeds for every placeholder token: its image's first row + its offset inside the group.
+        image_start = torch.cumsum(tokens_per_image, 0) - tokens_per_image
+        group_start = torch.cumsum(group_sizes, 0) - group_sizes
+        offset = torch.arange(total, device=grid.device) - torch.repeat_interleave(group_start, group_sizes)
+        rows = torch.repeat_interleave(image_start[image_index], group_sizes) + offset
+        return embeds.index_put((image_pos,), image_embeds[rows.to(image_embeds.device)].to(embeds.dtype))
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Final-layer hidden states ``[T, H]`` BEFORE the final RMSNorm (replicated on every TP rank)."""
+        return self.language(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
+                             batch.prefix_lens, batch.split_lens)
+
+    def _head_args(self) -> dict:
+        return dict(head_weight=self.head.weight.view(-1), head_bias=self.head.bias,
+                    norm_weight=self.final_norm.weight, eps=self.args.text.rms_norm_eps)
+
+    def rewards(self, batch: PackedBatch) -> torch.Tensor:
+        """``[S]`` float32 rewards at ``batch.scored_index`` (final norm + head), without gradient."""
+        return reward_scores(self(batch), batch.scored_index, **self._head_args())
+
+    def loss(self, batch: PackedBatch, center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bradley-Terry loss over ``batch.pair_index`` (with ``batch.margin``): ``(loss 0-d, rewards [S] float32,
+        accuracy 0-d)`` via ``vlr_kernels.fused_reward_loss``; differentiable w.r.t. every trainable parameter."""
+        return fused_reward_loss(self(batch), batch.scored_index, batch.pair_index, margin=batch.margin,
+                                 center_coef=center_coef, **self._head_args())
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part, for freezing and per-group learning rates: ``vision`` (patch embed + blocks),
+        ``merger``, ``llm`` (embedding, decoder layers, final norm), ``head``."""
+        return {
+            "vision": [self.vision.patch_embed, *self.vision.blocks.parameters()],
+            "merger": list(self.vision.merger.parameters()),
+            "llm": list(self.language.parameters()),
+            "head": list(self.head.parameters()),
+        }
+
+
+def build_reward_model(
+    args: ModelArgs,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    tp: int | None = None,
+    seed: int | None = 0,
+) -> RewardModel:
+    """Build the model on ``device`` with parameters in ``dtype``.
+
+    ``tp`` defaults to the tensor-parallel size of :func:`vlr_runtime.parallel.setup_distributed` (which must have
+    been called: megatron's layers read its groups). ``seed``: deterministic random init, identical for any TP size
+    (every rank draws the full HF-shaped tensor and keeps its slice); ``None`` leaves the storage uninitialised, for
+    a checkpoint load that follows. On the meta device nothing is allocated or initialised.
+    """
+    from megatron.core import parallel_state
+
+    from vlr_runtime.model.hf_names import init_random_weights
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("call vlr_runtime.parallel.setup_distributed(tp) before build_reward_model")
+    group_tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp = group_tp if tp is None else tp
+    if tp != group_tp:
+        raise ValueError(f"tp={tp} but the tensor-parallel group has {group_tp} ranks")
+    device = torch.device(device)
+    with torch.device(device):
+        model = RewardModel(args, tp, dtype)
+    model.to(dtype=dtype)
+    if seed is not None and device.type != "meta":
+        init_random_weights(model, seed)
+    return model

@@ -1,0 +1,119 @@
+"""Qwen2.5-VL vision tower: patch embedding, window/full-attention blocks with 2D rotary, patch merger.
+
+Token order (as transformers): patches arrive in the image processor's block-major order (each ``merge x merge``
+block of patches contiguous). They are permuted once so that every attention window (``window_size / patch /
+merge`` = 4x4 merged units) is contiguous, all blocks run in that order (full-attention blocks use one segment per
+image frame, which is order-independent), and the merger output is permuted back. The window metadata comes from
+:func:`vlr_runtime.data.windows.vision_windows`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vlr_kernels.rotary import apply_rotary, rope_inv_freq, vision_rope_cos_sin
+
+from vlr_runtime.data.windows import vision_windows
+from vlr_runtime.model.args import VisionArgs
+from vlr_runtime.model.layers import CoreAttention, RMSNorm, SwiGLUMLP, column_linear, row_linear
+
+VISION_NORM_EPS = 1e-6  # hard-coded in transformers' Qwen2.5-VL vision blocks and merger
+
+
+class VisionAttention(nn.Module):
+    """Non-causal attention, ``qkv`` column-parallel (local ``[q_r; k_r; v_r]``), ``proj`` row-parallel."""
+
+    def __init__(self, args: VisionArgs, tp: int, config) -> None:
+        super().__init__()
+        if args.num_heads % tp:
+            raise ValueError(f"vision num_heads {args.num_heads} not divisible by tensor-parallel size {tp}")
+        self.local_heads = args.num_heads // tp
+        self.head_dim = args.head_dim
+        self.qkv = column_linear(args.hidden_size, 3 * args.hidden_size, bias=True, config=config)
+        self.proj = row_linear(args.hidden_size, args.hidden_size, bias=True, config=config)
+        self.core = CoreAttention(causal=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int) -> torch.Tensor:
+        """``x [N, C]``, ``cos/sin [N, head_dim]`` -> ``[N, C]``."""
+        n = x.shape[0]
+        q, k, v = self.qkv(x)[0].view(n, 3, self.local_heads, self.head_dim).unbind(1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.core(q, k, v, cu_seqlens, max_seqlen)
+        return self.proj(out.reshape(n, self.local_heads * self.head_dim))[0]
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, args: VisionArgs, tp: int, config) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(args.hidden_size, VISION_NORM_EPS)
+        self.attn = VisionAttention(args, tp, config)
+        self.norm2 = RMSNorm(args.hidden_size, VISION_NORM_EPS)
+        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, bias=True, config=config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm -> view ``merge**2`` neighbouring patches as one ``4C`` row -> Linear -> GELU -> Linear."""
+
+    def __init__(self, args: VisionArgs, config) -> None:
+        super().__init__()
+        self.unit = args.spatial_merge_size**2
+        width = args.hidden_size * self.unit
+        self.ln_q = RMSNorm(args.hidden_size, VISION_NORM_EPS)
+        self.fc1 = column_linear(width, width, bias=True, config=config)
+        self.fc2 = row_linear(width, args.out_hidden_size, bias=True, config=config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, C]`` -> ``[N / merge**2, out_hidden]``."""
+        h = self.ln_q(x).reshape(x.shape[0] // self.unit, -1)
+        return self.fc2(F.gelu(self.fc1(h)[0]))[0]
+
+
+class VisionTower(nn.Module):
+    """Pixel patches of every image of a batch -> one LLM embedding per merged unit, in image order."""
+
+    def __init__(self, args: VisionArgs, tp: int, config) -> None:
+        super().__init__()
+        self.args = args
+        # Conv3d with kernel == stride over a pre-flattened patch is exactly a bias-free linear map.
+        self.patch_embed = nn.Parameter(torch.empty(args.hidden_size, args.patch_dim))
+        self.blocks = nn.ModuleList(VisionBlock(args, tp, config) for _ in range(args.depth))
+        self.merger = PatchMerger(args, config)
+        self.full_attention = frozenset(args.fullatt_block_indexes)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """``pixel_values [N, patch_dim]``, ``grid_thw [I, 3]`` -> ``[N / merge**2, out_hidden]`` (images in order)."""
+        a = self.args
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != a.patch_dim:
+            raise ValueError(f"pixel_values must be [N, {a.patch_dim}], got {tuple(pixel_values.shape)}")
+        expected = int(grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != expected:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but image_grid_thw implies {expected}")
+        meta = vision_windows(grid_thw.cpu(), spatial_merge_size=a.spatial_merge_size, window_size=a.window_size,
+                              patch_size=a.patch_size)
+        dev = pixel_values.device
+        window_index = meta.window_index.to(dev, non_blocking=True)
+        cu_window, cu_full = meta.cu_window_seqlens.to(dev), meta.cu_seqlens.to(dev)
+        n, unit = pixel_values.shape[0], a.spatial_merge_size**2
+
+        def to_window_order(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n // unit, unit, -1)[window_index].reshape(n, -1)
+
+        x = to_window_order(pixel_values.to(self.patch_embed.dtype) @ self.patch_embed.t())
+        # Same frequencies for rows and columns, each over head_dim/2 of the rotated dims (HF "axial" rope); kept in
+        # float32 whatever the parameter dtype, as transformers does.
+        inv_freq = rope_inv_freq(a.head_dim // 2, a.rope_theta).to(dev)
+        cos, sin = vision_rope_cos_sin(meta.rope_position_ids.to(dev), inv_freq)
+        cos, sin = to_window_order(cos), to_window_order(sin)
+        for i, block in enumerate(self.blocks):
+            if i in self.full_attention:
+                x = block(x, cos, sin, cu_full, meta.max_seqlen)
+            else:
+                x = block(x, cos, sin, cu_window, meta.max_window_seqlen)
+        return self.merger(x)[meta.reverse_index.to(dev)]
