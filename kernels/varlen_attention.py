@@ -34,7 +34,7 @@ import torch
 
 from vlr_kernels._backend import BackendUnavailable, resolve_backend
 
-BACKENDS = ("flash_attn", "sdpa", "torch")
+BACKENDS = ("triton", "flash_attn", "sdpa", "torch")
 
 
 def _check_inputs(
