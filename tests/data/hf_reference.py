@@ -14,14 +14,16 @@ VISION_START_ID = 151652
 VISION_END_ID = 151653
 
 
-def hf_rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+def hf_rope_index(
+    input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int = IMAGE_TOKEN_ID
+) -> torch.Tensor:
     """transformers' ``get_rope_index`` for one sequence ``[L]`` -> ``[3, L]``."""
     cfg = Qwen2_5_VLConfig()
     fake = SimpleNamespace(
         config=cfg, get_vision_position_ids=lambda *a, **k: Qwen2_5_VLModel.get_vision_position_ids(None, *a, **k)
     )
     ids = input_ids.reshape(1, -1)
-    mm = (ids == IMAGE_TOKEN_ID).to(torch.int32)
+    mm = (ids == image_token_id).to(torch.int32)
     pos, _ = Qwen2_5_VLModel.get_rope_index(fake, ids, mm, image_grid_thw=image_grid_thw)
     return pos[:, 0]
 

@@ -32,6 +32,8 @@ class PairExample:
     chosen: list[Message]
     rejected: list[Message]
     margin: float = 0.0
+    category: str = ""
+    """Evaluation group (RewardBench ``subset``); empty for training rows."""
 
 
 @dataclass(kw_only=True)
