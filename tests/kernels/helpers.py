@@ -1,0 +1,32 @@
+"""Shared assertions for the kernel tests: float64 references, a per-dtype tolerance table, the bf16 rule."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) of a kernel output against the float64 reference, by the kernel's input dtype
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2e-3, 5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def to64(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """float64 leaf copies (requires_grad where the original had it) for the reference pass."""
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def assert_close64(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0):
+    """``actual`` (any dtype) matches the float64 ``expected64`` within the tolerance of ``dtype``; ``scale``
+    widens the absolute part for quantities that sum many rounded terms (e.g. weight gradients)."""
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected64.double(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_bf16_rule(kernel: torch.Tensor, torch_bf16: torch.Tensor, ref64: torch.Tensor, what: str,
+                     floor: float = 1e-3):
+    """design.md: err(kernel, fp64 ref) <= 2 * err(plain torch in bf16, fp64 ref) + a small absolute floor."""
+    err_k = (kernel.double() - ref64.double()).abs().max().item()
+    err_t = (torch_bf16.double() - ref64.double()).abs().max().item()
+    assert err_k <= 2 * err_t + floor, f"{what}: kernel err {err_k:.3e} > 2 * torch-bf16 err {err_t:.3e} + {floor}"

@@ -1,0 +1,251 @@
+"""fused_reward_loss / reward_scores: Triton (interpreter on CPU) vs the float64 reference, the reference vs a stock
+HF-style path, gradcheck, bad inputs, the sequence-parallel gather (2 gloo processes), and bf16 / CUDA on GPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
+from vlr_kernels import BackendUnavailable, fused_reward_loss, fused_reward_loss_ref, reward_scores, rms_norm_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(t_rows, h, s, pairs, dtype, norm, margin, bias_shape=(), seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(t_rows, h, generator=g).to(device, dtype).requires_grad_()
+    scored = torch.randperm(t_rows, generator=g)[:s].to(device)
+    pair_index = torch.tensor(pairs, dtype=torch.int64, device=device)
+    w = (torch.randn(h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
+    b = torch.randn(bias_shape, generator=g).to(device, dtype).requires_grad_()
+    nw = (torch.rand(h, generator=g) + 0.5).to(device, dtype).requires_grad_() if norm else None
+    m = torch.randn(len(pairs), generator=g).to(device) if margin else None
+    return hidden, scored, pair_index, w, b, nw, m
+
+
+def _many_pairs(s, p, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    while len(out) < p:
+        c, r = torch.randint(0, s, (2,), generator=g).tolist()
+        if c != r:
+            out.append([c, r])
+    return out
+
+
+CASES = {
+    # id: (T, H, S, pairs, norm, margin, center, bias_shape)
+    "h80_two_pairs_norm_margin_center": (37, 80, 4, [[0, 1], [2, 3]], True, True, 0.1, ()),
+    "h80_one_pair_prenormed": (19, 80, 2, [[1, 0]], False, False, 0.0, (1,)),
+    "k_rejected_1v3": (29, 96, 4, [[0, 1], [0, 2], [0, 3]], True, False, 0.0, ()),
+    "h3584_block_tail": (9, 3584, 4, [[0, 1], [3, 2]], True, True, 0.01, ()),
+    "h173_many_pairs": (301, 173, 40, _many_pairs(40, 70), True, True, 0.05, (1,)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_triton_matches_float64_reference(case, dtype):
+    t_rows, h, s, pairs, norm, margin, center, bias_shape = CASES[case]
+    hidden, scored, pairs_t, w, b, nw, m = _inputs(t_rows, h, s, pairs, dtype, norm, margin, bias_shape)
+    loss, rewards, acc = fused_reward_loss(hidden, scored, pairs_t, w, b, nw, 1e-6, m, center, backend="triton")
+    # a downstream use of the rewards output checks that its gradient path is wired too
+    drew = torch.linspace(-1, 1, s, device=hidden.device)
+    (loss + (rewards * drew).sum()).backward()
+
+    h64, w64, b64, nw64 = to64(hidden, w, b, nw)
+    loss64, rewards64, acc64 = fused_reward_loss_ref(
+        h64, scored, pairs_t, w64, b64, nw64, 1e-6, None if m is None else m.double(), center
+    )
+    (loss64 + (rewards64 * drew.double()).sum()).backward()
+
+    assert rewards.dtype == torch.float32 and loss.dtype == torch.float32 and acc.dtype == torch.float32
+    assert_close64(loss, loss64, dtype, "loss")
+    assert_close64(rewards, rewards64, dtype, "rewards")
+    assert acc.item() == acc64.item()
+    assert_close64(hidden.grad, h64.grad, dtype, "dhidden")
+    assert_close64(w.grad, w64.grad, dtype, "dhead_weight", scale=4)
+    assert_close64(b.grad, b64.grad, dtype, "dhead_bias")
+    assert b.grad.shape == b.shape
+    if nw is not None:
+        assert_close64(nw.grad, nw64.grad, dtype, "dnorm_weight", scale=4)
+    unscored = torch.ones(t_rows, dtype=torch.bool, device=hidden.device)
+    unscored[scored] = False
+    assert torch.count_nonzero(hidden.grad[unscored]) == 0
+
+
+def test_reward_scores_and_strided_hidden():
+    hidden, scored, _, w, b, nw, _ = _inputs(23, 80, 5, [[0, 1]], torch.float32, True, False)
+    wide = torch.randn(23, 200, device=hidden.device)
+    wide[:, 7:87] = hidden.detach()
+    strided = wide[:, 7:87]  # row stride 200: the kernel must use the row stride, not H
+    h64, w64, b64, nw64 = to64(hidden, w, b, nw)
+    ref = fused_reward_loss_ref(h64, scored, torch.tensor([[0, 1]], device=hidden.device), w64, b64, nw64)[1]
+    for h in (hidden, strided):
+        r = reward_scores(h, scored, w, b, nw, backend="triton")
+        assert not r.requires_grad
+        assert_close64(r, ref, torch.float32, "reward_scores")
+    assert_close64(reward_scores(hidden, scored, w, b, nw, backend="torch"), ref, torch.float32, "ref scores")
+
+
+def test_reference_matches_hf_style_full_path():
+    """The reference (gather, then norm + head) equals the peers' path: RMSNorm module on all tokens, linear head on
+    all tokens, gather, -logsigmoid - all in float64."""
+    t_rows, h = 31, 48
+    hidden, scored, pairs, w, b, nw, m = _inputs(t_rows, h, 6, [[0, 1], [2, 3], [4, 5], [0, 5]], torch.float64,
+                                                 True, True, bias_shape=(1,), device="cpu")
+    norm = Qwen2_5_VLRMSNorm(h, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(nw)
+    all_rewards = F.linear(norm(hidden), w[None], b).squeeze(-1)
+    r = all_rewards[scored]
+    expected = -F.logsigmoid(r[pairs[:, 0]] - r[pairs[:, 1]] - m).mean() + 0.1 * r.pow(2).mean()
+    loss, rewards, acc = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="torch")
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(rewards, r)
+    assert acc.item() == (r[pairs[:, 0]] > r[pairs[:, 1]]).double().mean().item()
+
+
+def test_reference_gradcheck():
+    hidden, scored, pairs, w, b, nw, m = _inputs(11, 6, 4, [[0, 1], [0, 2], [3, 1]], torch.float64, True, True,
+                                                 device="cpu")
+
+    def f(hh, ww, bb, gg):
+        loss, rewards, _ = fused_reward_loss_ref(hh, scored, pairs, ww, bb, gg, 1e-6, m, 0.3)
+        return loss, rewards
+
+    assert torch.autograd.gradcheck(f, (hidden, w, b, nw))
+
+
+def test_stable_log_sigmoid_for_large_margins():
+    hidden, scored, pairs, w, b, _, _ = _inputs(8, 16, 2, [[0, 1]], torch.float32, False, False)
+    with torch.no_grad():
+        w.fill_(0)
+        b.fill_(0)
+    for margin, expected in ((-200.0, 0.0), (200.0, 200.0)):
+        m = torch.tensor([margin], device=hidden.device)
+        loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, None, 1e-6, m, backend="triton")
+        assert torch.isfinite(loss) and abs(loss.item() - expected) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.update(hidden=a["hidden"][0]), "hidden must be"),
+        (lambda a: a.update(scored_index=a["scored_index"].int()), "scored_index must be"),
+        (lambda a: a.update(scored_index=a["scored_index"][:0]), "empty"),
+        (lambda a: a.update(scored_index=torch.tensor([0, 99])), ">= T"),
+        (lambda a: a.update(scored_index=torch.tensor([3, 3])), "duplicate"),
+        (lambda a: a.update(pair_index=torch.tensor([[0, 2]])), ">= S"),
+        (lambda a: a.update(pair_index=torch.tensor([[0, -1]])), "< 0"),
+        (lambda a: a.update(pair_index=torch.zeros(0, 2, dtype=torch.int64)), "at least one pair"),
+        (lambda a: a.update(pair_index=torch.tensor([0, 1])), "pair_index must be"),
+        (lambda a: a.update(head_weight=torch.ones(5)), "head_weight must be"),
+        (lambda a: a.update(head_bias=torch.zeros(2)), "head_bias must be"),
+        (lambda a: a.update(norm_weight=torch.ones(3)), "norm_weight must be"),
+        (lambda a: a.update(margin=torch.zeros(3)), "margin must be"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_inputs_raise(mutate, message, backend):
+    args = dict(hidden=torch.randn(10, 8), scored_index=torch.tensor([1, 4]), pair_index=torch.tensor([[0, 1]]),
+                head_weight=torch.randn(8), head_bias=torch.zeros(()), norm_weight=None, margin=None)
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        fused_reward_loss(**args, backend=backend)
+
+
+def test_backend_errors(monkeypatch):
+    args = (torch.randn(4, 8), torch.tensor([0, 1]), torch.tensor([[0, 1]]), torch.randn(8), torch.zeros(()))
+    with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
+        fused_reward_loss(*args, backend="cuda")
+    with pytest.raises(BackendUnavailable, match="not one of"):
+        fused_reward_loss(*args, backend="liger")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        fused_reward_loss(*args, backend="triton")
+
+
+def _sp_worker(rank, world, port, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from vlr_kernels import gather_scored_rows
+
+    hidden, scored, pairs, w, b, nw, m = _inputs(23, 40, 6, [[0, 1], [2, 3], [4, 5], [0, 3]], torch.float64,
+                                                 True, True, device="cpu")
+    bounds = [0, 9, 23]  # an uneven split of the 23 tokens
+    local = hidden.detach()[bounds[rank]:bounds[rank + 1]].clone().requires_grad_()
+    rows = gather_scored_rows(local, scored, bounds[rank])
+    loss, _, _ = fused_reward_loss(rows, torch.arange(6), pairs, w, b, nw, 1e-6, m, 0.1, backend="torch")
+    loss.backward()
+    torch.save({"loss": loss.detach(), "dlocal": local.grad, "dw": w.grad, "dg": nw.grad}, f"{result_path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_sequence_parallel_gather_matches_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    path = str(tmp_path / "sp")
+    ctx = mp.start_processes(_sp_worker, args=(2, _free_port(), path), nprocs=2, join=False, start_method="spawn")
+    while not ctx.join(timeout=90):
+        pass
+    hidden, scored, pairs, w, b, nw, m = _inputs(23, 40, 6, [[0, 1], [2, 3], [4, 5], [0, 3]], torch.float64, True,
+                                                 True, device="cpu")
+    loss, _, _ = fused_reward_loss_ref(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1)
+    loss.backward()
+    parts = [torch.load(f"{path}.{r}") for r in range(2)]
+    torch.testing.assert_close(torch.cat([parts[0]["dlocal"], parts[1]["dlocal"]]), hidden.grad)
+    for p in parts:
+        torch.testing.assert_close(p["loss"], loss.detach())
+        torch.testing.assert_close(p["dw"], w.grad)
+        torch.testing.assert_close(p["dg"], nw.grad)
+
+
+def _hf_style_bf16(hidden, scored, pairs, w, b, nw, m, center):
+    """What a peer computes in bf16: HF RMSNorm (fp32 statistics, bf16 result), bf16 linear head, then the loss."""
+    rows = hidden[scored]
+    if nw is not None:
+        rows = rms_norm_ref(rows, nw)
+    r = (rows @ w + b.reshape(())).float()
+    d = r[pairs[:, 0]] - r[pairs[:, 1]] - m
+    return -F.logsigmoid(d).mean() + center * r.pow(2).mean(), r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_bf16_rule_on_gpu(backend, norm):
+    t_rows, h = 4096, 3584
+    pairs = [[2 * i, 2 * i + 1] for i in range(16)] + [[0, 5], [0, 7]]
+    hidden, scored, pairs_t, w, b, nw, m = _inputs(t_rows, h, 32, pairs, torch.bfloat16, norm, True)
+    loss, rewards, _ = fused_reward_loss(hidden, scored, pairs_t, w, b, nw, 1e-6, m, 0.01, backend=backend)
+    loss.backward()
+    grads_k = [t.grad for t in (hidden, w, b, nw) if t is not None]
+    for t in (hidden, w, b, nw):
+        if t is not None:
+            t.grad = None
+    loss_t, rewards_t = _hf_style_bf16(hidden, scored, pairs_t, w, b, nw, m, 0.01)
+    loss_t.backward()
+    grads_t = [t.grad for t in (hidden, w, b, nw) if t is not None]
+    ins64 = to64(hidden, w, b, nw)
+    loss64, rewards64, _ = fused_reward_loss_ref(ins64[0], scored, pairs_t, *ins64[1:3], ins64[3], 1e-6,
+                                                 m.double(), 0.01)
+    loss64.backward()
+    grads64 = [t.grad for t in ins64 if t is not None]
+    assert_bf16_rule(loss, loss_t, loss64, "loss")
+    assert_bf16_rule(rewards, rewards_t, rewards64, "rewards")
+    for name, gk, gt, g64 in zip(("dhidden", "dw", "db", "dnorm"), grads_k, grads_t, grads64):
+        assert_bf16_rule(gk, gt, g64, name)
