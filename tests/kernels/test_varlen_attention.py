@@ -1,0 +1,252 @@
+"""varlen_attention: the eager reference against an independent dense-mask float64 implementation and the SDPA loop;
+the Triton kernels (interpreter on CPU, fp32/fp16, tiny shapes) against the float64 reference for outputs, logsumexp
+and dq/dk/dv; backend selection and input errors. bf16 on GPU is in test_attention_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.helpers import assert_close64, to64
+from vlr_kernels import BackendUnavailable, varlen_attention, varlen_attention_ref
+from vlr_kernels.attention.varlen_triton import head_dim_chunks, varlen_attention_bwd, varlen_attention_fwd
+
+
+def cu(lens: list[int]) -> torch.Tensor:
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def dense_reference(q, k, v, lens_q, lens_k, causal, scale, prefix=None, split=None):
+    """Float64 attention over the whole packed axis with a mask built token by token from the written rules."""
+    tq, tk = q.shape[0], k.shape[0]
+    allowed = torch.zeros(tq, tk, dtype=torch.bool)
+    oq = ok = 0
+    for i, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        for a in range(lq):
+            for b in range(lk):
+                if causal and b > a + (lk - lq):
+                    continue
+                if prefix is not None:
+                    q_rejected = a >= split[i]
+                    k_chosen = prefix[i] <= b < split[i]
+                    if q_rejected and k_chosen:
+                        continue
+                allowed[oq + a, ok + b] = True
+        oq, ok = oq + lq, ok + lk
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.einsum("thd,uhd->htu", q, kk) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("htu,uhd->thd", p, vv), lse
+
+
+def make(lens_q, lens_k, hq, hkv, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), hq, d, generator=g).to(dtype)
+    k = torch.randn(sum(lens_k), hkv, d, generator=g).to(dtype)
+    v = torch.randn(sum(lens_k), hkv, d, generator=g).to(dtype)
+    return q, k, v
+
+
+# ---------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("lens", [[5, 0, 17, 1, 30], [8, 7, 8, 8, 1]], ids=["dense-path", "padded-path"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_dense_and_sdpa(lens, causal):
+    q, k, v = to64(*make(lens, lens, 4, 2, 8))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, lse = varlen_attention_ref(q, k, v, cu(lens), cu(lens), max(lens), max(lens), causal, 0.3, return_lse=True)
+    exp_out, exp_lse = dense_reference(q, k, v, lens, lens, causal, 0.3)
+    torch.testing.assert_close(out, exp_out)
+    torch.testing.assert_close(lse, exp_lse)
+    sdpa = varlen_attention(q, k, v, cu(lens), cu(lens), max(lens), max(lens), causal, 0.3, backend="sdpa")
+    torch.testing.assert_close(out, sdpa)
+    dout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(exp_out, (q, k, v), dout)):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_cross_lengths_and_rows_without_keys():
+    lens_q, lens_k = [3, 9, 4], [7, 4, 0]
+    q, k, v = to64(*make(lens_q, lens_k, 2, 1, 8))
+    for causal in (False, True):
+        out, lse = varlen_attention_ref(q, k, v, cu(lens_q), cu(lens_k), 9, 7, causal, return_lse=True)
+        exp_out, exp_lse = dense_reference(q, k, v, lens_q, lens_k, causal, 8**-0.5)
+        torch.testing.assert_close(out, exp_out)
+        torch.testing.assert_close(lse, exp_lse)
+    assert torch.isinf(lse).sum() > 0 and (out[-4:] == 0).all()
+
+
+def test_shared_prompt_rows_equal_separate_sequences():
+    """Chosen rows of [prompt | chosen | rejected] equal [prompt | chosen]; rejected rows equal [prompt | rejected]."""
+    p, c, r = 6, 5, 4
+    q, k, v = to64(*make([p + c + r], [p + c + r], 2, 1, 8))
+    meta = dict(prefix_lens=torch.tensor([p], dtype=torch.int32), split_lens=torch.tensor([p + c], dtype=torch.int32))
+    packed = varlen_attention_ref(q, k, v, cu([p + c + r]), cu([p + c + r]), 15, 15, True, **meta)
+    keep = torch.cat([torch.arange(p), torch.arange(p + c, p + c + r)])
+    rejected = varlen_attention_ref(q[keep], k[keep], v[keep], cu([p + r]), cu([p + r]), 10, 10, True)
+    chosen = varlen_attention_ref(q[: p + c], k[: p + c], v[: p + c], cu([p + c]), cu([p + c]), 11, 11, True)
+    torch.testing.assert_close(packed[: p + c], chosen)
+    torch.testing.assert_close(packed[p + c:], rejected[p:])
+
+
+# ---------------------------------------------------------------- triton kernels (interpreter on CPU)
+
+
+def check_triton(lens_q, lens_k, hq, hkv, d, causal, dtype=torch.float32, shared=None, block_m=None, block_n=None,
+                 dense=False):
+    q, k, v = make(lens_q, lens_k, hq, hkv, d, dtype)
+    cq, ck = cu(lens_q), cu(lens_k)
+    mq, mk = max(lens_q, default=0), max(lens_k, default=0)
+    scale = d**-0.5
+    pre = spl = None
+    if shared is not None:
+        pre, spl = (torch.tensor(x, dtype=torch.int32) for x in shared)
+    out, lse = varlen_attention_fwd(q, k, v, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m,
+                                    block_n=block_n)
+    dout = torch.randn_like(out)
+    dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, causal, scale, pre, spl,
+                                      block_m=block_m, block_n=block_n)
+    q64, k64, v64 = to64(q, k, v)
+    for t in (q64, k64, v64):
+        t.requires_grad_(True)
+    if dense:
+        ref, ref_lse = dense_reference(q64, k64, v64, lens_q, lens_k, causal, scale, *(shared or (None, None)))
+    else:
+        ref, ref_lse = varlen_attention_ref(q64, k64, v64, cq, ck, mq, mk, causal, scale, prefix_lens=pre,
+                                            split_lens=spl, return_lse=True)
+    grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    assert_close64(out, ref, dtype, "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without keys must have lse -inf"
+    finite = torch.isfinite(ref_lse)
+    assert_close64(lse[finite], ref_lse[finite], dtype, "lse")
+    for name, got, exp in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+        assert_close64(got, exp, dtype, name, scale=4.0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [80, 128, 64])
+def test_triton_head_dims_gqa(d, causal):
+    lens = [1, 7, 64, 0, 20]
+    check_triton(lens, lens, 4, 2, d, causal, block_m=32, block_n=16)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_triton_long_segment_default_blocks(causal):
+    lens = [300, 7]
+    check_triton(lens, lens, 1, 1, 16, causal)
+
+
+@pytest.mark.parametrize("d", [8, 40, 200])
+def test_triton_odd_head_dims(d):
+    assert sum(head_dim_chunks(d)) >= d
+    lens = [9, 23]
+    check_triton(lens, lens, 2, 1, d, True, block_m=16, block_n=16)
+
+
+def test_head_dim_chunks_avoid_padding_80_to_128():
+    assert head_dim_chunks(80) == (64, 16)
+    assert head_dim_chunks(96) == (64, 32)
+    assert head_dim_chunks(128) == (128, 0)
+    with pytest.raises(ValueError, match="256"):
+        head_dim_chunks(288)
+
+
+def test_triton_many_tiny_segments_and_one_long():
+    """The tile schedule must cover every tile whatever the mix; MQA (8 q heads on one kv head)."""
+    lens = [1] * 12 + [2, 3, 70] + [0, 0]
+    check_triton(lens, lens, 4, 1, 16, False, block_m=16, block_n=16)
+
+
+def test_triton_cross_lengths_causal_rows_without_keys():
+    lens_q, lens_k = [3, 9, 40, 5], [7, 4, 33, 0]
+    check_triton(lens_q, lens_k, 2, 2, 16, True, block_m=16, block_n=16)
+    check_triton(lens_q, lens_k, 2, 2, 16, False, block_m=16, block_n=16)
+
+
+def test_triton_empty_batches():
+    check_triton([0, 0], [0, 0], 2, 1, 16, True)
+    q, k, v = make([], [], 2, 1, 16)
+    out, lse = varlen_attention_fwd(q, k, v, cu([]), cu([]), 0, 0, False, 0.25)
+    assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
+
+
+def test_triton_fp16():
+    lens = [5, 33, 1]
+    check_triton(lens, lens, 4, 2, 80, True, dtype=torch.float16, block_m=16, block_n=16)
+
+
+@pytest.mark.parametrize(
+    "lens,prefix,split",
+    [
+        # prompt/chosen/rejected longer than a 16-row tile: rejected-only tiles skip chosen blocks, straddling tiles
+        ([20 + 25 + 19, 5 + 3 + 2], [20, 5], [45, 8]),
+        # degenerate pairs: plain causal (p=0, s=L), empty chosen (p=s), empty rejected (s=L), empty prompt (p=0)
+        ([12, 9, 11, 10], [0, 4, 3, 0], [12, 4, 11, 6]),
+    ],
+    ids=["multi-tile", "degenerate"],
+)
+def test_triton_shared_prompt_pairs_vs_dense_mask(lens, prefix, split):
+    check_triton(lens, lens, 4, 2, 32, True, shared=(prefix, split), block_m=16, block_n=16, dense=True)
+
+
+def test_public_triton_autograd_noncontiguous_inputs():
+    """The dispatching function: autograd through the Triton kernels with q/k/v as strided views of one qkv tensor."""
+    lens = [6, 13]
+    qkv = torch.randn(sum(lens), 3, 2, 16, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    out = varlen_attention(q, k, v, cu(lens), cu(lens), 13, 13, causal=True, backend="triton")
+    out.square().sum().backward()
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    q64, k64, v64 = qkv64.unbind(1)
+    ref = varlen_attention(q64, k64, v64, cu(lens), cu(lens), 13, 13, causal=True, backend="torch")
+    ref.square().sum().backward()
+    assert_close64(out, ref, torch.float32, "out")
+    assert_close64(qkv.grad, qkv64.grad, torch.float32, "dqkv", scale=4.0)
+
+
+# ---------------------------------------------------------------- backends and errors
+
+
+def test_backend_errors(monkeypatch):
+    q, k, v = make([4], [4], 2, 1, 16)
+    args = (q, k, v, cu([4]), cu([4]), 4, 4)
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        varlen_attention(*args, backend="flash_attn")
+    with pytest.raises(BackendUnavailable, match="not one of"):
+        varlen_attention(*args, backend="cudnn")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        varlen_attention(*args, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), "int32"),
+        (lambda a: a.update(k=a["k"][:, :, :8], v=a["v"][:, :, :8]), "head_dim"),
+        (lambda a: a.update(q=torch.randn(10, 3, 16), k=torch.randn(10, 2, 16), v=torch.randn(10, 2, 16)),
+         "multiple"),
+        (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)), "token count"),
+        (lambda a: a.update(max_seqlen_q=3), "max_seqlen"),
+        (lambda a: a.update(prefix_lens=torch.tensor([1, 1], dtype=torch.int32)), "both"),
+        (lambda a: a.update(prefix_lens=torch.tensor([1, 1], dtype=torch.int32),
+                            split_lens=torch.tensor([2, 2], dtype=torch.int32), causal=False), "causal=True"),
+        (lambda a: a.update(prefix_lens=torch.tensor([3, 1], dtype=torch.int32),
+                            split_lens=torch.tensor([2, 2], dtype=torch.int32)), "prefix_lens <= split_lens"),
+    ],
+)
+def test_bad_inputs_raise(mutate, match):
+    q, k, v = make([4, 6], [4, 6], 2, 1, 16)
+    a = dict(q=q, k=k, v=v, cu_seqlens_q=cu([4, 6]), cu_seqlens_k=cu([4, 6]), max_seqlen_q=6, max_seqlen_k=6,
+             causal=True)
+    mutate(a)
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(**a, backend="torch")
