@@ -1,0 +1,134 @@
+"""TP=2 in two processes (gloo): same scores as stock transformers, same gradients as TP=1 for every parameter,
+and an export from TP=2 shards identical to the checkpoint it was loaded from."""
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from tests.model.conftest import GRIDS
+from tests.model.hf_reference import hf_scores, make_sample, pack, write_tiny_checkpoint
+
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 240
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(7)
+    pixels = [torch.randn(t * h * w, 1176, generator=gen) for t, h, w in GRIDS]
+    samples = [make_sample([5, 7], [0], GRIDS, gen), make_sample([3, 4, 6], [1, 0], GRIDS, gen),
+               make_sample([9], [], GRIDS, gen), make_sample([2, 11], [0], GRIDS, gen)]
+    return samples, pixels
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as full HF-shaped tensors (TP shards gathered), via the export gather."""
+    from vlr_runtime.checkpoint.hf import _gather_full_tensors
+
+    saved = {n: p.data for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.data = p.grad
+    try:
+        return _gather_full_tensors(model)
+    finally:
+        for n, p in model.named_parameters():
+            p.data = saved[n]
+
+
+def run_model(model_dir, tp: int, out_dir=None):
+    """Load, score, loss + backward; returns (rewards, loss, grads) and exports to out_dir when given."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vlr_runtime.checkpoint.hf import export_hf_checkpoint, load_hf_checkpoint
+    from vlr_runtime.model import ModelArgs, build_reward_model
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
+    samples, pixels = _inputs()
+    batch = pack(hf, samples, pixels, GRIDS)
+    model = build_reward_model(ModelArgs.from_hf_config(model_dir), device="cpu", seed=None)
+    load_hf_checkpoint(model, model_dir)
+    rewards = model.rewards(batch)
+    loss, _, _ = model.loss(batch, center_coef=0.1)
+    loss.backward()
+    grads = full_grads(model)
+    if out_dir is not None:
+        export_hf_checkpoint(model, model.args, out_dir)
+    return rewards, loss.detach(), grads
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from vlr_kernels import set_default_backend
+    from vlr_runtime.parallel import setup_distributed, teardown
+
+    try:
+        set_default_backend("torch")
+        ctx = setup_distributed(tp=world)
+        assert (ctx.tp, ctx.tp_rank, ctx.backend) == (world, rank, "gloo")
+        rewards, loss, grads = run_model(model_dir, world, f"{out_dir}/export")
+        if rank == 0:
+            save_file({"rewards": rewards, "loss": loss.reshape(1)}, f"{out_dir}/result.safetensors")
+            save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
+        teardown()
+    except BaseException:
+        with open(f"{out_dir}/error_{rank}.txt", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tp2_matches_transformers_and_tp1(tmp_path):
+    from vlr_kernels import set_default_backend
+    from vlr_runtime.parallel import setup_distributed, teardown
+
+    model_dir = tmp_path / "ckpt"
+    hf, w, b = write_tiny_checkpoint(model_dir, seed=11)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(model_dir), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = [f.read_text() for f in tmp_path.glob("error_*.txt")]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+    samples, pixels = _inputs()
+    ref = hf_scores(hf, samples, pixels, GRIDS, w, b)
+    result = load_file(str(tmp_path / "result.safetensors"))
+    assert float(((result["rewards"].double() - ref).abs() / ref.abs()).max()) <= 1e-4
+
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    original = load_file(str(model_dir / "model.safetensors"))
+    original.pop("lm_head.weight")
+    assert exported.keys() == original.keys()
+    for k, v in original.items():
+        assert torch.equal(exported[k], v), k
+
+    set_default_backend("torch")
+    setup_distributed(1)
+    try:
+        _, loss1, grads1 = run_model(model_dir, 1)
+    finally:
+        teardown()
+        set_default_backend(None)
+    assert torch.allclose(result["loss"], loss1.reshape(1), rtol=1e-5)
+    grads2 = load_file(str(tmp_path / "grads.safetensors"))
+    assert grads2.keys() == grads1.keys()
+    for k, g in grads1.items():
+        assert torch.allclose(grads2[k], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), k
