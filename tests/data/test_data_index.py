@@ -15,6 +15,7 @@ from tests.data.hf_reference import (
     hf_vision_position_ids,
     hf_window_index,
 )
+from vlr_runtime.data import native
 from vlr_runtime.data.positions import mrope_position_ids
 from vlr_runtime.data.windows import vision_cu_seqlens, vision_windows
 
@@ -35,21 +36,23 @@ def _random_sequence(rng: random.Random, n_images: int) -> tuple[list[int], list
     return ids, grids
 
 
+@pytest.mark.parametrize("backend", ["python", None])
 @pytest.mark.parametrize("seed", range(6))
-def test_packed_positions_match_hf_per_sequence(seed: int) -> None:
+def test_packed_positions_match_hf_per_sequence(seed: int, backend: str | None) -> None:
     rng = random.Random(seed)
     seqs = [_random_sequence(rng, rng.randint(0, 3)) for _ in range(rng.randint(1, 5))]
     ids = torch.tensor([t for s, _ in seqs for t in s])
     cu = torch.tensor([0] + [len(s) for s, _ in seqs]).cumsum(0).to(torch.int32)
     grids = torch.tensor([g for _, gs in seqs for g in gs], dtype=torch.int64).reshape(-1, 3)
-    ours = mrope_position_ids(ids, cu, grids, image_token_id=IMAGE_TOKEN_ID)
+    ours = mrope_position_ids(ids, cu, grids, image_token_id=IMAGE_TOKEN_ID, backend=backend)
     for i, (s, gs) in enumerate(seqs):
         ref = hf_rope_index(torch.tensor(s), torch.tensor(gs).reshape(-1, 3) if gs else None)
         torch.testing.assert_close(ours[:, cu[i] : cu[i + 1]], ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["python", None])
 @pytest.mark.parametrize("seed", range(4))
-def test_shared_prompt_rejected_restarts_after_prompt(seed: int) -> None:
+def test_shared_prompt_rejected_restarts_after_prompt(seed: int, backend: str | None) -> None:
     rng = random.Random(100 + seed)
     segs, grids, pre, spl = [], [], [], []
     refs = []
@@ -73,33 +76,38 @@ def test_shared_prompt_rejected_restarts_after_prompt(seed: int) -> None:
         image_token_id=IMAGE_TOKEN_ID,
         prefix_lens=torch.tensor(pre),
         split_lens=torch.tensor(spl),
+        backend=backend,
     )
     torch.testing.assert_close(ours, torch.cat(refs, dim=1), rtol=0, atol=0)
 
 
-def test_positions_reject_inconsistent_inputs() -> None:
+@pytest.mark.parametrize("backend", ["python", "native"])
+def test_positions_reject_inconsistent_inputs(backend: str) -> None:
+    if backend == "native" and not native.available():
+        pytest.skip("vlr_runtime._C not built")
     ids = torch.tensor([1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 2])
     cu = torch.tensor([0, 4])
+    kw = dict(image_token_id=IMAGE_TOKEN_ID, backend=backend)
     with pytest.raises(ValueError, match="image tokens"):
-        mrope_position_ids(ids, cu, torch.tensor([[1, 2, 2]]), image_token_id=IMAGE_TOKEN_ID)
-    with pytest.raises(ValueError, match="straddles two packed segments"):
-        mrope_position_ids(ids, torch.tensor([0, 2, 4]), torch.tensor([[1, 2, 4]]), image_token_id=IMAGE_TOKEN_ID)
+        mrope_position_ids(ids, cu, torch.tensor([[1, 2, 2]]), **kw)
+    with pytest.raises(ValueError, match="straddles"):
+        mrope_position_ids(ids, torch.tensor([0, 2, 4]), torch.tensor([[1, 2, 4]]), **kw)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        mrope_position_ids(ids, torch.tensor([0, 3]), torch.tensor([[1, 2, 4]]), image_token_id=IMAGE_TOKEN_ID)
+        mrope_position_ids(ids, torch.tensor([0, 3]), torch.tensor([[1, 2, 4]]), **kw)
     with pytest.raises(ValueError, match="prompt/response boundary"):
         mrope_position_ids(
-            ids, cu, torch.tensor([[1, 2, 4]]), image_token_id=IMAGE_TOKEN_ID,
-            prefix_lens=torch.tensor([2]), split_lens=torch.tensor([4]),
+            ids, cu, torch.tensor([[1, 2, 4]]), prefix_lens=torch.tensor([2]), split_lens=torch.tensor([4]), **kw
         )
 
 
+@pytest.mark.parametrize("backend", ["python", None])
 @pytest.mark.parametrize("seed", range(6))
-def test_vision_windows_match_hf(seed: int) -> None:
+def test_vision_windows_match_hf(seed: int, backend: str | None) -> None:
     rng = random.Random(seed)
     grid = torch.tensor([_random_grid(rng, t_max=2) for _ in range(rng.randint(1, 6))])
     if seed == 0:
         grid = torch.tensor([[1, 16, 16], [1, 2, 2], [1, 34, 18]])  # exact multiples of the window and a remainder
-    ours = vision_windows(grid)
+    ours = vision_windows(grid, backend=backend)
     ref_index, ref_cu = hf_window_index(grid)
     torch.testing.assert_close(ours.window_index, ref_index, rtol=0, atol=0)
     torch.testing.assert_close(ours.cu_window_seqlens, ref_cu, rtol=0, atol=0)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from vlr_runtime.data import native
+
 
 def _segment_of(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -33,8 +35,9 @@ def mrope_position_ids(
     spatial_merge_size: int = 2,
     prefix_lens: torch.Tensor | None = None,
     split_lens: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Position ids ``[3, T]`` int64 for a packed token axis.
+    """Position ids ``[3, T]`` int64 for a packed token axis (on the CPU).
 
     Args:
         input_ids: ``[T]`` int64 packed tokens.
@@ -46,10 +49,35 @@ def mrope_position_ids(
         prefix_lens, split_lens: ``[N]`` shared-prompt layout (both or neither): prompt length and
             prompt+chosen length of each segment; ``prefix_lens[i] == split_lens[i]`` or ``== seqlen`` for a plain
             causal segment works too (no rejected part).
+        backend: ``None`` (C++ when built) / ``"native"`` / ``"python"``, see :mod:`vlr_runtime.data.native`.
     Raises:
         ValueError: if the image tokens do not split into the groups' counts, a group straddles a segment /
             prompt / response boundary, or the layout arguments are inconsistent.
     """
+    lib = native.select(backend)
+    if lib is not None:
+        def arr(x: torch.Tensor | None):
+            return None if x is None else x.detach().to(torch.int64).cpu().contiguous().numpy()
+
+        out = lib.mrope_position_ids(
+            arr(input_ids.reshape(-1)), arr(cu_seqlens), arr(group_grid_thw.reshape(-1, 3)), image_token_id,
+            spatial_merge_size, arr(prefix_lens), arr(split_lens),
+        )
+        return torch.from_numpy(out)
+    return _mrope_position_ids_python(
+        input_ids, cu_seqlens, group_grid_thw, image_token_id, spatial_merge_size, prefix_lens, split_lens
+    )
+
+
+def _mrope_position_ids_python(
+    input_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    group_grid_thw: torch.Tensor,
+    image_token_id: int,
+    spatial_merge_size: int,
+    prefix_lens: torch.Tensor | None,
+    split_lens: torch.Tensor | None,
+) -> torch.Tensor:
     ids = input_ids.reshape(-1).to(torch.int64).cpu()
     total = ids.numel()
     cu = cu_seqlens.to(torch.int64).cpu()

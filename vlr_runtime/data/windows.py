@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlr_runtime.data import native
+
 
 @dataclass(frozen=True)
 class VisionWindows:
@@ -48,7 +50,12 @@ def _check_grid(grid_thw: torch.Tensor, spatial_merge_size: int) -> torch.Tensor
 
 
 def vision_window_index(
-    grid_thw: torch.Tensor, *, spatial_merge_size: int = 2, window_size: int = 112, patch_size: int = 14
+    grid_thw: torch.Tensor,
+    *,
+    spatial_merge_size: int = 2,
+    window_size: int = 112,
+    patch_size: int = 14,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Window permutation of merged units, as transformers' ``get_vision_window_index``.
 
@@ -56,9 +63,13 @@ def vision_window_index(
         grid_thw: ``[I, 3]`` (t, h, w) patch grid of each image (h, w multiples of ``spatial_merge_size``).
     Returns:
         ``window_index [U]`` int64, ``reverse_index [U]`` int64 (its inverse), ``cu_window_seqlens [W+1]`` int32
-        (patch rows, empty windows removed).
+        (patch rows, empty windows removed). ``backend``: see :mod:`vlr_runtime.data.native`.
     """
     grid = _check_grid(grid_thw, spatial_merge_size)
+    lib = native.select(backend)
+    if lib is not None:
+        wi, rev, cu = lib.vision_window_index(grid.contiguous().numpy(), spatial_merge_size, window_size, patch_size)
+        return torch.from_numpy(wi), torch.from_numpy(rev), torch.from_numpy(cu).to(torch.int32)
     ws = window_size // spatial_merge_size // patch_size
     if ws <= 0:
         raise ValueError(f"window_size {window_size} smaller than one merged unit ({spatial_merge_size * patch_size})")
@@ -120,11 +131,17 @@ def _max_len(cu: torch.Tensor) -> int:
 
 
 def vision_windows(
-    grid_thw: torch.Tensor, *, spatial_merge_size: int = 2, window_size: int = 112, patch_size: int = 14
+    grid_thw: torch.Tensor,
+    *,
+    spatial_merge_size: int = 2,
+    window_size: int = 112,
+    patch_size: int = 14,
+    backend: str | None = None,
 ) -> VisionWindows:
     """All vision-tower index metadata for ``grid_thw [I, 3]`` (see :class:`VisionWindows`), on the CPU."""
     window_index, reverse_index, cu_window = vision_window_index(
-        grid_thw, spatial_merge_size=spatial_merge_size, window_size=window_size, patch_size=patch_size
+        grid_thw, spatial_merge_size=spatial_merge_size, window_size=window_size, patch_size=patch_size,
+        backend=backend,
     )
     cu_full = vision_cu_seqlens(grid_thw)
     return VisionWindows(
