@@ -66,8 +66,6 @@ class DataConfig:
     max_length: int = 1024
     """Longest tokenized conversation (prompt + response, image tokens included); longer pairs are dropped and
     counted, never truncated through image tokens."""
-    num_workers: int = 0
-    """Loader worker processes per rank (0: load in the training process)."""
 
 
 @dataclass(kw_only=True)
@@ -166,7 +164,6 @@ class Config:
             ("train.eval_interval", self.train.eval_interval >= 0, "must be >= 0"),
             ("checkpoint.interval", self.checkpoint.interval >= 0, "must be >= 0"),
             ("data.max_length", self.data.max_length >= 16, "must be >= 16"),
-            ("data.num_workers", self.data.num_workers >= 0, "must be >= 0"),
             ("data.synthetic_train_pairs", self.data.synthetic_train_pairs >= 2, "must be >= 2"),
             ("data.synthetic_eval_pairs", self.data.synthetic_eval_pairs >= 2, "must be >= 2"),
         ]

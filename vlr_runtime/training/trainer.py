@@ -1,0 +1,239 @@
+"""The training loop of a reward model: config in, metrics/checkpoints/export out.
+
+Order of one optimizer step (every rank runs the same collectives in the same order):
+``grad_accum_steps`` x (micro-batch -> ``RewardModel.loss`` -> backward) -> average gradients over DP ->
+global gradient norm (TP/PP shards counted once) -> all-reduce the step's statistics over DP -> stop on every rank
+if the loss or the norm is not finite (before the optimizer touches anything) -> clip -> AdamW -> metrics line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vlr_runtime.checkpoint.hf import VALUE_HEAD_FILE, export_hf_checkpoint, load_hf_checkpoint
+from vlr_runtime.checkpoint.manager import CheckpointManager, capture_rng_state, restore_rng_state
+from vlr_runtime.config import Config, ConfigError, dump_config
+from vlr_runtime.data.collate import Preprocessor
+from vlr_runtime.data.formats import RowIndex
+from vlr_runtime.model import ModelArgs, build_reward_model
+from vlr_runtime.parallel import ParallelContext, setup_distributed
+from vlr_runtime.training.data import TrainStream, load_eval_set, resolve_sources
+from vlr_runtime.training.evaluate import evaluate
+from vlr_runtime.training.metrics import MetricsLog
+from vlr_runtime.training.optim import (MasterAdamW, average_dp_gradients, clip_gradients, freeze_groups,
+                                        global_grad_norm, lr_at)
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm was NaN/Inf; raised on every rank before the optimizer step."""
+
+
+def _shared_run_dir(requested: str, ctx: ParallelContext) -> Path:
+    """``requested`` or ``runs/<timestamp>`` chosen on rank 0 (ranks could straddle a second boundary)."""
+    name = [requested or str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def _has_weights(model_dir: Path) -> bool:
+    return any(p.name != VALUE_HEAD_FILE for p in model_dir.glob("*.safetensors"))
+
+
+class Trainer:
+    """Builds everything a run needs from ``cfg`` (process groups, data, model, optimizer, run directory).
+
+    ``train()`` runs to ``total_steps``, evaluates, exports and returns the final evaluation metrics.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        if cfg.parallel.pp != 1:
+            raise ConfigError(f"parallel.pp={cfg.parallel.pp}: the reward model has no pipeline stages yet; use pp=1")
+        self.ctx = ctx = setup_distributed(cfg.parallel.tp, cfg.parallel.pp)
+        torch.manual_seed(cfg.train.seed)
+        if cfg.model.kernel_backend != "auto":
+            from vlr_kernels import set_default_backend
+
+            set_default_backend(cfg.model.kernel_backend)
+        self.run_dir = _shared_run_dir(cfg.run.dir, ctx)
+        if ctx.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+
+        sources = resolve_sources(cfg.data, cfg.model, local_rank=ctx.local_rank)
+        self.model_dir = sources.model_dir
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                      "auto": torch.bfloat16 if ctx.device.type == "cuda" else torch.float32}[cfg.model.dtype]
+        self.args = ModelArgs.from_hf_config(self.model_dir)
+        if _has_weights(self.model_dir):
+            self.model = build_reward_model(self.args, dtype=self.dtype, device=ctx.device, seed=None)
+            load_hf_checkpoint(self.model, self.model_dir, head_seed=cfg.train.seed)
+        else:
+            log.info("%s holds no weights: random init with seed %d", self.model_dir, cfg.train.seed)
+            self.model = build_reward_model(self.args, dtype=self.dtype, device=ctx.device, seed=cfg.train.seed)
+        self.trainable = freeze_groups(self.model.param_groups(), cfg.model.freeze)
+        self.optimizer = MasterAdamW(self.trainable, cfg.optim)
+
+        preprocessor = Preprocessor(self.model_dir, max_length=cfg.data.max_length)
+        index = RowIndex(sources.train)
+        self.stream = TrainStream(index=index, preprocessor=preprocessor, pairs=cfg.train.micro_batch_pairs,
+                                  dp_rank=ctx.dp_rank, dp=ctx.dp, seed=cfg.train.seed)
+        pairs_per_step = cfg.train.micro_batch_pairs * cfg.train.grad_accum_steps * ctx.dp
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(index) / pairs_per_step))
+        self.eval_sets = [load_eval_set(name, files, preprocessor, cfg.train.micro_batch_pairs)
+                          for name, files in sources.evals.items()]
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints")
+        self.step = 0
+        self._resume()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=ctx.rank == 0,
+                                  total_steps=self.total_steps, first_step=self.step, progress=cfg.log.progress)
+        self.metrics.message(
+            f"vlr_runtime.train: {len(index)} training rows, {self.total_steps} steps of {pairs_per_step} pairs, "
+            f"tp={ctx.tp} dp={ctx.dp} on {ctx.device} ({ctx.backend}), {self.dtype}, "
+            f"{sum(p.numel() for p in self.trainable)} trainable parameters on this rank, run dir {self.run_dir}")
+
+    # ----------------------------------------------------------------------------------------------- one step
+    def _train_step(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.perf_counter()
+        lr = lr_at(self.step + 1, self.total_steps, cfg.optim)
+        self.optimizer.set_lr(lr)
+        # [loss_sum, correct, pairs, margin_sum, chosen_sum, rejected_sum, tokens, images]
+        stats = torch.zeros(8, dtype=torch.float64)
+        for _ in range(cfg.train.grad_accum_steps):
+            batch, _ = self.stream.next_batch()
+            if not cfg.train.use_margin:
+                batch.margin = None
+            batch = batch.to(ctx.device)
+            loss, rewards, _ = self.model.loss(batch, center_coef=cfg.train.center_coef)
+            (loss / cfg.train.grad_accum_steps).backward()
+            with torch.no_grad():
+                chosen = rewards[batch.pair_index[:, 0]].double().cpu()
+                rejected = rewards[batch.pair_index[:, 1]].double().cpu()
+                stats += torch.tensor([float(loss), (chosen > rejected).sum(), chosen.numel(),
+                                       (chosen - rejected).sum(), chosen.sum(), rejected.sum(),
+                                       batch.num_tokens, batch.num_images], dtype=torch.float64)
+        average_dp_gradients(self.trainable, ctx.dp, ctx.dp_group)
+        from megatron.core import parallel_state
+
+        grad_norm = global_grad_norm(self.trainable, ctx.tp_rank, parallel_state.get_model_parallel_group())
+        if ctx.dp > 1:
+            stats = stats.to(ctx.device)
+            dist.all_reduce(stats, group=ctx.dp_group)
+            stats = stats.cpu()
+        loss_sum, correct, pairs, margin, chosen_sum, rejected_sum, tokens, images = stats.tolist()
+        row = {"step": self.step + 1, "loss": loss_sum / (cfg.train.grad_accum_steps * ctx.dp),
+               "accuracy": correct / pairs, "margin": margin / pairs, "chosen_reward": chosen_sum / pairs,
+               "rejected_reward": rejected_sum / pairs, "grad_norm": grad_norm, "lr": lr}
+        if not (math.isfinite(row["loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad()
+            self.metrics.write(row)
+            raise TrainingDiverged(f"step {row['step']}: loss={row['loss']} grad_norm={grad_norm}; stopped before "
+                                   "the optimizer step (parameters are those of the previous step)")
+        clip_gradients(self.trainable, grad_norm, cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.step += 1
+        # tokens/images are counted once per DP replica: TP peers process the same batch.
+        elapsed = time.perf_counter() - t0
+        row.update(tokens_per_s=tokens / elapsed, images_per_s=images / elapsed, pairs=int(pairs),
+                   step_time_s=elapsed)
+        return row
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics (collective over every rank); empty when the run has no evaluation set."""
+        if not self.eval_sets:
+            return {}
+        self.model.eval()
+        try:
+            return evaluate(self.model, self.eval_sets, device=self.ctx.device, dp_rank=self.ctx.dp_rank,
+                            dp=self.ctx.dp, dp_group=self.ctx.dp_group)
+        finally:
+            self.model.train()
+
+    def _log_eval(self) -> dict[str, float]:
+        result = self.evaluate()
+        if result:
+            self.metrics.write({"step": self.step, "split": "eval", **result})
+            if self.cfg.log.print_eval:
+                self.metrics.message(f"eval @ step {self.step}: " + ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        return result
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self) -> None:
+        tensors = {f"model.{n}": p for n, p in self.model.named_parameters()}
+        opt_state = self.optimizer.optimizer.state_dict()
+        for idx, st in opt_state["state"].items():
+            tensors.update({f"optim.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()})
+        tensors.update({f"master.{i}": m for i, m in enumerate(self.optimizer.state_dict()["masters"])})
+        rng_tensors, rng_json = capture_rng_state()
+        tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
+        state = {"step": self.step, "rng": rng_json, "param_groups": opt_state["param_groups"],
+                 "stream": self.stream.state_dict()}
+        self.checkpoints.save(self.step, tensors, state,
+                              meta={"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp})
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint of the run directory (same world size and layout)."""
+        ckpt = self.checkpoints.load_latest()
+        if ckpt is None:
+            return
+        if (ckpt.meta["tp"], ckpt.meta["pp"]) != (self.ctx.tp, self.ctx.pp):
+            raise ConfigError(f"{ckpt.path} was saved with tp={ckpt.meta['tp']} pp={ckpt.meta['pp']}; this run has "
+                              f"tp={self.ctx.tp} pp={self.ctx.pp} (resharding on resume is not supported yet)")
+        t = ckpt.tensors
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(t[f"model.{n}"])
+        for i, m in enumerate(self.optimizer.state_dict()["masters"]):
+            m.copy_(t[f"master.{i}"])
+        opt_state: dict = {"state": {}, "param_groups": ckpt.state["param_groups"]}
+        for key, value in t.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                opt_state["state"].setdefault(int(idx), {})[name] = value
+        self.optimizer.optimizer.load_state_dict(opt_state)
+        restore_rng_state({k[4:]: v for k, v in t.items() if k.startswith("rng.")}, ckpt.state["rng"])
+        self.stream.load_state_dict(ckpt.state["stream"])
+        self.step = ckpt.step
+        log.info("resumed from %s at step %d", ckpt.path, self.step)
+
+    # -------------------------------------------------------------------------------------------- the loop
+    def train(self) -> dict[str, float]:
+        """Run the remaining steps; returns the final held-out metrics (``{}`` without an evaluation set)."""
+        cfg = self.cfg
+        try:
+            while self.step < self.total_steps:
+                self.metrics.write(self._train_step())
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 \
+                        and self.step < self.total_steps:
+                    self._log_eval()
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self._save_checkpoint()
+            final = self._log_eval()
+            if self.stream.dropped:
+                self.metrics.message(f"unusable training rows skipped, by reason: {dict(self.stream.dropped)}")
+            if cfg.checkpoint.export:
+                export_hf_checkpoint(self.model, self.args, self.run_dir / "export", source_dir=self.model_dir)
+                self.metrics.message(f"exported to {self.run_dir / 'export'}")
+            if final:
+                parts = [f"{name} {final[key]:.4f}" for key, name in (
+                    ("accuracy_image", "image pairs"), ("accuracy_text", "text pairs"),
+                    ("accuracy_noise", "image pairs with noise images"), ("accuracy", "all pairs")) if key in final]
+                self.metrics.message("held-out accuracy: " + ", ".join(parts))
+            return final
+        finally:
+            self.checkpoints.wait()
+            self.metrics.close()
