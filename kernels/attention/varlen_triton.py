@@ -1,19 +1,20 @@
 """FlashAttention-2 style Triton kernels for :func:`vlr_kernels.varlen_attention` (semantics in that module).
 
-Work decomposition. Every segment is cut into ``cdiv(len, BLOCK)`` tiles; ``cu_tiles`` (a device-side prefix sum, no
-host sync) numbers the tiles of all segments consecutively and each program finds its segment by a binary search.
-The grid is therefore ``min(cdiv(T + N*(BLOCK-1), BLOCK), N*cdiv(max_seqlen, BLOCK))`` tiles per head: tight for 545
-windows of <= 64 tokens as for one 16k-token image, and ``max_seqlen`` only bounds it.
+Work decomposition. Every segment is cut into ``cdiv(len, BLOCK)`` tiles; ``cu_tiles`` (a device-side prefix
+sum, no host sync) numbers the tiles of all segments consecutively and each program finds its segment by a
+binary search. The grid is therefore ``min(cdiv(T + N*(BLOCK-1), BLOCK), N*cdiv(max_seqlen, BLOCK))`` tiles
+per head: tight for 545 windows of <= 64 tokens as for one 16k-token image, and ``max_seqlen`` only bounds it.
 
-Forward: one program per (q tile, q head); online softmax in the exp2 domain; saves ``lse [Hq, Tq]`` (natural log,
-``-inf`` for rows that see no key). Backward (recompute, no atomics, deterministic): ``delta = rowsum(dO * O)``; one
-program per (kv tile, kv head) accumulates dK/dV over all q heads of its GQA group; one program per (q tile, q head)
-accumulates dQ. The KV (or Q) range of a tile is split into blocks that need no mask (bulk of the work) and boundary
-blocks that do (segment end, causal diagonal, the chosen part of a shared-prompt pair). Blocks that a rejected-only
-q tile cannot see (the chosen part) are skipped, which is where shared-prompt pairs save their work.
+Forward: one program per (q tile, q head); online softmax in the exp2 domain; saves ``lse [Hq, Tq]`` (natural
+log, ``-inf`` for rows that see no key). Backward (recompute, no atomics, deterministic): ``delta = rowsum(dO
+* O)``; one program per (kv tile, kv head) accumulates dK/dV over all q heads of its GQA group; one program
+per (q tile, q head) accumulates dQ. The KV (or Q) range of a tile is split into blocks that need no mask
+(bulk of the work) and boundary blocks that do (segment end, causal diagonal, the chosen part of a
+shared-prompt pair). Blocks that a rejected-only q tile cannot see (the chosen part) are skipped, which is
+where shared-prompt pairs save their work.
 
-head_dim is covered by two power-of-two chunks ``D0 + D1`` (80 = 64 + 16, 96 = 64 + 32) instead of padding to the
-next power of two (80 -> 128 would waste 37% of the matmul work).
+head_dim is covered by two power-of-two chunks ``D0 + D1`` (80 = 64 + 16, 96 = 64 + 32) instead of padding to
+the next power of two (80 -> 128 would waste 37% of the matmul work).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ LN2: tl.constexpr = 0.6931471805599453
 
 
 def head_dim_chunks(head_dim: int) -> tuple[int, int]:
-    """Split ``head_dim`` into power-of-two chunks ``(D0, D1)`` (``D1 = 0``: one chunk); ``tl.dot`` needs >= 16."""
+    """Split ``head_dim`` into power-of-two chunks ``(D0, D1)`` (``D1 = 0``: one); tl.dot needs >= 16."""
     if head_dim > 256:
         raise ValueError(f"varlen_attention (triton): head_dim must be <= 256, got {head_dim}")
     d0 = max(16, 1 << (head_dim.bit_length() - 1))
@@ -50,7 +51,7 @@ def _segment_of_tile(cu_tiles, tile, n_seg):
 
 @triton.jit
 def _allowed(rows, cols, len_k, diff, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.constexpr):
-    """Mask of (q row, k col) pairs of one segment that may attend; ``diff = len_k - len_q`` aligns causal ends."""
+    """(q row, k col) pairs of one segment that may attend; ``diff = len_k - len_q`` aligns causal ends."""
     ok = cols < len_k
     if CAUSAL:
         ok = ok & (cols <= rows + diff)
@@ -75,8 +76,8 @@ def _store_rows(base, rows, row_ok, stride_t, offs_d, val, HEAD_DIM: tl.constexp
 @triton.jit
 def _kv_ranges(m0, len_q, len_k, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """KV column ranges of the q tile starting at row ``m0``: ``[0, full_hi)`` needs no mask, ``[full_hi, hi1)`` and
-    ``[lo2, hi)`` do; the gap ``[hi1, lo2)`` is the chosen part that a rejected-only tile never sees."""
+    """KV column ranges of the q tile at row ``m0``: ``[0, full_hi)`` needs no mask, ``[full_hi, hi1)``
+    and ``[lo2, hi)`` do; the gap ``[hi1, lo2)`` is the chosen part that a rejected-only tile never sees."""
     diff = len_k - len_q
     hi = len_k
     full_hi = (len_k // BLOCK_N) * BLOCK_N
@@ -130,11 +131,11 @@ def _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_
 
 @triton.jit
 def _varlen_attn_fwd_kernel(
-    Q, K, V, O, LSE, cu_q, cu_k, cu_tiles, prefix_lens, split_lens,
+    Q, K, V, Out, LSE, cu_q, cu_k, cu_tiles, prefix_lens, split_lens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     n_seg, total_q, qk_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     hq = tl.program_id(1)
@@ -176,12 +177,13 @@ def _varlen_attn_fwd_kernel(
                                            offs_m, offs_d0, offs_d1, full_hi, hi1, len_k, diff, prefix, split,
                                            qk_scale, True, CAUSAL, SHARED, BLOCK_N, D1, HEAD_DIM, PREC)
         if SHARED:
-            acc0, acc1, m_i, l_i = _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                               offs_m, offs_d0, offs_d1, lo2, hi, len_k, diff, prefix, split,
-                                               qk_scale, True, CAUSAL, SHARED, BLOCK_N, D1, HEAD_DIM, PREC)
+            acc0, acc1, m_i, l_i = _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt,
+                                               stride_vt, offs_m, offs_d0, offs_d1, lo2, hi, len_k, diff,
+                                               prefix, split, qk_scale, True, CAUSAL, SHARED, BLOCK_N, D1,
+                                               HEAD_DIM, PREC)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        o_base = O + q_start.to(tl.int64) * stride_ot + hq * stride_oh
+        o_base = Out + q_start.to(tl.int64) * stride_ot + hq * stride_oh
         _store_rows(o_base, offs_m, row_ok, stride_ot, offs_d0, acc0 / l_safe[:, None], HEAD_DIM)
         if D1 > 0:
             _store_rows(o_base, offs_m, row_ok, stride_ot, offs_d1, acc1 / l_safe[:, None], HEAD_DIM)
@@ -190,14 +192,14 @@ def _varlen_attn_fwd_kernel(
 
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q,
+def _delta_kernel(Out, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q,
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """``delta[h, t] = sum_d O[t, h, d] * dO[t, h, d]`` in fp32."""
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = rows < total_q
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + h * stride_oh, rows, ok, stride_ot, offs_d, HEAD_DIM).to(tl.float32)
+    o = _load_rows(Out + h * stride_oh, rows, ok, stride_ot, offs_d, HEAD_DIM).to(tl.float32)
     do = _load_rows(DO + h * stride_doh, rows, ok, stride_dot, offs_d, HEAD_DIM).to(tl.float32)
     tl.store(DELTA + h.to(tl.int64) * total_q + rows, tl.sum(o * do, 1), mask=ok)
 
@@ -205,8 +207,9 @@ def _delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, to
 @triton.jit
 def _q_ranges(n0, len_q, len_k, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Q row ranges that see the kv tile starting at column ``n0``: ``[lo, full_lo)`` and ``[full_hi, hi)`` need a
-    mask, ``[full_lo, full_hi)`` does not. Rows past the segment end load as zeros and contribute exactly 0."""
+    """Q row ranges that see the kv tile starting at column ``n0``: ``[lo, full_lo)`` and ``[full_hi, hi)``
+    need a mask, ``[full_lo, full_hi)`` does not. Rows past the segment end load as zeros and contribute
+    exactly 0."""
     diff = len_k - len_q
     lo = n0 * 0
     hi = len_q
@@ -227,8 +230,8 @@ def _q_ranges(n0, len_q, len_k, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.
 
 
 @triton.jit
-def _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                 offs_n, offs_d0, offs_d1, lo, hi, len_q, len_k, diff, prefix, split, qk_scale,
+def _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr, stride_qt,
+                 stride_dot, offs_n, offs_d0, offs_d1, lo, hi, len_q, len_k, diff, prefix, split, qk_scale,
                  MASK: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
                  D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
@@ -266,8 +269,8 @@ def _varlen_attn_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     n_seg, total_q, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     hk = tl.program_id(1)
@@ -301,7 +304,8 @@ def _varlen_attn_dkdv_kernel(
         dk1 = tl.zeros((BLOCK_N, D1 if D1 > 0 else 16), tl.float32)
         dv1 = tl.zeros((BLOCK_N, D1 if D1 > 0 else 16), tl.float32)
         diff = len_k - len_q
-        lo, full_lo, full_hi, hi = _q_ranges(n0, len_q, len_k, prefix, split, CAUSAL, SHARED, BLOCK_M, BLOCK_N)
+        lo, full_lo, full_hi, hi = _q_ranges(n0, len_q, len_k, prefix, split, CAUSAL, SHARED, BLOCK_M,
+                                             BLOCK_N)
         # dK/dV of a kv head sum over the q heads of its GQA group here, in registers, instead of with atomics
         for g in range(GROUP):
             hq = hk * GROUP + g
@@ -310,16 +314,16 @@ def _varlen_attn_dkdv_kernel(
             lse_ptr = LSE + hq.to(tl.int64) * total_q + q_start
             delta_ptr = DELTA + hq.to(tl.int64) * total_q + q_start
             dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr,
-                                              delta_ptr, stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, full_lo,
-                                              len_q, len_k, diff, prefix, split, qk_scale,
+                                              delta_ptr, stride_qt, stride_dot, offs_n, offs_d0, offs_d1,
+                                              lo, full_lo, len_q, len_k, diff, prefix, split, qk_scale,
                                               True, CAUSAL, SHARED, BLOCK_M, D1, HEAD_DIM, PREC)
             dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr,
-                                              delta_ptr, stride_qt, stride_dot, offs_n, offs_d0, offs_d1, full_lo,
-                                              full_hi, len_q, len_k, diff, prefix, split, qk_scale,
+                                              delta_ptr, stride_qt, stride_dot, offs_n, offs_d0, offs_d1,
+                                              full_lo, full_hi, len_q, len_k, diff, prefix, split, qk_scale,
                                               False, CAUSAL, SHARED, BLOCK_M, D1, HEAD_DIM, PREC)
             dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr,
-                                              delta_ptr, stride_qt, stride_dot, offs_n, offs_d0, offs_d1, full_hi,
-                                              hi, len_q, len_k, diff, prefix, split, qk_scale,
+                                              delta_ptr, stride_qt, stride_dot, offs_n, offs_d0, offs_d1,
+                                              full_hi, hi, len_q, len_k, diff, prefix, split, qk_scale,
                                               True, CAUSAL, SHARED, BLOCK_M, D1, HEAD_DIM, PREC)
         dk_base = DK + k_start.to(tl.int64) * stride_dkt + hk * stride_dkh
         dv_base = DV + k_start.to(tl.int64) * stride_dvt + hk * stride_dvh
@@ -361,10 +365,10 @@ def _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt
 @triton.jit
 def _varlen_attn_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k, cu_tiles, prefix_lens, split_lens,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-    n_seg, total_q, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt,
+    stride_dqh, n_seg, total_q, qk_scale, sm_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     hq = tl.program_id(1)
@@ -402,16 +406,16 @@ def _varlen_attn_dq_kernel(
         dq1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), tl.float32)
         diff = len_k - len_q
         full_hi, hi1, lo2, hi = _kv_ranges(m0, len_q, len_k, prefix, split, CAUSAL, SHARED, BLOCK_M, BLOCK_N)
-        dq0, dq1 = _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                              offs_d0, offs_d1, 0, full_hi, len_k, diff, prefix, split, qk_scale,
+        dq0, dq1 = _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                              offs_m, offs_d0, offs_d1, 0, full_hi, len_k, diff, prefix, split, qk_scale,
                               False, CAUSAL, SHARED, BLOCK_N, D1, HEAD_DIM, PREC)
-        dq0, dq1 = _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                              offs_d0, offs_d1, full_hi, hi1, len_k, diff, prefix, split, qk_scale,
+        dq0, dq1 = _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                              offs_m, offs_d0, offs_d1, full_hi, hi1, len_k, diff, prefix, split, qk_scale,
                               True, CAUSAL, SHARED, BLOCK_N, D1, HEAD_DIM, PREC)
         if SHARED:
-            dq0, dq1 = _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                                  offs_m, offs_d0, offs_d1, lo2, hi, len_k, diff, prefix, split, qk_scale,
-                                  True, CAUSAL, SHARED, BLOCK_N, D1, HEAD_DIM, PREC)
+            dq0, dq1 = _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt,
+                                  stride_vt, offs_m, offs_d0, offs_d1, lo2, hi, len_k, diff, prefix, split,
+                                  qk_scale, True, CAUSAL, SHARED, BLOCK_N, D1, HEAD_DIM, PREC)
         dq_base = DQ + q_start.to(tl.int64) * stride_dqt + hq * stride_dqh
         _store_rows(dq_base, offs_m, row_ok, stride_dqt, offs_d0, dq0 * sm_scale, HEAD_DIM)
         if D1 > 0:
@@ -419,7 +423,7 @@ def _varlen_attn_dq_kernel(
 
 
 def _tile_prefix(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
-    """``[N+1]`` int32 prefix sum of ``cdiv(segment length, block)``, computed on the device (no host sync)."""
+    """``[N+1]`` int32 prefix sum of ``cdiv(segment length, block)``, on the device (no host sync)."""
     tiles = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
     return torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))
 
@@ -459,8 +463,9 @@ def varlen_attention_fwd(
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launcher (inputs already validated). Returns ``out [Tq, Hq, D]`` and ``lse [Hq, Tq]`` fp32 (natural
-    log). ``block_m``/``block_n`` override the tile sizes (tests use them to exercise multi-tile paths)."""
+    """Forward launcher (inputs already validated). Returns ``out [Tq, Hq, D]`` and ``lse [Hq, Tq]`` fp32
+    (natural log). ``block_m``/``block_n`` override the tile sizes (tests use them to exercise multi-tile
+    paths)."""
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     tq, hq, d = q.shape
     n_seg = cu_seqlens_q.numel() - 1
@@ -476,10 +481,11 @@ def varlen_attention_fwd(
     _varlen_attn_fwd_kernel[(n_tiles, hq)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, _tile_prefix(cu_seqlens_q, bm),
         prefix_lens if shared else cu_seqlens_q, split_lens if shared else cu_seqlens_q,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        n_seg, tq, softmax_scale * LOG2E,
-        GROUP=hq // k.shape[1], CAUSAL=causal, SHARED=shared, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1, HEAD_DIM=d,
-        PREC=_precision(q.dtype), num_warps=8 if bm >= 128 else 4, num_stages=3 if d <= 128 else 2,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+        out.stride(1), n_seg, tq, softmax_scale * LOG2E,
+        GROUP=hq // k.shape[1], CAUSAL=causal, SHARED=shared, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1,
+        HEAD_DIM=d, PREC=_precision(q.dtype), num_warps=8 if bm >= 128 else 4,
+        num_stages=3 if d <= 128 else 2,
     )
     return out, lse
 
@@ -522,8 +528,8 @@ def varlen_attention_bwd(
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
     )
     shared = prefix_lens is not None
-    meta = dict(GROUP=hq // hkv, CAUSAL=causal, SHARED=shared, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1, HEAD_DIM=d,
-                PREC=_precision(q.dtype), num_warps=4, num_stages=2)
+    meta = dict(GROUP=hq // hkv, CAUSAL=causal, SHARED=shared, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1,
+                HEAD_DIM=d, PREC=_precision(q.dtype), num_warps=4, num_stages=2)
     seg_meta = (cu_seqlens_q, cu_seqlens_k)
     pair_meta = (prefix_lens, split_lens) if shared else (cu_seqlens_q, cu_seqlens_q)
     common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -551,8 +557,8 @@ class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                 prefix_lens, split_lens):
-        out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                        softmax_scale, prefix_lens, split_lens)
+        out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        causal, softmax_scale, prefix_lens, split_lens)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens, split_lens)
         ctx.meta = (max_seqlen_q, max_seqlen_k, causal, softmax_scale)
         return out

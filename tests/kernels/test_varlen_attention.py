@@ -1,15 +1,15 @@
-"""varlen_attention: the eager reference against an independent dense-mask float64 implementation and the SDPA loop;
-the Triton kernels (interpreter on CPU, fp32/fp16, tiny shapes) against the float64 reference for outputs, logsumexp
-and dq/dk/dv; backend selection and input errors. bf16 on GPU is in test_attention_gpu.py."""
+"""varlen_attention: the eager reference against an independent dense-mask float64 implementation and the SDPA
+loop; the Triton kernels (interpreter on CPU, fp32/fp16, tiny shapes) vs the float64 reference for outputs,
+logsumexp and dq/dk/dv; backend selection and input errors. bf16 on GPU: test_attention_gpu.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.kernels.helpers import assert_close64, to64
 from vlr_kernels import BackendUnavailable, varlen_attention, varlen_attention_ref
 from vlr_kernels.attention.varlen_triton import head_dim_chunks, varlen_attention_bwd, varlen_attention_fwd
+
+from tests.kernels.helpers import assert_close64, to64
 
 
 def cu(lens: list[int]) -> torch.Tensor:
@@ -20,7 +20,7 @@ def cu(lens: list[int]) -> torch.Tensor:
 
 
 def dense_reference(q, k, v, lens_q, lens_k, causal, scale, prefix=None, split=None):
-    """Float64 attention over the whole packed axis with a mask built token by token from the written rules."""
+    """Float64 attention over the whole packed axis, masked token by token from the rules as written."""
     tq, tk = q.shape[0], k.shape[0]
     allowed = torch.zeros(tq, tk, dtype=torch.bool)
     oq = ok = 0
@@ -62,7 +62,9 @@ def test_reference_matches_dense_and_sdpa(lens, causal):
     q, k, v = to64(*make(lens, lens, 4, 2, 8))
     for t in (q, k, v):
         t.requires_grad_(True)
-    out, lse = varlen_attention_ref(q, k, v, cu(lens), cu(lens), max(lens), max(lens), causal, 0.3, return_lse=True)
+    out, lse = varlen_attention_ref(
+        q, k, v, cu(lens), cu(lens), max(lens), max(lens), causal, 0.3, return_lse=True
+    )
     exp_out, exp_lse = dense_reference(q, k, v, lens, lens, causal, 0.3)
     torch.testing.assert_close(out, exp_out)
     torch.testing.assert_close(lse, exp_lse)
@@ -85,23 +87,36 @@ def test_reference_cross_lengths_and_rows_without_keys():
 
 
 def test_shared_prompt_rows_equal_separate_sequences():
-    """Chosen rows of [prompt | chosen | rejected] equal [prompt | chosen]; rejected rows equal [prompt | rejected]."""
+    """Rows of [prompt | chosen | rejected]: chosen = [prompt | chosen], rejected = [prompt | rejected]."""
     p, c, r = 6, 5, 4
     q, k, v = to64(*make([p + c + r], [p + c + r], 2, 1, 8))
-    meta = dict(prefix_lens=torch.tensor([p], dtype=torch.int32), split_lens=torch.tensor([p + c], dtype=torch.int32))
+    meta = dict(
+        prefix_lens=torch.tensor([p], dtype=torch.int32), split_lens=torch.tensor([p + c], dtype=torch.int32)
+    )
     packed = varlen_attention_ref(q, k, v, cu([p + c + r]), cu([p + c + r]), 15, 15, True, **meta)
     keep = torch.cat([torch.arange(p), torch.arange(p + c, p + c + r)])
     rejected = varlen_attention_ref(q[keep], k[keep], v[keep], cu([p + r]), cu([p + r]), 10, 10, True)
     chosen = varlen_attention_ref(q[: p + c], k[: p + c], v[: p + c], cu([p + c]), cu([p + c]), 11, 11, True)
     torch.testing.assert_close(packed[: p + c], chosen)
-    torch.testing.assert_close(packed[p + c:], rejected[p:])
+    torch.testing.assert_close(packed[p + c :], rejected[p:])
 
 
 # ---------------------------------------------------------------- triton kernels (interpreter on CPU)
 
 
-def check_triton(lens_q, lens_k, hq, hkv, d, causal, dtype=torch.float32, shared=None, block_m=None, block_n=None,
-                 dense=False):
+def check_triton(
+    lens_q,
+    lens_k,
+    hq,
+    hkv,
+    d,
+    causal,
+    dtype=torch.float32,
+    shared=None,
+    block_m=None,
+    block_n=None,
+    dense=False,
+):
     q, k, v = make(lens_q, lens_k, hq, hkv, d, dtype)
     cq, ck = cu(lens_q), cu(lens_k)
     mq, mk = max(lens_q, default=0), max(lens_k, default=0)
@@ -109,19 +124,24 @@ def check_triton(lens_q, lens_k, hq, hkv, d, causal, dtype=torch.float32, shared
     pre = spl = None
     if shared is not None:
         pre, spl = (torch.tensor(x, dtype=torch.int32) for x in shared)
-    out, lse = varlen_attention_fwd(q, k, v, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m,
-                                    block_n=block_n)
+    out, lse = varlen_attention_fwd(
+        q, k, v, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m, block_n=block_n
+    )
     dout = torch.randn_like(out)
-    dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, causal, scale, pre, spl,
-                                      block_m=block_m, block_n=block_n)
+    dq, dk, dv = varlen_attention_bwd(
+        dout, q, k, v, out, lse, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m, block_n=block_n
+    )
     q64, k64, v64 = to64(q, k, v)
     for t in (q64, k64, v64):
         t.requires_grad_(True)
     if dense:
-        ref, ref_lse = dense_reference(q64, k64, v64, lens_q, lens_k, causal, scale, *(shared or (None, None)))
+        ref, ref_lse = dense_reference(
+            q64, k64, v64, lens_q, lens_k, causal, scale, *(shared or (None, None))
+        )
     else:
-        ref, ref_lse = varlen_attention_ref(q64, k64, v64, cq, ck, mq, mk, causal, scale, prefix_lens=pre,
-                                            split_lens=spl, return_lse=True)
+        ref, ref_lse = varlen_attention_ref(
+            q64, k64, v64, cq, ck, mq, mk, causal, scale, prefix_lens=pre, split_lens=spl, return_lse=True
+        )
     grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     assert_close64(out, ref, dtype, "out")
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without keys must have lse -inf"
@@ -186,9 +206,9 @@ def test_triton_fp16():
 @pytest.mark.parametrize(
     "lens,prefix,split",
     [
-        # prompt/chosen/rejected longer than a 16-row tile: rejected-only tiles skip chosen blocks, straddling tiles
+        # parts longer than a 16-row tile: rejected-only tiles skip chosen blocks; tiles straddling a boundary
         ([20 + 25 + 19, 5 + 3 + 2], [20, 5], [45, 8]),
-        # degenerate pairs: plain causal (p=0, s=L), empty chosen (p=s), empty rejected (s=L), empty prompt (p=0)
+        # degenerate: plain causal (p=0, s=L), empty chosen (p=s), empty rejected (s=L), empty prompt (p=0)
         ([12, 9, 11, 10], [0, 4, 3, 0], [12, 4, 11, 6]),
     ],
     ids=["multi-tile", "degenerate"],
@@ -198,7 +218,7 @@ def test_triton_shared_prompt_pairs_vs_dense_mask(lens, prefix, split):
 
 
 def test_public_triton_autograd_noncontiguous_inputs():
-    """The dispatching function: autograd through the Triton kernels with q/k/v as strided views of one qkv tensor."""
+    """The public function: autograd through the Triton kernels, q/k/v strided views of one qkv tensor."""
     lens = [6, 13]
     qkv = torch.randn(sum(lens), 3, 2, 16, requires_grad=True)
     q, k, v = qkv.unbind(1)
@@ -232,21 +252,42 @@ def test_backend_errors(monkeypatch):
     [
         (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), "int32"),
         (lambda a: a.update(k=a["k"][:, :, :8], v=a["v"][:, :, :8]), "head_dim"),
-        (lambda a: a.update(q=torch.randn(10, 3, 16), k=torch.randn(10, 2, 16), v=torch.randn(10, 2, 16)),
-         "multiple"),
+        (
+            lambda a: a.update(q=torch.randn(10, 3, 16), k=torch.randn(10, 2, 16), v=torch.randn(10, 2, 16)),
+            "multiple",
+        ),
         (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)), "token count"),
         (lambda a: a.update(max_seqlen_q=3), "max_seqlen"),
         (lambda a: a.update(prefix_lens=torch.tensor([1, 1], dtype=torch.int32)), "both"),
-        (lambda a: a.update(prefix_lens=torch.tensor([1, 1], dtype=torch.int32),
-                            split_lens=torch.tensor([2, 2], dtype=torch.int32), causal=False), "causal=True"),
-        (lambda a: a.update(prefix_lens=torch.tensor([3, 1], dtype=torch.int32),
-                            split_lens=torch.tensor([2, 2], dtype=torch.int32)), "prefix_lens <= split_lens"),
+        (
+            lambda a: a.update(
+                prefix_lens=torch.tensor([1, 1], dtype=torch.int32),
+                split_lens=torch.tensor([2, 2], dtype=torch.int32),
+                causal=False,
+            ),
+            "causal=True",
+        ),
+        (
+            lambda a: a.update(
+                prefix_lens=torch.tensor([3, 1], dtype=torch.int32),
+                split_lens=torch.tensor([2, 2], dtype=torch.int32),
+            ),
+            "prefix_lens <= split_lens",
+        ),
     ],
 )
 def test_bad_inputs_raise(mutate, match):
     q, k, v = make([4, 6], [4, 6], 2, 1, 16)
-    a = dict(q=q, k=k, v=v, cu_seqlens_q=cu([4, 6]), cu_seqlens_k=cu([4, 6]), max_seqlen_q=6, max_seqlen_k=6,
-             causal=True)
+    a = dict(
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=cu([4, 6]),
+        cu_seqlens_k=cu([4, 6]),
+        max_seqlen_q=6,
+        max_seqlen_k=6,
+        causal=True,
+    )
     mutate(a)
     with pytest.raises(ValueError, match=match):
         varlen_attention(**a, backend="torch")
