@@ -19,6 +19,8 @@ row's gradient back to the rank that holds it. ``S * H`` is tiny next to ``T * H
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -371,10 +373,31 @@ class _CudaLaunchers:
         return dh, dw, db.reshape(head_bias.shape), (dg if norm_weight is not None else None)
 
 
+@functools.cache
+def _load_cuda_ops() -> None:
+    """Import the extension (its static initialisers register ``torch.ops.vlr_kernels.*``) and register the
+    shape-only fake implementations that torch.compile traces with."""
+    import vlr_kernels._cuda  # noqa: F401, PLC0415
+
+    @torch.library.register_fake("vlr_kernels::reward_fwd")
+    def _(hidden, scored_index, head_weight, head_bias, norm_weight, eps):
+        s = scored_index.shape[0]
+        return hidden.new_empty(s, dtype=torch.float32), hidden.new_empty(s, dtype=torch.float32)
+
+    @torch.library.register_fake("vlr_kernels::pair_loss_fwd")
+    def _(rewards, pair_index, margin, center_coef):
+        return rewards.new_empty(()), rewards.new_empty(())
+
+    @torch.library.register_fake("vlr_kernels::reward_loss_bwd")
+    def _(dloss, drewards, hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin,
+          center_coef, rewards, rstd):
+        dg = torch.empty_like(norm_weight) if norm_weight is not None else head_weight.new_empty(0)
+        return hidden.new_empty(hidden.shape), torch.empty_like(head_weight), head_bias.new_empty(1), dg
+
+
 def _launchers(impl: str):
     if impl == "cuda":
-        import vlr_kernels._cuda  # noqa: F401, PLC0415 - registers torch.ops.vlr_kernels.*
-
+        _load_cuda_ops()
         return _CudaLaunchers
     return _TritonLaunchers
 
