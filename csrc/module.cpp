@@ -2,6 +2,7 @@
 // (pass tensor.numpy()); errors in the inputs raise ValueError like the Python twins.
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "data_index.h"
@@ -24,7 +25,9 @@ PYBIND11_MODULE(_C, m) {
         "vision_window_index",
         [](const vlr::Int64Array& grids, int64_t merge, int64_t window_size, int64_t patch_size) {
             auto r = vlr::vision_window_index(grids, merge, window_size, patch_size);
-            return py::make_tuple(r.window_index, r.reverse_index, py::array(py::cast(r.cu_window_seqlens)));
+            vlr::Int64Array cu(static_cast<py::ssize_t>(r.cu_window_seqlens.size()));
+            std::copy(r.cu_window_seqlens.begin(), r.cu_window_seqlens.end(), cu.mutable_data());
+            return py::make_tuple(r.window_index, r.reverse_index, cu);
         },
         py::arg("grid_thw"), py::arg("spatial_merge_size"), py::arg("window_size"), py::arg("patch_size"),
         "(window_index [U], reverse_index [U], cu_window_seqlens [W+1]) int64");
