@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.model.conftest import GRIDS
 from tests.model.hf_reference import hf_scores, make_sample, pack, write_tiny_checkpoint
+from vlr_runtime.data.types import PackedBatch
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 240
@@ -39,16 +40,25 @@ def full_grads(model) -> dict[str, torch.Tensor]:
             p.data = saved[n]
 
 
-def run_model(model_dir, tp: int, out_dir=None):
-    """Load, score, loss + backward; returns (rewards, loss, grads) and exports to out_dir when given."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+BATCH_FIELDS = ("input_ids", "position_ids", "cu_seqlens", "scored_index", "pair_index", "pixel_values",
+                "image_grid_thw", "image_index")
 
+
+def save_batch(batch: PackedBatch, path: str) -> None:
+    save_file({k: getattr(batch, k).contiguous() for k in BATCH_FIELDS}, path)
+
+
+def load_batch(path: str) -> PackedBatch:
+    t = load_file(path)
+    lens = t["cu_seqlens"][1:] - t["cu_seqlens"][:-1]
+    return PackedBatch(max_seqlen=int(lens.max()), **t)
+
+
+def run_model(model_dir, batch: PackedBatch, out_dir=None):
+    """Load, score, loss + backward; returns (rewards, loss, grads) and exports to out_dir when given."""
     from vlr_runtime.checkpoint.hf import export_hf_checkpoint, load_hf_checkpoint
     from vlr_runtime.model import ModelArgs, build_reward_model
 
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
-    samples, pixels = _inputs()
-    batch = pack(hf, samples, pixels, GRIDS)
     model = build_reward_model(ModelArgs.from_hf_config(model_dir), device="cpu", seed=None)
     load_hf_checkpoint(model, model_dir)
     rewards = model.rewards(batch)
@@ -71,7 +81,8 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
         set_default_backend("torch")
         ctx = setup_distributed(tp=world)
         assert (ctx.tp, ctx.tp_rank, ctx.backend) == (world, rank, "gloo")
-        rewards, loss, grads = run_model(model_dir, world, f"{out_dir}/export")
+        # The batch comes from the parent so that the workers never import transformers (process start-up time).
+        rewards, loss, grads = run_model(model_dir, load_batch(f"{out_dir}/batch.safetensors"), f"{out_dir}/export")
         if rank == 0:
             save_file({"rewards": rewards, "loss": loss.reshape(1)}, f"{out_dir}/result.safetensors")
             save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
@@ -94,6 +105,9 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
 
     model_dir = tmp_path / "ckpt"
     hf, w, b = write_tiny_checkpoint(model_dir, seed=11)
+    samples, pixels = _inputs()
+    batch = pack(hf, samples, pixels, GRIDS)
+    save_batch(batch, str(tmp_path / "batch.safetensors"))
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(model_dir), str(tmp_path))) for r in range(2)]
@@ -108,7 +122,6 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
-    samples, pixels = _inputs()
     ref = hf_scores(hf, samples, pixels, GRIDS, w, b)
     result = load_file(str(tmp_path / "result.safetensors"))
     assert float(((result["rewards"].double() - ref).abs() / ref.abs()).max()) <= 1e-4
@@ -123,7 +136,7 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
     set_default_backend("torch")
     setup_distributed(1)
     try:
-        _, loss1, grads1 = run_model(model_dir, 1)
+        _, loss1, grads1 = run_model(model_dir, batch)
     finally:
         teardown()
         set_default_backend(None)

@@ -73,8 +73,9 @@ class RewardModel(nn.Module):
         return dict(head_weight=self.head.weight.view(-1), head_bias=self.head.bias,
                     norm_weight=self.final_norm.weight, eps=self.args.text.rms_norm_eps)
 
+    @torch.no_grad()
     def rewards(self, batch: PackedBatch) -> torch.Tensor:
-        """``[S]`` float32 rewards at ``batch.scored_index`` (final norm + head), without gradient."""
+        """``[S]`` float32 rewards at ``batch.scored_index`` (final norm + head); no autograd graph is built."""
         return reward_scores(self(batch), batch.scored_index, **self._head_args())
 
     def loss(self, batch: PackedBatch, center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
