@@ -21,27 +21,27 @@ TINY_VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, o
                    fullatt_block_indexes=[1])
 
 
-def hf_config(**overrides):
+def hf_config(vision_intermediate: int = 48, **overrides):
     from transformers import Qwen2_5_VLConfig
 
-    kw = dict(text_config=dict(TINY_TEXT), vision_config=dict(TINY_VISION), image_token_id=IMAGE_TOKEN,
+    vision = dict(TINY_VISION, intermediate_size=vision_intermediate)
+    kw = dict(text_config=dict(TINY_TEXT), vision_config=vision, image_token_id=IMAGE_TOKEN,
               video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
     kw.update(overrides)
     return Qwen2_5_VLConfig(**kw)
 
 
-def write_tiny_checkpoint(out_dir: Path, *, seed: int = 0, head: str = "value_head", shard_bytes: int | None = None):
+def write_tiny_checkpoint(out_dir: Path, *, seed: int = 0, head: str = "value_head", vision_intermediate: int = 48):
     """Random tiny HF model saved with save_pretrained (+ value head). Returns (hf_model, head_w [H], head_b [1])."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(hf_config()).eval()
+    model = Qwen2_5_VLForConditionalGeneration(hf_config(vision_intermediate)).eval()
     with torch.no_grad():  # non-trivial norm weights and biases so that every parameter is exercised
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias") or "ln_q" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    kwargs = {} if shard_bytes is None else {"max_shard_size": shard_bytes}
-    model.save_pretrained(out_dir, **kwargs)
+    model.save_pretrained(out_dir)
     h = model.config.text_config.hidden_size
     w, b = torch.randn(1, h) * 0.3, torch.randn(1) * 0.1
     if head == "value_head":

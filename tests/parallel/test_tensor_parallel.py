@@ -61,6 +61,8 @@ def run_model(model_dir, batch: PackedBatch, out_dir=None):
 
     model = build_reward_model(ModelArgs.from_hf_config(model_dir), device="cpu", seed=None)
     load_hf_checkpoint(model, model_dir)
+    vision_width = model.args.vision.intermediate_size
+    assert model.vision.tp == (model.tp if vision_width % model.tp == 0 else 1)
     rewards = model.rewards(batch)
     loss, _, _ = model.loss(batch, center_coef=0.1)
     loss.backward()
@@ -70,7 +72,12 @@ def run_model(model_dir, batch: PackedBatch, out_dir=None):
     return rewards, loss.detach(), grads
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+CASES = {"split": 48, "replicated_vision": 45}
+"""Vision MLP widths: 48 divides by TP=2 (every layer sharded); 45 does not, so the vision tower runs replicated on
+each TP rank while the decoder is sharded (the 3420-wide Qwen2.5-VL vision MLP at TP=8)."""
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -81,14 +88,17 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
         set_default_backend("torch")
         ctx = setup_distributed(tp=world)
         assert (ctx.tp, ctx.tp_rank, ctx.backend) == (world, rank, "gloo")
-        # The batch comes from the parent so that the workers never import transformers (process start-up time).
-        rewards, loss, grads = run_model(model_dir, load_batch(f"{out_dir}/batch.safetensors"), f"{out_dir}/export")
-        if rank == 0:
-            save_file({"rewards": rewards, "loss": loss.reshape(1)}, f"{out_dir}/result.safetensors")
-            save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
+        for case in CASES:
+            out_dir = f"{root}/{case}"
+            # The batch comes from the parent so that the workers never import transformers (start-up time).
+            rewards, loss, grads = run_model(f"{out_dir}/ckpt", load_batch(f"{root}/batch.safetensors"),
+                                             f"{out_dir}/export")
+            if rank == 0:
+                save_file({"rewards": rewards, "loss": loss.reshape(1)}, f"{out_dir}/result.safetensors")
+                save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
         teardown()
     except BaseException:
-        with open(f"{out_dir}/error_{rank}.txt", "w") as f:
+        with open(f"{root}/error_{rank}.txt", "w") as f:
             f.write(traceback.format_exc())
         raise
 
@@ -103,14 +113,16 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
     from vlr_kernels import set_default_backend
     from vlr_runtime.parallel import setup_distributed, teardown
 
-    model_dir = tmp_path / "ckpt"
-    hf, w, b = write_tiny_checkpoint(model_dir, seed=11)
     samples, pixels = _inputs()
-    batch = pack(hf, samples, pixels, GRIDS)
+    refs = {}
+    for case, width in CASES.items():
+        hf, w, b = write_tiny_checkpoint(tmp_path / case / "ckpt", seed=11, vision_intermediate=width)
+        refs[case] = hf_scores(hf, samples, pixels, GRIDS, w, b)
+    batch = pack(hf, samples, pixels, GRIDS)  # positions depend on the grids only, not on the weights
     save_batch(batch, str(tmp_path / "batch.safetensors"))
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(model_dir), str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -122,26 +134,28 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
-    ref = hf_scores(hf, samples, pixels, GRIDS, w, b)
-    result = load_file(str(tmp_path / "result.safetensors"))
-    assert float(((result["rewards"].double() - ref).abs() / ref.abs()).max()) <= 1e-4
-
-    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
-    original = load_file(str(model_dir / "model.safetensors"))
-    original.pop("lm_head.weight")
-    assert exported.keys() == original.keys()
-    for k, v in original.items():
-        assert torch.equal(exported[k], v), k
-
     set_default_backend("torch")
     setup_distributed(1)
     try:
-        _, loss1, grads1 = run_model(model_dir, batch)
+        for case in CASES:
+            d = tmp_path / case
+            result = load_file(str(d / "result.safetensors"))
+            ref = refs[case]
+            assert float(((result["rewards"].double() - ref).abs() / ref.abs()).max()) <= 1e-4, case
+
+            exported = load_file(str(d / "export" / "model.safetensors"))
+            original = load_file(str(d / "ckpt" / "model.safetensors"))
+            original.pop("lm_head.weight")
+            assert exported.keys() == original.keys()
+            for k, v in original.items():
+                assert torch.equal(exported[k], v), (case, k)
+
+            _, loss1, grads1 = run_model(d / "ckpt", batch)
+            assert torch.allclose(result["loss"], loss1.reshape(1), rtol=1e-5), case
+            grads2 = load_file(str(d / "grads.safetensors"))
+            assert grads2.keys() == grads1.keys()
+            for k, g in grads1.items():
+                assert torch.allclose(grads2[k], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), (case, k)
     finally:
         teardown()
         set_default_backend(None)
-    assert torch.allclose(result["loss"], loss1.reshape(1), rtol=1e-5)
-    grads2 = load_file(str(tmp_path / "grads.safetensors"))
-    assert grads2.keys() == grads1.keys()
-    for k, g in grads1.items():
-        assert torch.allclose(grads2[k], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), k

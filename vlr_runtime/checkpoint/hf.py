@@ -96,17 +96,14 @@ def load_hf_checkpoint(model: RewardModel, model_dir: str | Path, *, head_seed: 
     Returns ``{"files": [...], "head": "value_head" | "score" | "initialised", "ignored": [unused tensor names]}``.
     Raises with the tensor name on a missing tensor or a shape mismatch.
     """
-    from megatron.core import parallel_state
-
     model_dir = Path(model_dir)
     args_dir = ModelArgs.from_hf_config(model_dir)
     if hf_param_specs(args_dir) != hf_param_specs(model.args):
         raise ValueError(f"{model_dir}/config.json describes a different model than the one built")
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     files = _weight_files(model_dir)
     with ExitStack() as stack:
         reader = _SafetensorsReader(files, stack)
-        fill_parameters(model, reader, tp_rank, model.tp, skip=frozenset({"head.weight", "head.bias"}))
+        fill_parameters(model, reader, skip=frozenset({"head.weight", "head.bias"}))
         head_file = model_dir / VALUE_HEAD_FILE
         if head_file.is_file():
             head_reader = _SafetensorsReader([head_file], stack)
@@ -143,7 +140,6 @@ def _gather_full_tensors(model: RewardModel) -> dict[str, torch.Tensor]:
 
     params = dict(model.named_parameters())
     group = parallel_state.get_tensor_model_parallel_group()
-    tp = model.tp
     segments: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     out: dict[str, torch.Tensor] = {}
     for spec in hf_param_specs(model.args):
@@ -151,6 +147,7 @@ def _gather_full_tensors(model: RewardModel) -> dict[str, torch.Tensor]:
         if spec.split_dim is None:
             out[spec.parts[0].name] = local.reshape(spec.parts[0].shape).cpu()
             continue
+        _, tp = model.shard_of(spec.param)
         if tp > 1:
             pieces = [torch.empty_like(local) for _ in range(tp)]
             dist.all_gather(pieces, local.contiguous(), group=group)

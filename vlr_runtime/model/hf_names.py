@@ -124,14 +124,14 @@ def local_value(spec: ParamSpec, read: Reader, tp_rank: int, tp: int) -> torch.T
     return torch.cat(pieces, dim=spec.split_dim)
 
 
-def fill_parameters(model: nn.Module, read: Reader, tp_rank: int, tp: int, skip: frozenset[str] = frozenset()) -> None:
+def fill_parameters(model: nn.Module, read: Reader, skip: frozenset[str] = frozenset()) -> None:
     """Copy every parameter of ``model`` (except ``skip``) from HF tensors; shapes are checked, dtype converted."""
     params = dict(model.named_parameters())
     for spec in hf_param_specs(model.args):
         if spec.param in skip:
             continue
         param = params[spec.param]
-        value = local_value(spec, read, tp_rank, tp)
+        value = local_value(spec, read, *model.shard_of(spec.param))
         if value.numel() != param.numel():
             raise ValueError(f"{spec.param}: checkpoint gives shape {tuple(value.shape)}, model expects "
                              f"{tuple(param.shape)} (tp={tp})")
@@ -165,10 +165,7 @@ def random_reader(args: ModelArgs, seed: int) -> Reader:
 
 def init_random_weights(model: nn.Module, seed: int) -> None:
     """Seeded random init, identical for every TP size (each rank keeps its slice of the same full tensors)."""
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    fill_parameters(model, random_reader(model.args, seed), tp_rank, model.tp)
+    fill_parameters(model, random_reader(model.args, seed))
 
 
 def init_head(model: nn.Module, seed: int) -> None:

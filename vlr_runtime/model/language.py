@@ -16,15 +16,17 @@ class SelfAttention(nn.Module):
     """Causal GQA; ``qkv`` column-parallel (local ``[q_r; k_r; v_r]``: ``Hq/tp`` and ``Hkv/tp`` heads), ``o_proj``
     row-parallel without bias."""
 
-    def __init__(self, args: TextArgs, tp: int, config) -> None:
+    def __init__(self, args: TextArgs, config, group) -> None:
         super().__init__()
+        tp = group.size()
         if args.num_kv_heads % tp:
             raise ValueError(f"num_key_value_heads {args.num_kv_heads} not divisible by tensor-parallel size {tp}")
         self.q_heads, self.kv_heads = args.num_heads // tp, args.num_kv_heads // tp
         self.head_dim = args.head_dim
         self.qkv = column_linear(args.hidden_size, (args.num_heads + 2 * args.num_kv_heads) * self.head_dim,
-                                 bias=True, config=config)
-        self.o_proj = row_linear(args.num_heads * self.head_dim, args.hidden_size, bias=False, config=config)
+                                 bias=True, config=config, group=group)
+        self.o_proj = row_linear(args.num_heads * self.head_dim, args.hidden_size, bias=False, config=config,
+                                 group=group)
         self.core = CoreAttention(causal=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -39,12 +41,12 @@ class SelfAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: TextArgs, tp: int, config) -> None:
+    def __init__(self, args: TextArgs, config, group) -> None:
         super().__init__()
         self.input_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attn = SelfAttention(args, tp, config)
+        self.attn = SelfAttention(args, config, group)
         self.post_attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, bias=False, config=config)
+        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, bias=False, config=config, group=group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int, prefix_lens: torch.Tensor | None, split_lens: torch.Tensor | None) -> torch.Tensor:
@@ -55,13 +57,17 @@ class DecoderLayer(nn.Module):
 class LanguageModel(nn.Module):
     """Token embedding (vocab-parallel), decoder layers, and the final RMSNorm (applied by the reward head)."""
 
-    def __init__(self, args: TextArgs, tp: int, config) -> None:
+    def __init__(self, args: TextArgs, config, group) -> None:
         super().__init__()
         self.args = args
-        if args.vocab_size % tp:
-            raise ValueError(f"vocab_size {args.vocab_size} not divisible by tensor-parallel size {tp}")
-        self.embed = VocabParallelEmbedding(args.vocab_size, args.hidden_size, init_method=_no_init, config=config)
-        self.layers = nn.ModuleList(DecoderLayer(args, tp, config) for _ in range(args.num_layers))
+        tp = group.size()
+        for name, size in (("vocab_size", args.vocab_size), ("intermediate_size", args.intermediate_size),
+                           ("num_attention_heads", args.num_heads)):
+            if size % tp:
+                raise ValueError(f"{name} {size} not divisible by tensor-parallel size {tp}")
+        self.embed = VocabParallelEmbedding(args.vocab_size, args.hidden_size, init_method=_no_init, config=config,
+                                            tp_group=group)
+        self.layers = nn.ModuleList(DecoderLayer(args, config, group) for _ in range(args.num_layers))
         self.final_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

@@ -7,6 +7,10 @@ Fused projections (``qkv``, ``gate_up``) keep, on every rank, the concatenation 
 (``[q_r; k_r; v_r]``, ``[gate_r; up_r]``), so a rank's heads/features are contiguous and no cross-rank reshuffle is
 ever needed. :mod:`vlr_runtime.checkpoint.hf` maps these local layouts to and from the HF tensors.
 
+Every layer gets its tensor-parallel group explicitly (megatron >= 0.17 requires it): the decoder uses the TP group;
+the vision tower uses it too, or a one-rank group when its sizes do not divide by the TP size (the 3420-wide
+vision MLP of every Qwen2.5-VL at TP=8), in which case each TP rank runs the whole (small) vision tower.
+
 All parameters are allocated with ``torch.empty`` inside a ``torch.device`` context (megatron's
 ``use_cpu_initialization`` path honours it), so one code path builds on CPU, CUDA and the meta device; values are
 written later by :mod:`vlr_runtime.checkpoint.hf` (checkpoint or seeded random init).
@@ -15,6 +19,7 @@ written later by :mod:`vlr_runtime.checkpoint.hf` (checkpoint or seeded random i
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
@@ -39,14 +44,16 @@ def _no_init(_: torch.Tensor) -> None:
     """Megatron wants an init method; weights are written by the loader instead."""
 
 
-def column_linear(in_features: int, out_features: int, *, bias: bool, config: ModelParallelConfig) -> ColumnParallelLinear:
+def column_linear(in_features: int, out_features: int, *, bias: bool, config: ModelParallelConfig,
+                  group: dist.ProcessGroup) -> ColumnParallelLinear:
     return ColumnParallelLinear(in_features, out_features, config=config, init_method=_no_init, bias=bias,
-                                gather_output=False)
+                                gather_output=False, tp_group=group)
 
 
-def row_linear(in_features: int, out_features: int, *, bias: bool, config: ModelParallelConfig) -> RowParallelLinear:
+def row_linear(in_features: int, out_features: int, *, bias: bool, config: ModelParallelConfig,
+               group: dist.ProcessGroup) -> RowParallelLinear:
     return RowParallelLinear(in_features, out_features, config=config, init_method=_no_init, bias=bias,
-                             input_is_parallel=True, skip_bias_add=False)
+                             input_is_parallel=True, skip_bias_add=False, tp_group=group)
 
 
 class RMSNorm(nn.Module):
@@ -66,10 +73,11 @@ class SwiGLUMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with ``gate_up`` column-parallel (local ``[gate_r; up_r]``) and ``down``
     row-parallel."""
 
-    def __init__(self, hidden: int, intermediate: int, *, bias: bool, config: ModelParallelConfig) -> None:
+    def __init__(self, hidden: int, intermediate: int, *, bias: bool, config: ModelParallelConfig,
+                 group: dist.ProcessGroup) -> None:
         super().__init__()
-        self.gate_up = column_linear(hidden, 2 * intermediate, bias=bias, config=config)
-        self.down = row_linear(intermediate, hidden, bias=bias, config=config)
+        self.gate_up = column_linear(hidden, 2 * intermediate, bias=bias, config=config, group=group)
+        self.down = row_linear(intermediate, hidden, bias=bias, config=config, group=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, H]`` -> ``[T, H]`` (all-reduced over the TP group)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from vlr_kernels.reward_loss import fused_reward_loss, reward_scores
 
@@ -10,7 +11,7 @@ from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.model.args import ModelArgs
 from vlr_runtime.model.language import LanguageModel
 from vlr_runtime.model.layers import parallel_config
-from vlr_runtime.model.vision import VisionTower
+from vlr_runtime.model.vision import VisionTower, vision_splits_over
 
 
 class RewardModel(nn.Module):
@@ -19,14 +20,23 @@ class RewardModel(nn.Module):
     Built by :func:`build_reward_model`; see the package docstring for the parameter tree and the HF names.
     """
 
-    def __init__(self, args: ModelArgs, tp: int, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, tp_group: dist.ProcessGroup,
+                 self_group: dist.ProcessGroup) -> None:
         super().__init__()
         self.args = args
-        self.tp = tp
-        config = parallel_config(tp, dtype)
-        self.vision = VisionTower(args.vision, tp, config)
-        self.language = LanguageModel(args.text, tp, config)
+        self.tp = tp_group.size()
+        self.tp_rank = tp_group.rank()
+        config = parallel_config(self.tp, dtype)
+        vision_group = tp_group if vision_splits_over(args.vision, self.tp) else self_group
+        self.vision = VisionTower(args.vision, config, vision_group)
+        self.language = LanguageModel(args.text, config, tp_group)
         self.head = nn.Linear(args.hidden_size, 1, bias=True)
+
+    def shard_of(self, param_name: str) -> tuple[int, int]:
+        """``(rank, size)`` of the group a parameter is sharded over (the vision tower may run replicated)."""
+        if param_name.startswith("vision.") and self.vision.tp == 1:
+            return 0, 1
+        return self.tp_rank, self.tp
 
     @property
     def final_norm(self) -> nn.Module:
@@ -100,29 +110,20 @@ def build_reward_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    tp: int | None = None,
     seed: int | None = 0,
 ) -> RewardModel:
-    """Build the model on ``device`` with parameters in ``dtype``.
-
-    ``tp`` defaults to the tensor-parallel size of :func:`vlr_runtime.parallel.setup_distributed` (which must have
-    been called: megatron's layers read its groups). ``seed``: deterministic random init, identical for any TP size
+    """Build the model on ``device`` with parameters in ``dtype``, sharded over the tensor-parallel group of
+    :func:`vlr_runtime.parallel.setup_distributed` (which must have been called). ``seed``: deterministic random init, identical for any TP size
     (every rank draws the full HF-shaped tensor and keeps its slice); ``None`` leaves the storage uninitialised, for
     a checkpoint load that follows. On the meta device nothing is allocated or initialised.
     """
-    from megatron.core import parallel_state
-
     from vlr_runtime.model.hf_names import init_random_weights
+    from vlr_runtime.parallel import get_context
 
-    if not parallel_state.model_parallel_is_initialized():
-        raise RuntimeError("call vlr_runtime.parallel.setup_distributed(tp) before build_reward_model")
-    group_tp = parallel_state.get_tensor_model_parallel_world_size()
-    tp = group_tp if tp is None else tp
-    if tp != group_tp:
-        raise ValueError(f"tp={tp} but the tensor-parallel group has {group_tp} ranks")
+    ctx = get_context()
     device = torch.device(device)
     with torch.device(device):
-        model = RewardModel(args, tp, dtype)
+        model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group)
     model.to(dtype=dtype)
     if seed is not None and device.type != "meta":
         init_random_weights(model, seed)

@@ -21,17 +21,21 @@ from vlr_runtime.model.layers import CoreAttention, RMSNorm, SwiGLUMLP, column_l
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' Qwen2.5-VL vision blocks and merger
 
 
+def vision_splits_over(args: VisionArgs, tp: int) -> bool:
+    """Whether every vision layer divides by ``tp`` (heads, MLP width, merger width); else it runs replicated."""
+    widths = (args.num_heads, args.intermediate_size, args.hidden_size * args.spatial_merge_size**2)
+    return all(w % tp == 0 for w in widths)
+
+
 class VisionAttention(nn.Module):
     """Non-causal attention, ``qkv`` column-parallel (local ``[q_r; k_r; v_r]``), ``proj`` row-parallel."""
 
-    def __init__(self, args: VisionArgs, tp: int, config) -> None:
+    def __init__(self, args: VisionArgs, config, group) -> None:
         super().__init__()
-        if args.num_heads % tp:
-            raise ValueError(f"vision num_heads {args.num_heads} not divisible by tensor-parallel size {tp}")
-        self.local_heads = args.num_heads // tp
+        self.local_heads = args.num_heads // group.size()
         self.head_dim = args.head_dim
-        self.qkv = column_linear(args.hidden_size, 3 * args.hidden_size, bias=True, config=config)
-        self.proj = row_linear(args.hidden_size, args.hidden_size, bias=True, config=config)
+        self.qkv = column_linear(args.hidden_size, 3 * args.hidden_size, bias=True, config=config, group=group)
+        self.proj = row_linear(args.hidden_size, args.hidden_size, bias=True, config=config, group=group)
         self.core = CoreAttention(causal=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -45,12 +49,12 @@ class VisionAttention(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, args: VisionArgs, tp: int, config) -> None:
+    def __init__(self, args: VisionArgs, config, group) -> None:
         super().__init__()
         self.norm1 = RMSNorm(args.hidden_size, VISION_NORM_EPS)
-        self.attn = VisionAttention(args, tp, config)
+        self.attn = VisionAttention(args, config, group)
         self.norm2 = RMSNorm(args.hidden_size, VISION_NORM_EPS)
-        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, bias=True, config=config)
+        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, bias=True, config=config, group=group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
@@ -61,13 +65,13 @@ class VisionBlock(nn.Module):
 class PatchMerger(nn.Module):
     """RMSNorm -> view ``merge**2`` neighbouring patches as one ``4C`` row -> Linear -> GELU -> Linear."""
 
-    def __init__(self, args: VisionArgs, config) -> None:
+    def __init__(self, args: VisionArgs, config, group) -> None:
         super().__init__()
         self.unit = args.spatial_merge_size**2
         width = args.hidden_size * self.unit
         self.ln_q = RMSNorm(args.hidden_size, VISION_NORM_EPS)
-        self.fc1 = column_linear(width, width, bias=True, config=config)
-        self.fc2 = row_linear(width, args.out_hidden_size, bias=True, config=config)
+        self.fc1 = column_linear(width, width, bias=True, config=config, group=group)
+        self.fc2 = row_linear(width, args.out_hidden_size, bias=True, config=config, group=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [N, C]`` -> ``[N / merge**2, out_hidden]``."""
@@ -76,15 +80,19 @@ class PatchMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """Pixel patches of every image of a batch -> one LLM embedding per merged unit, in image order."""
+    """Pixel patches of every image of a batch -> one LLM embedding per merged unit, in image order.
 
-    def __init__(self, args: VisionArgs, tp: int, config) -> None:
+    ``group``: the TP group its layers shard over (see :func:`vision_splits_over`), else a one-rank group.
+    """
+
+    def __init__(self, args: VisionArgs, config, group) -> None:
         super().__init__()
         self.args = args
+        self.tp = group.size()
         # Conv3d with kernel == stride over a pre-flattened patch is exactly a bias-free linear map.
         self.patch_embed = nn.Parameter(torch.empty(args.hidden_size, args.patch_dim))
-        self.blocks = nn.ModuleList(VisionBlock(args, tp, config) for _ in range(args.depth))
-        self.merger = PatchMerger(args, config)
+        self.blocks = nn.ModuleList(VisionBlock(args, config, group) for _ in range(args.depth))
+        self.merger = PatchMerger(args, config, group)
         self.full_attention = frozenset(args.fullatt_block_indexes)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

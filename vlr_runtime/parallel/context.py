@@ -15,6 +15,7 @@ from vlr_runtime.parallel.compat import activate_cpu_compat
 log = logging.getLogger(__name__)
 
 _CONTEXT: "ParallelContext | None" = None
+_SELF_GROUP: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class ParallelContext:
         return parallel_state.get_pipeline_model_parallel_group()
 
     @property
+    def self_group(self) -> dist.ProcessGroup:
+        """A one-rank group holding only this process (for modules that run replicated inside a TP group)."""
+        assert _SELF_GROUP is not None
+        return _SELF_GROUP
+
+    @property
     def is_first_pp_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -74,7 +81,7 @@ def setup_distributed(tp: int = 1, pp: int = 1, *, device: str | None = None, ti
     compatibility activated). ``device="cpu"`` forces the CPU path on a CUDA machine (no compat patches there).
     Calling it again with the same sizes returns the existing context; other sizes raise.
     """
-    global _CONTEXT
+    global _CONTEXT, _SELF_GROUP
     if _CONTEXT is not None:
         if (_CONTEXT.tp, _CONTEXT.pp) != (tp, pp):
             raise RuntimeError(f"already set up with tp={_CONTEXT.tp}, pp={_CONTEXT.pp}; call teardown() first")
@@ -99,6 +106,11 @@ def setup_distributed(tp: int = 1, pp: int = 1, *, device: str | None = None, ti
                                 timeout=datetime.timedelta(seconds=timeout_s))
     from megatron.core import parallel_state
 
+    # new_group is collective over the world: every rank creates every one-rank group and keeps its own.
+    for r in range(world):
+        group = dist.new_group([r])
+        if r == rank:
+            _SELF_GROUP = group
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         create_gloo_process_groups=backend == "gloo",
@@ -123,9 +135,10 @@ def get_context() -> ParallelContext:
 
 def teardown() -> None:
     """Destroy megatron's groups and the default process group (safe to call twice)."""
-    global _CONTEXT
+    global _CONTEXT, _SELF_GROUP
     from megatron.core import parallel_state
 
+    _SELF_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
