@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from vlr_runtime.data.errors import DataError
-from vlr_runtime.data.images import DEFAULT_MAX_DECODE_PIXELS, decode_image
+from vlr_runtime.data.images import DEFAULT_MAX_DECODE_PIXELS, decode_image, image_size
 from vlr_runtime.data.positions import mrope_position_ids
-from vlr_runtime.data.processor import ImageProcessorConfig, process_image
+from vlr_runtime.data.processor import ImageProcessorConfig, image_grid, process_image
 from vlr_runtime.data.tokenize import ChatTokenizer, LengthPolicy
 from vlr_runtime.data.types import PackedBatch, PairExample, ProcessedImage, ProcessedSequence, RankExample
 
@@ -90,26 +90,42 @@ class Preprocessor:
     def images(self, paths: list[Path]) -> list[ProcessedImage]:
         return [process_image(decode_image(p, max_pixels=self.max_decode_pixels), self.image_cfg) for p in paths]
 
-    def __call__(self, example: PairExample | RankExample) -> ProcessedExample:
-        """Raises :class:`DataError` for any unusable part of the row."""
-        images = self.images(example.images)
-        grids = [im.grid_thw for im in images]
-        if isinstance(example, PairExample):
-            responses, is_pair = [example.chosen, example.rejected], True
-        else:
-            responses, is_pair = example.responses, False
+    def _tokenize(
+        self, example: PairExample | RankExample, grids: list[tuple[int, int, int]]
+    ) -> tuple[list[ProcessedSequence], int, int]:
+        responses = [example.chosen, example.rejected] if isinstance(example, PairExample) else example.responses
         seqs, truncated = [], 0
         for response in responses:
             seq, _, cut = self.tokenizer.encode(example.prompt, response, grids)
             seqs.append(seq)
             truncated += int(cut)
         prefix = min(_shared_prefix(seqs[0].input_ids, s.input_ids, self.image_token_id) for s in seqs[1:])
+        return seqs, truncated, prefix
+
+    def estimate(self, example: PairExample | RankExample, *, shared_prompt: bool = False) -> tuple[int, int]:
+        """(LLM tokens in the given layout, vision patches) of ``example`` from image headers only (no pixel
+        decoded): exact for every row that later decodes. Raises :class:`DataError` like :meth:`__call__`."""
+        grids = [
+            image_grid(h, w, self.image_cfg)
+            for w, h in (image_size(p, max_pixels=self.max_decode_pixels) for p in example.images)
+        ]
+        seqs, _, prefix = self._tokenize(example, grids)
+        lengths = [int(s.input_ids.numel()) for s in seqs]
+        shared = shared_prompt and isinstance(example, PairExample)
+        tokens = prefix + sum(n - prefix for n in lengths) if shared else sum(lengths)
+        return tokens, sum(t * h * w for t, h, w in grids)
+
+    def __call__(self, example: PairExample | RankExample) -> ProcessedExample:
+        """Raises :class:`DataError` for any unusable part of the row."""
+        images = self.images(example.images)
+        seqs, truncated, prefix = self._tokenize(example, [im.grid_thw for im in images])
+        is_pair = isinstance(example, PairExample)
         return ProcessedExample(
             id=example.id,
             images=images,
             sequences=seqs,
             is_pair=is_pair,
-            margin=example.margin if isinstance(example, PairExample) else 0.0,
+            margin=example.margin if is_pair else 0.0,
             prefix_len=prefix,
             truncated=truncated,
             category=example.category,

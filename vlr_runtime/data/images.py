@@ -29,15 +29,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Image.Image:
-    """Decode ``path`` into an RGB PIL image after the safety checks above.
-
-    Args:
-        max_pixels: cap on the *declared* ``width*height`` (before decoding).
-    Raises:
-        DataError: ``image_missing``, ``image_unreadable``, ``image_bomb`` or ``image_aspect_ratio``.
-    """
-    p = Path(path)
+def _checked(p: Path, max_pixels: int, decode: bool) -> Image.Image | tuple[int, int]:
     if not p.is_file():
         raise DataError("image_missing", f"{p} does not exist")
     if p.stat().st_size == 0:
@@ -56,14 +48,36 @@ def decode_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_DECODE_PIXEL
                     raise DataError("image_bomb", f"{p.name} declares {width}x{height} > cap of {max_pixels} pixels")
                 if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
                     raise DataError("image_aspect_ratio", f"{p.name} is {width}x{height} (ratio > {MAX_ASPECT_RATIO:g})")
+                if not decode:
+                    return width, height
                 im.load()
-                image = ImageOps.exif_transpose(im)
-                return to_rgb(image)
+                return to_rgb(ImageOps.exif_transpose(im))
+    except DataError:
+        raise
     except Image.DecompressionBombError as e:
         raise DataError("image_bomb", f"{p.name}: {e}") from None
     except UnidentifiedImageError:
         raise DataError("image_unreadable", f"{p.name} is not a recognised image") from None
     except (OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
         raise DataError("image_unreadable", f"{p.name} is corrupt or truncated ({e})") from None
+
+
+def decode_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> Image.Image:
+    """Decode ``path`` into an RGB PIL image after the safety checks above.
+
+    Args:
+        max_pixels: cap on the *declared* ``width*height`` (before decoding).
+    Raises:
+        DataError: ``image_missing``, ``image_unreadable``, ``image_bomb`` or ``image_aspect_ratio``.
+    """
+    image = _checked(Path(path), max_pixels, decode=True)
+    assert isinstance(image, Image.Image)
+    return image
+
+
+def image_size(path: str | Path, *, max_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> tuple[int, int]:
+    """Declared (width, height) from the header only, after the same pre-decode checks as :func:`decode_image`
+    (cheap: used to estimate costs before any pixel is decoded). A truncated file passes here and fails at decode."""
+    size = _checked(Path(path), max_pixels, decode=False)
+    assert isinstance(size, tuple)
+    return size
