@@ -5,6 +5,7 @@ import torch
 
 from tests.model.hf_reference import hf_scores, pack
 from vlr_runtime.checkpoint.hf import load_hf_checkpoint
+from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.model import ModelArgs, build_reward_model
 
 
@@ -96,3 +97,32 @@ def test_mismatched_image_tokens_raise(loaded, tiny_ckpt, inputs):
     batch.input_ids[0] = model.args.image_token_id
     with pytest.raises(ValueError, match="image_pad"):
         model(batch)
+
+
+def test_shared_prompt_pair_scores_like_two_sequences(loaded, tiny_ckpt, inputs):
+    """[prompt | chosen | rejected] as ONE segment (rejected attends to the prompt and itself, positions restart
+    after the prompt) scores exactly as the two separate sequences do in transformers."""
+    from tests.model.hf_reference import Sample, hf_positions
+
+    model, _ = loaded
+    _, hf, w, b = tiny_ckpt
+    _, pixels, grids = inputs
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.cat([torch.randint(0, 110, (4,), generator=gen), torch.tensor([122]),
+                        torch.full((15,), model.args.image_token_id), torch.tensor([123]),
+                        torch.randint(0, 110, (3,), generator=gen)])
+    chosen, rejected = torch.randint(0, 110, (6,), generator=gen), torch.randint(0, 110, (9,), generator=gen)
+    pair = [Sample(torch.cat([prompt, chosen]), [0]), Sample(torch.cat([prompt, rejected]), [0])]
+    ref = hf_scores(hf, pair, pixels, grids, w, b)
+    p, s = prompt.numel(), prompt.numel() + chosen.numel()
+    total = s + rejected.numel()
+    pos_c, pos_r = hf_positions(hf, pair[0], grids), hf_positions(hf, pair[1], grids)
+    batch = PackedBatch(
+        input_ids=torch.cat([prompt, chosen, rejected]),
+        position_ids=torch.cat([pos_c, pos_r[:, p:]], dim=1).contiguous(),
+        cu_seqlens=torch.tensor([0, total], dtype=torch.int32), max_seqlen=total,
+        scored_index=torch.tensor([s - 1, total - 1]), pair_index=torch.tensor([[0, 1]]),
+        pixel_values=pixels[0], image_grid_thw=torch.tensor([grids[0]]), image_index=torch.tensor([0]),
+        prefix_lens=torch.tensor([p], dtype=torch.int32), split_lens=torch.tensor([s], dtype=torch.int32),
+    )
+    assert rel_err(model.rewards(batch), ref) <= 1e-4
