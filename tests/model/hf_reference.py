@@ -79,13 +79,14 @@ def make_sample(text_lens: list[int], images: list[int], grids: list[tuple[int, 
 
 def hf_scores(model, samples: list[Sample], pixels: list[torch.Tensor], grids, head_w, head_b) -> torch.Tensor:
     """Reference: stock transformers, one sequence at a time, last-token post-norm hidden x head -> [S] float64."""
+    dev = next(model.parameters()).device
     out = []
     for s in samples:
         kw = {}
         if s.images:
-            kw = dict(pixel_values=torch.cat([pixels[i] for i in s.images]),
-                      image_grid_thw=torch.tensor([grids[i] for i in s.images]))
-        ids = s.input_ids[None]
+            kw = dict(pixel_values=torch.cat([pixels[i] for i in s.images]).to(dev),
+                      image_grid_thw=torch.tensor([grids[i] for i in s.images], device=dev))
+        ids = s.input_ids[None].to(dev)
         with torch.no_grad():
             hidden = model.model(input_ids=ids, mm_token_type_ids=(ids == IMAGE_TOKEN).int(), **kw).last_hidden_state
         last = hidden[0, -1].double()
