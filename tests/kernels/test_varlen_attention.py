@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.kernels.helpers import assert_close64, to64
 from vlr_kernels import BackendUnavailable, varlen_attention, varlen_attention_ref
 from vlr_kernels.attention.varlen_triton import head_dim_chunks, varlen_attention_bwd, varlen_attention_fwd
 
-from tests.kernels.helpers import assert_close64, to64
+# The Triton tests run on the GPU when there is one (fp32 there uses IEEE dots), else through the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cu(lens: list[int]) -> torch.Tensor:
@@ -39,7 +42,7 @@ def dense_reference(q, k, v, lens_q, lens_k, causal, scale, prefix=None, split=N
     group = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     s = torch.einsum("thd,uhd->htu", q, kk) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
+    s = s.masked_fill(~allowed.to(s.device), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
     return torch.einsum("htu,uhd->thd", p, vv), lse
@@ -117,13 +120,13 @@ def check_triton(
     block_n=None,
     dense=False,
 ):
-    q, k, v = make(lens_q, lens_k, hq, hkv, d, dtype)
-    cq, ck = cu(lens_q), cu(lens_k)
+    q, k, v = (t.to(DEVICE) for t in make(lens_q, lens_k, hq, hkv, d, dtype))
+    cq, ck = cu(lens_q).to(DEVICE), cu(lens_k).to(DEVICE)
     mq, mk = max(lens_q, default=0), max(lens_k, default=0)
     scale = d**-0.5
     pre = spl = None
     if shared is not None:
-        pre, spl = (torch.tensor(x, dtype=torch.int32) for x in shared)
+        pre, spl = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in shared)
     out, lse = varlen_attention_fwd(
         q, k, v, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m, block_n=block_n
     )
@@ -186,15 +189,16 @@ def test_triton_many_tiny_segments_and_one_long():
 
 
 def test_triton_cross_lengths_causal_rows_without_keys():
-    lens_q, lens_k = [3, 9, 40, 5], [7, 4, 33, 0]
+    # Lk - Lq = 14 puts the causal diagonal two columns before a 16-column block edge
+    lens_q, lens_k = [3, 9, 40, 5, 20], [7, 4, 33, 0, 34]
     check_triton(lens_q, lens_k, 2, 2, 16, True, block_m=16, block_n=16)
     check_triton(lens_q, lens_k, 2, 2, 16, False, block_m=16, block_n=16)
 
 
 def test_triton_empty_batches():
     check_triton([0, 0], [0, 0], 2, 1, 16, True)
-    q, k, v = make([], [], 2, 1, 16)
-    out, lse = varlen_attention_fwd(q, k, v, cu([]), cu([]), 0, 0, False, 0.25)
+    q, k, v = (t.to(DEVICE) for t in make([], [], 2, 1, 16))
+    out, lse = varlen_attention_fwd(q, k, v, cu([]).to(DEVICE), cu([]).to(DEVICE), 0, 0, False, 0.25)
     assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
 
 
@@ -220,13 +224,14 @@ def test_triton_shared_prompt_pairs_vs_dense_mask(lens, prefix, split):
 def test_public_triton_autograd_noncontiguous_inputs():
     """The public function: autograd through the Triton kernels, q/k/v strided views of one qkv tensor."""
     lens = [6, 13]
-    qkv = torch.randn(sum(lens), 3, 2, 16, requires_grad=True)
+    qkv = torch.randn(sum(lens), 3, 2, 16, device=DEVICE, requires_grad=True)
     q, k, v = qkv.unbind(1)
-    out = varlen_attention(q, k, v, cu(lens), cu(lens), 13, 13, causal=True, backend="triton")
+    c = cu(lens).to(DEVICE)
+    out = varlen_attention(q, k, v, c, c, 13, 13, causal=True, backend="triton")
     out.square().sum().backward()
     qkv64 = qkv.detach().double().requires_grad_(True)
     q64, k64, v64 = qkv64.unbind(1)
-    ref = varlen_attention(q64, k64, v64, cu(lens), cu(lens), 13, 13, causal=True, backend="torch")
+    ref = varlen_attention(q64, k64, v64, c, c, 13, 13, causal=True, backend="torch")
     ref.square().sum().backward()
     assert_close64(out, ref, torch.float32, "out")
     assert_close64(qkv.grad, qkv64.grad, torch.float32, "dqkv", scale=4.0)
@@ -235,7 +240,7 @@ def test_public_triton_autograd_noncontiguous_inputs():
 # ---------------------------------------------------------------- backends and errors
 
 
-def test_backend_errors(monkeypatch):
+def test_backend_errors_on_cpu_tensors(monkeypatch):
     q, k, v = make([4], [4], 2, 1, 16)
     args = (q, k, v, cu([4]), cu([4]), 4, 4)
     with pytest.raises(BackendUnavailable, match="CUDA"):
