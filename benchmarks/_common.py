@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CSV = REPO / "benchmarks" / "results.csv"
+DEFAULT_CSV = REPO / "benchmarks" / "results" / "kernels.csv"  # git-ignored; RESULTS.md holds curated numbers
 _L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any L2 (H100 50 MB, H200 60 MB)
 
 
@@ -182,6 +182,30 @@ class Recorder:
         except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others' numbers
             self.skip(provider, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
 
+    def run_providers(
+        self,
+        providers: dict[str, Callable[[], Callable[[], object]]],
+        x: str,
+        backward: Callable[[object], None],
+        params: Sequence[torch.Tensor],
+        bytes_moved: dict[str, int] | None,
+        ceiling_gbps: float | None,
+        selected: str = "",
+        warmup: int = 10,
+        rep: int = 50,
+    ) -> None:
+        """For each ``name -> make`` (``make()`` builds the forward callable; raising there = provider
+        unavailable), time fwd / bwd / fwd+bwd via :func:`training_modes`."""
+        for name, make in providers.items():
+            if not want(name, selected):
+                continue
+            try:
+                forward = make()
+            except Exception as exc:  # noqa: BLE001 - a missing optional provider is reported, not fatal
+                self.skip(name, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+                continue
+            self.measure(name, x, training_modes(forward, backward, params), bytes_moved, ceiling_gbps, warmup, rep)
+
     def finish(self) -> str:
         """Append rows to the CSV (header written once) and return the markdown table (also printed)."""
         if self.csv_path is not None and self.rows:
@@ -218,10 +242,33 @@ def markdown_table(rows: Sequence[Row], env: dict[str, str] | None = None) -> st
         ms = m.get("ms")
         ms_s = f"{ms.p50:.4f} [{ms.p20:.4f}-{ms.p80:.4f}]" if ms else ""
         mem = f"{m['peak_MiB'].p50:.1f}" if "peak_MiB" in m else ""
-        gbps = f"{m['GB/s'].p50:.0f}" if "GB/s" in m else ""
+        gbps = f"{m['GB/s'].p50:.3g}" if "GB/s" in m else ""
         pct = f"{m['pct_copy_bw'].p50:.0f}%" if "pct_copy_bw" in m else ""
         lines.append(f"| {kernel} | {x} | {provider} | {mode} | {ms_s} | {mem} | {gbps} | {pct} |")
     return "\n".join(lines)
+
+
+def training_modes(
+    forward: Callable[[], object], backward: Callable[[object], None], params: Sequence[torch.Tensor]
+) -> dict[str, tuple[Callable[[], object], Callable[[], None] | None]]:
+    """``fwd`` / ``bwd`` / ``fwd+bwd`` callables for :meth:`Recorder.measure`. Gradients are cleared before every
+    call so each backward allocates its gradients (as a training step does); ``bwd`` times only the backward of a
+    forward run just before it, outside the timed region."""
+    state: dict[str, object] = {}
+
+    def clear() -> None:
+        for p in params:
+            p.grad = None
+
+    def fresh_forward() -> None:
+        clear()
+        state["out"] = forward()
+
+    return {
+        "fwd": (forward, clear),
+        "bwd": (lambda: backward(state.pop("out")), fresh_forward),
+        "fwd+bwd": (lambda: backward(forward()), clear),
+    }
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -1,0 +1,81 @@
+"""RMSNorm (+ fused residual add), providers side by side (fwd / bwd / fwd+bwd, median ms, peak MiB, GB/s vs copy).
+
+Providers: hf_eager (Qwen2RMSNorm math; with --residual the add is a separate op, as in the HF decoder layer),
+hf_compile (torch.compile of it), liger (LigerRMSNorm, llama casting, when importable), triton (vlr_kernels.rms_norm).
+Bytes counted (M x N elements of e bytes): plain fwd reads x, writes y (2MNe); bwd reads dy, x, writes dx (3MNe).
+With residual: fwd reads x, r, writes y, x+r (4MNe); bwd reads dy, d(x+r), x+r, writes dx (4MNe).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps  # noqa: E402
+
+from vlr_kernels import rms_norm, rms_norm_ref  # noqa: E402
+
+
+def _liger(n_cols, weight):
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm  # noqa: PLC0415 - optional provider
+
+    norm = LigerRMSNorm(n_cols, eps=1e-6, offset=0.0, casting_mode="llama", in_place=False).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    return norm
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=16384)
+    p.add_argument("--cols", type=int, default=3584)
+    p.add_argument("--residual", action="store_true", help="fused residual add (y, x + r)")
+    args = p.parse_args(argv)
+    device = bench_device()
+    m, n = (37, 96) if args.quick else (args.rows, args.cols)
+    dtype = getattr(torch, args.dtype)
+    warmup, rep = (1, 3) if args.quick else (10, args.rep)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, n, generator=g).to(device, dtype).requires_grad_()
+    r = torch.randn(m, n, generator=g).to(device, dtype).requires_grad_() if args.residual else None
+    w = (torch.rand(n, generator=g) + 0.5).to(device, dtype).requires_grad_()
+    dy = torch.randn(m, n, generator=g).to(device, dtype)
+    e = x.element_size()
+    k_fwd, k_bwd = (4, 4) if args.residual else (2, 3)
+    bytes_moved = {"fwd": k_fwd * m * n * e, "bwd": k_bwd * m * n * e, "fwd+bwd": (k_fwd + k_bwd) * m * n * e}
+    ceiling = copy_bandwidth_gbps(device)
+    rec = Recorder("rmsnorm" + ("+residual" if args.residual else ""), device, args.csv)
+    rec.add("copy", "ceiling", "GB/s", "1GiB" if device.type == "cuda" else "64MiB", ceiling)
+
+    def hf(xx, ww, rr):
+        s = xx if rr is None else xx + rr
+        return rms_norm_ref(s, ww) if rr is None else (rms_norm_ref(s, ww), s)
+
+    def liger():
+        norm = _liger(n, w.detach())
+        if r is None:
+            return lambda: norm(x)
+        return lambda: (norm(x + r), x + r)
+
+    providers = {
+        "hf_eager": lambda: lambda: hf(x, w, r),
+        "hf_compile": lambda: (lambda f: lambda: f(x, w, r))(compiled(hf)),
+        "liger": liger,
+        "triton": lambda: lambda: rms_norm(x, w, 1e-6, r, backend="triton"),
+    }
+
+    def backward(out):
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [dy] * len(outs))
+
+    rec.run_providers(providers, f"{m}x{n}", backward, [x, w] + ([r] if r is not None else []), bytes_moved,
+                      ceiling, args.providers, warmup, rep)
+    return rec.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Run every kernel benchmark (each ``bench_*.py`` in this folder, some in several configurations) as its own
+process, then print all their markdown tables together at the end.
+
+    python benchmarks/run_all.py            # full sizes on the GPU, rows appended to benchmarks/results/kernels.csv
+    python benchmarks/run_all.py --quick    # tiny shapes: a CPU smoke run (Triton through TRITON_INTERPRET=1)
+
+A benchmark that fails is reported with its exit status and the tail of its output; the others still run. Exit
+status: the number of failed benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# benchmarks run more than once, each with these extra arguments; every other bench_*.py runs once as it is
+CONFIGS = {
+    "bench_rmsnorm.py": [[], ["--residual"]],
+    "bench_rotary.py": [["--config", "llm"], ["--config", "vision"]],
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--csv", default=None)
+    p.add_argument("--rep", default=None)
+    p.add_argument("--providers", default=None, help="passed to every benchmark")
+    p.add_argument("--only", default="", help="comma-separated script names (default: all bench_*.py)")
+    p.add_argument("--timeout-s", type=int, default=1800)
+    args = p.parse_args()
+    common = ["--quick"] if args.quick else []
+    for flag in ("dtype", "csv", "rep", "providers"):
+        if getattr(args, flag) is not None:
+            common += [f"--{flag}", str(getattr(args, flag))]
+    env = dict(os.environ)
+    if args.quick and env.get("TRITON_INTERPRET") is None:
+        env["TRITON_INTERPRET"] = "1"  # harmless on a GPU box; needed for the triton provider on CPU
+    scripts = sorted(HERE.glob("bench_*.py"))
+    if args.only:
+        scripts = [s for s in scripts if s.name in args.only.split(",")]
+    tables, failures = [], []
+    for script in scripts:
+        for extra in CONFIGS.get(script.name, [[]]):
+            cmd = [sys.executable, str(script), *extra, *common]
+            label = " ".join([script.name, *extra])
+            print(f"=== {label}", flush=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env)
+            except subprocess.TimeoutExpired:
+                failures.append(f"{label}: timed out after {args.timeout_s} s")
+                continue
+            print(proc.stdout[-20000:], proc.stderr[-4000:] if proc.returncode else "", sep="\n", flush=True)
+            if proc.returncode:
+                failures.append(f"{label}: exit {proc.returncode}")
+            else:
+                tables.append(_last_table(proc.stdout))
+    print("\n\n## All kernel benchmarks\n")
+    print("\n\n".join(tables))
+    for f in failures:
+        print(f"FAILED {f}")
+    return len(failures)
+
+
+def _last_table(stdout: str) -> str:
+    """The markdown table each benchmark prints last (its header line starts with the card/CPU name)."""
+    lines = stdout.rstrip().splitlines()
+    start = max((i for i, line in enumerate(lines) if line.startswith("| kernel |")), default=len(lines))
+    header = start - 2 if start >= 2 else start
+    return "\n".join(lines[header:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
