@@ -1,5 +1,6 @@
-"""Run every kernel benchmark (each ``bench_*.py`` in this folder, some in several configurations) as its own
-process, then print all their markdown tables together at the end.
+"""Run every kernel benchmark (the scripts in ``KERNEL_BENCHMARKS``, some in several configurations) each as its own
+process, then print all their markdown tables together at the end. Data-path and end-to-end benchmarks have their
+own entry points.
 
     python benchmarks/run_all.py            # full sizes on the GPU, rows appended to benchmarks/results/kernels.csv
     python benchmarks/run_all.py --quick    # tiny shapes: a CPU smoke run (Triton through TRITON_INTERPRET=1)
@@ -17,10 +18,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# benchmarks run more than once, each with these extra arguments; every other bench_*.py runs once as it is
-CONFIGS = {
+# script -> the extra arguments of each configuration it runs in; a script not present here yet is skipped
+KERNEL_BENCHMARKS = {
+    "bench_reward_loss.py": [[]],
     "bench_rmsnorm.py": [[], ["--residual"]],
+    "bench_swiglu.py": [[]],
     "bench_rotary.py": [["--config", "llm"], ["--config", "vision"]],
+    "bench_attention.py": [[]],
 }
 
 
@@ -31,7 +35,7 @@ def main() -> int:
     p.add_argument("--csv", default=None)
     p.add_argument("--rep", default=None)
     p.add_argument("--providers", default=None, help="passed to every benchmark")
-    p.add_argument("--only", default="", help="comma-separated script names (default: all bench_*.py)")
+    p.add_argument("--only", default="", help="comma-separated script names (default: all kernel benchmarks)")
     p.add_argument("--timeout-s", type=int, default=1800)
     args = p.parse_args()
     common = ["--quick"] if args.quick else []
@@ -41,12 +45,14 @@ def main() -> int:
     env = dict(os.environ)
     if args.quick and env.get("TRITON_INTERPRET") is None:
         env["TRITON_INTERPRET"] = "1"  # harmless on a GPU box; needed for the triton provider on CPU
-    scripts = sorted(HERE.glob("bench_*.py"))
-    if args.only:
-        scripts = [s for s in scripts if s.name in args.only.split(",")]
+    names = [n for n in KERNEL_BENCHMARKS if not args.only or n in args.only.split(",")]
     tables, failures = [], []
-    for script in scripts:
-        for extra in CONFIGS.get(script.name, [[]]):
+    for name in names:
+        script = HERE / name
+        if not script.exists():
+            print(f"=== {name}: not present, skipped", flush=True)
+            continue
+        for extra in KERNEL_BENCHMARKS[name]:
             cmd = [sys.executable, str(script), *extra, *common]
             label = " ".join([script.name, *extra])
             print(f"=== {label}", flush=True)
