@@ -7,7 +7,7 @@ kind         question                                    answers (chosen = the t
 ===========  ==========================================  ===================================
 color        "What color is the circle?"                 Red. / Green. / Blue. / Yellow. / Purple.
 shape        "What shape is in the picture?"             A circle. / A square. / A triangle.
-count        "How many shapes are there?"                One. / Two. / Three. / Four.
+count        "How many shapes are there?"                One. / Two. / Three.
 position     "Where is the square?"                      On the left. / On the right. / At the top. / At the bottom.
 ===========  ==========================================  ===================================
 
@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 
 from vlr_runtime.data.tokenizer_builder import DEFAULT_SYSTEM_PROMPT, build_tokenizer, special_token_ids
 
-VERSION = "v1"
+VERSION = "v2"
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 160, 40),
@@ -49,9 +49,9 @@ COLORS = {
     "purple": (140, 40, 180),
 }
 SHAPES = ("circle", "square", "triangle")
-COUNT_WORDS = ("One", "Two", "Three", "Four")
+COUNT_WORDS = ("One", "Two", "Three")
 POSITIONS = {"left": "On the left.", "right": "On the right.", "top": "At the top.", "bottom": "At the bottom."}
-KIND_WEIGHTS = {"color": 0.3, "shape": 0.25, "count": 0.2, "position": 0.25}
+KIND_WEIGHTS = {"color": 0.35, "shape": 0.3, "position": 0.2, "count": 0.15}
 WORDS = ("apple", "river", "candle", "tiger", "pencil", "garden", "rocket", "violin", "bridge", "cloud",
          "marble", "forest", "anchor", "lemon", "castle", "mirror")
 OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "light": "dark", "old": "new",
@@ -138,7 +138,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 def _canvas(rng: random.Random) -> Image.Image:
     w = rng.randint(*IMAGE_SIDE_RANGE)
     h = min(max(round(w * rng.uniform(*ASPECT_RANGE)), IMAGE_SIDE_RANGE[0]), IMAGE_SIDE_RANGE[1])
-    grey = rng.randint(215, 255)
+    grey = rng.randint(230, 255)
     return Image.new("RGB", (w, h), (grey, grey, grey))
 
 
@@ -154,8 +154,8 @@ def _place(rng: random.Random, w: int, h: int, r: float, taken: list[tuple[float
     raise RuntimeError("could not place a shape")  # unreachable with the radii below; kept as a loud guard
 
 
-def _image_pair(rng: random.Random) -> tuple[Image.Image, str, str, str]:
-    """One image with (question, chosen, rejected) about it."""
+def _image_pair(rng: random.Random) -> tuple[Image.Image, str, str, str, str]:
+    """One image with (kind, question, chosen, rejected) about it."""
     kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     img = _canvas(rng)
     draw = ImageDraw.Draw(img)
@@ -192,7 +192,7 @@ def _image_pair(rng: random.Random) -> tuple[Image.Image, str, str, str]:
             question = rng.choice(["What shape is in the picture?", f"Which shape is drawn in {color}?"])
             answers, truth = [f"A {s}." for s in SHAPES], f"A {shape}."
     wrong = rng.choice([a for a in answers if a != truth])
-    return img, question, truth, wrong
+    return img, kind, question, truth, wrong
 
 
 def _text_pair(rng: random.Random) -> tuple[str, str, str]:
@@ -206,7 +206,7 @@ def _text_pair(rng: random.Random) -> tuple[str, str, str]:
     return f"What is the opposite of {word}?", f"{opposite.capitalize()}.", f"{wrong.capitalize()}."
 
 
-def _row(pair_id: str, question: str, chosen: str, rejected: str, image: str | None) -> dict:
+def _row(pair_id: str, kind: str, question: str, chosen: str, rejected: str, image: str | None) -> dict:
     content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
     return {
         "id": pair_id,
@@ -215,6 +215,7 @@ def _row(pair_id: str, question: str, chosen: str, rejected: str, image: str | N
         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
         "margin": 0.0,
+        "category": kind,
     }
 
 
@@ -227,17 +228,17 @@ def _write_split(root: Path, name: str, n: int, spec: SyntheticSpec, rng: random
         pair_id = f"{name}-{i:05d}"
         if rng.random() < spec.text_fraction:
             question, chosen, rejected = _text_pair(rng)
-            rows.append(_row(pair_id, question, chosen, rejected, None))
+            rows.append(_row(pair_id, "text", question, chosen, rejected, None))
         else:
-            img, question, chosen, rejected = _image_pair(rng)
+            img, kind, question, chosen, rejected = _image_pair(rng)
             rel = f"img/{pair_id}.png"
             img.save(root / rel)
-            rows.append(_row(pair_id, question, chosen, rejected, rel))
+            rows.append(_row(pair_id, kind, question, chosen, rejected, rel))
             if noise_rng is not None:
                 noise = noise_rng.integers(0, 256, size=(img.size[1], img.size[0], 3), dtype=np.uint8)
                 noise_rel = f"img/{pair_id}-noise.png"
                 Image.fromarray(noise, "RGB").save(root / noise_rel)
-                noise_rows.append(_row(pair_id, question, chosen, rejected, noise_rel))
+                noise_rows.append(_row(pair_id, kind, question, chosen, rejected, noise_rel))
         texts += [question, chosen, rejected]
     (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if noise_rng is not None:

@@ -72,8 +72,11 @@ def _prepare(raw: PairExample | object, preprocessor: Preprocessor) -> Processed
 class TrainStream:
     """Endless per-rank stream of micro-batches of ``pairs`` usable pairs each.
 
-    Order: epoch ``e`` visits ``randperm(N, seed=(seed, e))[dp_rank::dp]``. Unusable rows are skipped and counted in
-    ``dropped`` by reason, so a micro-batch always holds ``pairs`` pairs (unless a whole epoch shard is unusable,
+    Order: epoch ``e`` of DP rank ``d`` visits ``randperm(N, seed=(seed, e))[d::dp]``. The ``tp`` ranks of a
+    tensor-parallel group need the same batch; instead of each preprocessing all of it, TP rank ``t`` prepares its
+    share from rows ``[t::tp]`` of that order and the group exchanges the prepared examples (``all_gather_object``),
+    so decoding/resizing/tokenizing is done once per TP group. Unusable rows are skipped and counted in ``dropped``
+    (this rank's rows) by reason, so a micro-batch always holds ``pairs`` pairs (unless a whole epoch is unusable,
     which raises).
     """
 
@@ -83,6 +86,9 @@ class TrainStream:
     dp_rank: int
     dp: int
     seed: int
+    tp_rank: int = 0
+    tp: int = 1
+    tp_group: dist.ProcessGroup | None = None
     epoch: int = 0
     position: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -94,7 +100,7 @@ class TrainStream:
 
     def _shard(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.index), generator=gen)[self.dp_rank :: self.dp].tolist()
+        return torch.randperm(len(self.index), generator=gen)[self.dp_rank :: self.dp][self.tp_rank :: self.tp].tolist()
 
     def _next_example(self) -> ProcessedExample:
         misses = 0
@@ -123,7 +129,14 @@ class TrainStream:
         self.dropped = Counter(state["dropped"])
 
     def next_batch(self) -> tuple[PackedBatch, list[ProcessedExample]]:
-        examples = [self._next_example() for _ in range(self.pairs)]
+        """The next micro-batch (identical on the ranks of a TP group) and its examples. Collective over the TP
+        group when ``tp > 1``."""
+        share = self.pairs // self.tp + (self.tp_rank < self.pairs % self.tp)
+        examples = [self._next_example() for _ in range(share)]
+        if self.tp > 1:
+            gathered: list[list[ProcessedExample] | None] = [None] * self.tp
+            dist.all_gather_object(gathered, examples, group=self.tp_group)
+            examples = [ex for part in gathered for ex in part]
         batch = collate(examples, image_token_id=self.preprocessor.image_token_id,
                         merge_size=self.preprocessor.image_cfg.merge_size)
         return batch, examples
@@ -134,8 +147,8 @@ class EvalSet:
     """A held-out set, preprocessed once, split into micro-batches; each DP rank evaluates every dp-th batch."""
 
     name: str
-    batches: list[tuple[PackedBatch, torch.Tensor]]
-    """(batch, has_image [P] bool) pairs."""
+    batches: list[tuple[PackedBatch, torch.Tensor, list[str]]]
+    """(batch, has_image [P] bool, category of each pair) triples."""
     dropped: Counter
 
 
@@ -155,5 +168,5 @@ def load_eval_set(name: str, files: list[str], preprocessor: Preprocessor, pairs
         chunk = examples[start : start + pairs]
         batch = collate(chunk, image_token_id=preprocessor.image_token_id,
                         merge_size=preprocessor.image_cfg.merge_size)
-        batches.append((batch, torch.tensor([len(ex.images) > 0 for ex in chunk])))
+        batches.append((batch, torch.tensor([len(ex.images) > 0 for ex in chunk]), [ex.category for ex in chunk]))
     return EvalSet(name=name, batches=batches, dropped=dropped)

@@ -10,38 +10,53 @@ from vlr_runtime.model import RewardModel
 from vlr_runtime.training.data import EvalSet
 
 
+def _all_reduce_sum(values: torch.Tensor, device: torch.device, dp: int, group: dist.ProcessGroup | None) -> list:
+    if dp > 1:
+        values = values.to(device)
+        dist.all_reduce(values, group=group)
+    return values.cpu().tolist()
+
+
 @torch.no_grad()
 def evaluate(model: RewardModel, sets: list[EvalSet], *, device: torch.device, dp_rank: int, dp: int,
-             dp_group: dist.ProcessGroup | None) -> dict[str, float]:
-    """Accuracy (``r_chosen > r_rejected``), mean BT loss and mean margin of each set.
+             dp_group: dist.ProcessGroup | None) -> dict:
+    """Accuracy (``r_chosen > r_rejected``; ties count as wrong), mean BT loss and mean margin of each set.
 
-    Returns for the set named ``eval``: ``accuracy``, ``loss``, ``margin``, ``pairs``, ``accuracy_image``,
-    ``accuracy_text`` (when it holds such pairs); for any other set ``s``: ``accuracy_<s>``. Ties count as wrong.
+    Returns for the set named ``eval``: ``accuracy``, ``loss``, ``margin``, ``pairs``, ``accuracy_image`` /
+    ``accuracy_text`` (when it holds such pairs) and ``accuracy_by_category`` (rows with a ``category``);
+    for any other set ``s``: ``accuracy_<s>``. Collective over the DP group (same sets on every rank).
     """
-    out: dict[str, float] = {}
+    out: dict = {}
     for es in sets:
+        categories = sorted({c for _, _, cats in es.batches for c in cats if c})
         # [pairs, correct, loss_sum, margin_sum, image_pairs, image_correct, text_pairs, text_correct]
-        acc = torch.zeros(8, dtype=torch.float64)
+        # then (pairs, correct) per category
+        acc = torch.zeros(8 + 2 * len(categories), dtype=torch.float64)
         for b in range(dp_rank, len(es.batches), dp):
-            batch, has_image = es.batches[b]
+            batch, has_image, cats = es.batches[b]
             rewards = model.rewards(batch.to(device)).float().cpu()
             margin = rewards[batch.pair_index[:, 0]] - rewards[batch.pair_index[:, 1]]
             correct = margin > 0
-            acc += torch.tensor([
+            acc[:8] += torch.tensor([
                 margin.numel(), correct.sum(), -F.logsigmoid(margin).sum(), margin.sum(),
                 has_image.sum(), (correct & has_image).sum(), (~has_image).sum(), (correct & ~has_image).sum(),
             ], dtype=torch.float64)
-        if dp > 1:
-            acc = acc.to(device)
-            dist.all_reduce(acc, group=dp_group)
-            acc = acc.cpu()
-        pairs, correct, loss, margin, n_img, c_img, n_txt, c_txt = acc.tolist()
+            for c, ok in zip(cats, correct.tolist()):
+                if c:
+                    k = 8 + 2 * categories.index(c)
+                    acc[k] += 1
+                    acc[k + 1] += ok
+        totals = _all_reduce_sum(acc, device, dp, dp_group)
+        pairs, correct, loss, margin, n_img, c_img, n_txt, c_txt = totals[:8]
         if es.name == "eval":
             out.update(accuracy=correct / pairs, loss=loss / pairs, margin=margin / pairs, pairs=int(pairs))
             if n_img:
                 out["accuracy_image"] = c_img / n_img
             if n_txt:
                 out["accuracy_text"] = c_txt / n_txt
+            if categories:
+                out["accuracy_by_category"] = {
+                    c: totals[9 + 2 * i] / totals[8 + 2 * i] for i, c in enumerate(categories)}
         else:
             out[f"accuracy_{es.name}"] = correct / pairs
     return out

@@ -22,7 +22,9 @@ from vlr_runtime.checkpoint.manager import CheckpointManager, capture_rng_state,
 from vlr_runtime.config import Config, ConfigError, dump_config
 from vlr_runtime.data.collate import Preprocessor
 from vlr_runtime.data.formats import RowIndex
-from vlr_runtime.model import ModelArgs, build_reward_model
+from vlr_runtime.data.types import PackedBatch
+from vlr_runtime.model import ModelArgs, RewardModel, build_reward_model
+from vlr_runtime.model.hf_names import hf_param_specs
 from vlr_runtime.parallel import ParallelContext, setup_distributed
 from vlr_runtime.training.data import TrainStream, load_eval_set, resolve_sources
 from vlr_runtime.training.evaluate import evaluate
@@ -43,6 +45,22 @@ def _shared_run_dir(requested: str, ctx: ParallelContext) -> Path:
     if ctx.world_size > 1:
         dist.broadcast_object_list(name, src=0)
     return Path(name[0])
+
+
+def mark_tensor_parallel_params(model: RewardModel) -> None:
+    """Set megatron's ``tensor_model_parallel`` flag on every parameter that holds a TP slice (the model builds its
+    megatron layers with ``perform_initialization=False``, which leaves the flag unset on weights), so that the
+    gradient norm counts shards on every rank and replicated parameters once. A parameter is a slice when its
+    length along the split dimension of the HF mapping table is ``1/tp`` of the full tensors'."""
+    params = dict(model.named_parameters())
+    for spec in hf_param_specs(model.args):
+        if spec.split_dim is None:
+            continue
+        full = sum(part.length if part.length is not None else part.shape[spec.split_dim] for part in spec.parts)
+        p = params[spec.param]
+        sharded = model.tp > 1 and p.shape[spec.split_dim] * model.tp == full
+        p.tensor_model_parallel = sharded
+        p.partition_dim = spec.split_dim
 
 
 def _has_weights(model_dir: Path) -> bool:
@@ -81,13 +99,15 @@ class Trainer:
         else:
             log.info("%s holds no weights: random init with seed %d", self.model_dir, cfg.train.seed)
             self.model = build_reward_model(self.args, dtype=self.dtype, device=ctx.device, seed=cfg.train.seed)
+        mark_tensor_parallel_params(self.model)
         self.trainable = freeze_groups(self.model.param_groups(), cfg.model.freeze)
         self.optimizer = MasterAdamW(self.trainable, cfg.optim)
 
-        preprocessor = Preprocessor(self.model_dir, max_length=cfg.data.max_length)
+        self.preprocessor = preprocessor = Preprocessor(self.model_dir, max_length=cfg.data.max_length)
         index = RowIndex(sources.train)
         self.stream = TrainStream(index=index, preprocessor=preprocessor, pairs=cfg.train.micro_batch_pairs,
-                                  dp_rank=ctx.dp_rank, dp=ctx.dp, seed=cfg.train.seed)
+                                  dp_rank=ctx.dp_rank, dp=ctx.dp, seed=cfg.train.seed, tp_rank=ctx.tp_rank,
+                                  tp=ctx.tp, tp_group=ctx.tp_group)
         pairs_per_step = cfg.train.micro_batch_pairs * cfg.train.grad_accum_steps * ctx.dp
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(index) / pairs_per_step))
         self.eval_sets = [load_eval_set(name, files, preprocessor, cfg.train.micro_batch_pairs)
@@ -103,20 +123,19 @@ class Trainer:
             f"{sum(p.numel() for p in self.trainable)} trainable parameters on this rank, run dir {self.run_dir}")
 
     # ----------------------------------------------------------------------------------------------- one step
-    def _train_step(self) -> dict:
-        cfg, ctx = self.cfg, self.ctx
-        t0 = time.perf_counter()
-        lr = lr_at(self.step + 1, self.total_steps, cfg.optim)
-        self.optimizer.set_lr(lr)
+    def compute_gradients(self, batches: list[PackedBatch]) -> dict:
+        """Forward + backward over this rank's micro-batches (gradients accumulate, scaled by 1/len(batches)),
+        gradients averaged over DP; returns the step's statistics reduced over DP and the global gradient norm
+        (identical on every rank). Collective: every rank must call it with the same number of batches."""
+        ctx = self.ctx
         # [loss_sum, correct, pairs, margin_sum, chosen_sum, rejected_sum, tokens, images]
         stats = torch.zeros(8, dtype=torch.float64)
-        for _ in range(cfg.train.grad_accum_steps):
-            batch, _ = self.stream.next_batch()
-            if not cfg.train.use_margin:
+        for batch in batches:
+            if not self.cfg.train.use_margin:
                 batch.margin = None
             batch = batch.to(ctx.device)
-            loss, rewards, _ = self.model.loss(batch, center_coef=cfg.train.center_coef)
-            (loss / cfg.train.grad_accum_steps).backward()
+            loss, rewards, _ = self.model.loss(batch, center_coef=self.cfg.train.center_coef)
+            (loss / len(batches)).backward()
             with torch.no_grad():
                 chosen = rewards[batch.pair_index[:, 0]].double().cpu()
                 rejected = rewards[batch.pair_index[:, 1]].double().cpu()
@@ -132,26 +151,34 @@ class Trainer:
             dist.all_reduce(stats, group=ctx.dp_group)
             stats = stats.cpu()
         loss_sum, correct, pairs, margin, chosen_sum, rejected_sum, tokens, images = stats.tolist()
-        row = {"step": self.step + 1, "loss": loss_sum / (cfg.train.grad_accum_steps * ctx.dp),
-               "accuracy": correct / pairs, "margin": margin / pairs, "chosen_reward": chosen_sum / pairs,
-               "rejected_reward": rejected_sum / pairs, "grad_norm": grad_norm, "lr": lr}
-        if not (math.isfinite(row["loss"]) and math.isfinite(grad_norm)):
+        # tokens/images are counted once per DP replica: TP peers process the same batch.
+        return {"loss": loss_sum / (len(batches) * ctx.dp), "accuracy": correct / pairs, "margin": margin / pairs,
+                "chosen_reward": chosen_sum / pairs, "rejected_reward": rejected_sum / pairs,
+                "grad_norm": grad_norm, "pairs": int(pairs), "tokens": tokens, "images": images}
+
+    def _train_step(self) -> dict:
+        t0 = time.perf_counter()
+        lr = lr_at(self.step + 1, self.total_steps, self.cfg.optim)
+        self.optimizer.set_lr(lr)
+        batches = [self.stream.next_batch()[0] for _ in range(self.cfg.train.grad_accum_steps)]
+        stats = self.compute_gradients(batches)
+        tokens, images = stats.pop("tokens"), stats.pop("images")
+        row = {"step": self.step + 1, **stats, "lr": lr}
+        if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
             self.optimizer.zero_grad()
             self.metrics.write(row)
-            raise TrainingDiverged(f"step {row['step']}: loss={row['loss']} grad_norm={grad_norm}; stopped before "
-                                   "the optimizer step (parameters are those of the previous step)")
-        clip_gradients(self.trainable, grad_norm, cfg.optim.grad_clip)
+            raise TrainingDiverged(f"step {row['step']}: loss={row['loss']} grad_norm={row['grad_norm']}; stopped "
+                                   "before the optimizer step (parameters are those of the previous step)")
+        clip_gradients(self.trainable, row["grad_norm"], self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1
-        # tokens/images are counted once per DP replica: TP peers process the same batch.
         elapsed = time.perf_counter() - t0
-        row.update(tokens_per_s=tokens / elapsed, images_per_s=images / elapsed, pairs=int(pairs),
-                   step_time_s=elapsed)
+        row.update(tokens_per_s=tokens / elapsed, images_per_s=images / elapsed, step_time_s=elapsed)
         return row
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict:
         """Held-out metrics (collective over every rank); empty when the run has no evaluation set."""
         if not self.eval_sets:
             return {}
@@ -162,13 +189,15 @@ class Trainer:
         finally:
             self.model.train()
 
-    def _log_eval(self) -> dict[str, float]:
+    def _log_eval(self) -> dict:
         result = self.evaluate()
         if result:
             self.metrics.write({"step": self.step, "split": "eval", **result})
             if self.cfg.log.print_eval:
+                flat = {**{k: v for k, v in result.items() if k != "accuracy_by_category"},
+                        **{f"[{c}]": v for c, v in result.get("accuracy_by_category", {}).items()}}
                 self.metrics.message(f"eval @ step {self.step}: " + ", ".join(
-                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items()))
         return result
 
     # ------------------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,91 @@
+"""The trainer's gradient step is layout-independent: TP=2 (two gloo processes) and DP=2 give the loss, the
+gradients (gathered to full HF tensors) and the global gradient norm of TP=1 on the same 8 pairs (fp32, <= 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from tests.training.helpers import free_port, run_args
+
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 240
+
+
+def _worker(rank: int, world: int, tp: int, port: int, tmp: str, tag: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    os.environ.pop("TRITON_INTERPRET", None)
+    torch.set_num_threads(1)
+    out = Path(tmp) / tag
+    try:
+        from tests.parallel.test_tensor_parallel import full_grads
+        from vlr_runtime.config import parse_args
+        from vlr_runtime.data.collate import collate
+        from vlr_runtime.data.formats import example_from_row
+        from vlr_runtime.parallel import teardown
+        from vlr_runtime.training import Trainer
+
+        cfg = parse_args(run_args(Path(tmp), "--parallel.tp", str(tp), "--run.dir", str(out / "run"),
+                                  "--train.center_coef", "0.05"))
+        trainer = Trainer(cfg)
+        index, pre = trainer.stream.index, trainer.preprocessor
+        rows = [example_from_row(index, i) for i in range(len(index))]
+        # 6 image pairs and 2 text-only pairs, so the vision tower, the merger and the text path all get gradients.
+        chosen = [r for r in rows if r.images][:6] + [r for r in rows if not r.images][:2]
+        micro = [collate([pre(r) for r in chosen[k::2]], image_token_id=pre.image_token_id) for k in range(2)]
+        ctx = trainer.ctx
+        stats = trainer.compute_gradients(micro if ctx.dp == 1 else [micro[ctx.dp_rank]])
+        grads = full_grads(trainer.model)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
+            (out / "stats.json").write_text(json.dumps(stats))
+        teardown()
+    except BaseException:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"error_{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _launch(tmp: Path, world: int, tp: int, tag: str) -> tuple[dict, dict]:
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, tp, port, str(tmp), tag)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = [f.read_text() for f in (tmp / tag).glob("error_*.txt")]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return json.loads((tmp / tag / "stats.json").read_text()), load_file(str(tmp / tag / "grads.safetensors"))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error ||a - b|| / ||b|| (element-wise ratios of fp32 sums in different orders are noise)."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def test_tp2_and_dp2_match_tp1(tmp_path):
+    ref_stats, ref_grads = _launch(tmp_path, 1, 1, "tp1")
+    assert ref_stats["pairs"] == 8 and ref_stats["images"] == 6
+    for tag, world, tp in (("tp2", 2, 2), ("dp2", 2, 1)):
+        stats, grads = _launch(tmp_path, world, tp, tag)
+        assert stats["pairs"] == 8, tag
+        for key in ("loss", "grad_norm", "margin", "chosen_reward", "rejected_reward"):
+            assert abs(stats[key] - ref_stats[key]) <= 1e-5 * max(abs(ref_stats[key]), 1e-6), (tag, key)
+        assert stats["accuracy"] == ref_stats["accuracy"]
+        assert grads.keys() == ref_grads.keys()
+        for name, g in ref_grads.items():
+            assert g.abs().max() > 0, name  # every parameter took part (a zero gradient would hide a bug)
+            assert _rel(grads[name], g) <= 1e-5, (tag, name, _rel(grads[name], g))
