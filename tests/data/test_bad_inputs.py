@@ -13,6 +13,7 @@ from tests.data.helpers import make_model_dir, write_bad_inputs
 from vlr_runtime.data.collate import Preprocessor
 from vlr_runtime.data.loader import LoaderConfig, PairLoader
 from vlr_runtime.data.validate import format_report, validate
+from vlr_runtime.data.validate import main as validate_main
 
 BUDGET = 600
 
@@ -44,7 +45,7 @@ def test_loader_counts_each_bad_row_and_delivers_the_rest(setup) -> None:
     assert sum(loader.rejected_counts.values()) == len(expected)
 
 
-def test_validate_function_and_cli(setup) -> None:
+def test_validate_function_and_cli(setup, capsys) -> None:
     model, data, expected = setup
     report = validate(data, Preprocessor(model), token_budget=BUDGET)
     assert report.ok == 4 and report.rows == 4 + len(expected)
@@ -64,6 +65,5 @@ def test_validate_function_and_cli(setup) -> None:
     assert sorted(r["id"] for r in rows if r["status"] == "ok") == ["good-1", "good-2", "good-3", "good-4"]
     assert summary["summary"] and summary["ok"] == 4
 
-    missing = subprocess.run([sys.executable, "-m", "vlr_runtime.data.validate", str(data.parent / "nope.jsonl")],
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    assert validate_main([str(data.parent / "nope.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err

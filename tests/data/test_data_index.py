@@ -65,7 +65,8 @@ def test_shared_prompt_rejected_restarts_after_prompt(seed: int, backend: str | 
         pre.append(len(prompt))
         spl.append(len(prompt) + len(chosen))
         ref_c = hf_rope_index(torch.tensor(prompt + chosen), torch.tensor(pg + cg).reshape(-1, 3) if pg + cg else None)
-        ref_r = hf_rope_index(torch.tensor(prompt + rejected), torch.tensor(pg + rg).reshape(-1, 3) if pg + rg else None)
+        grid_r = torch.tensor(pg + rg).reshape(-1, 3) if pg + rg else None
+        ref_r = hf_rope_index(torch.tensor(prompt + rejected), grid_r)
         refs.append(torch.cat([ref_c, ref_r[:, len(prompt) :]], dim=1))
     ids = torch.tensor([t for s in segs for t in s])
     cu = torch.tensor([0] + [len(s) for s in segs]).cumsum(0)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.data.helpers import pair_row, write_image, write_jsonl
+from vlr_runtime.data.convert import main as convert_main
 from vlr_runtime.data.errors import DataError
 from vlr_runtime.data.formats import RowIndex, expand_shards, parse_row, read_examples
 from vlr_runtime.data.types import PairExample, RankExample
@@ -95,7 +94,7 @@ def _png_bytes(w: int, h: int, color: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def test_converter_rlaif_v_and_vl_rewardbench(tmp_path) -> None:
+def test_converter_rlaif_v_and_vl_rewardbench(tmp_path, capsys) -> None:
     img = _png_bytes(30, 20, (255, 0, 0))
     table = pa.Table.from_pylist([
         {"idx": 0, "question": "Color?", "chosen": "Red.", "rejected": "Blue.", "image": {"bytes": img, "path": "x"}},
@@ -104,10 +103,9 @@ def test_converter_rlaif_v_and_vl_rewardbench(tmp_path) -> None:
     ])
     pq.write_table(table, tmp_path / "rlaif.parquet")
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "vlr_runtime.data.convert", str(tmp_path / "rlaif.parquet"),
-                          "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stderr.strip().splitlines()[-1]) == {"written": 2, "skipped:missing rejected": 1}
+    assert convert_main([str(tmp_path / "rlaif.parquet"), "--out", str(out)]) == 0  # the CLI's argument path
+    assert json.loads(capsys.readouterr().err.strip().splitlines()[-1]) == {
+        "written": 2, "skipped:missing rejected": 1}
     assert len(list((out / "images").iterdir())) == 1  # the shared image is stored once
     examples = dict(read_examples(out / "data.jsonl"))
     assert set(examples) == {"0", "1"}

@@ -28,7 +28,8 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "size,mode,pixels",
     [((37, 53), "RGB", (3136, 28 * 28 * 24)), ((301, 17), "RGBA", (3136, 28 * 28 * 24)), ((5, 5), "L", (3136, 50000)),
-     ((1000, 999), "RGB", (3136, 28 * 28 * 64)), ((29, 400), "LA", (1000, 28 * 28 * 30)), ((64, 63), "P", (3136, 9000))],
+     ((1000, 999), "RGB", (3136, 28 * 28 * 64)), ((29, 400), "LA", (1000, 28 * 28 * 30)),
+     ((64, 63), "P", (3136, 9000))],
 )
 def test_processor_matches_hf_pil_processor(tmp_path, size, mode, pixels) -> None:
     min_px, max_px = pixels

@@ -272,7 +272,8 @@ def parse_pair(row: dict, base_dir: Path, default_id: str) -> PairExample:
     n_ph = count_images(prompt) + count_images(chosen)
     if n_ph != len(images) or count_images(rejected) != count_images(chosen):
         raise DataError(
-            "placeholder_mismatch", f"{n_ph} image placeholders (rejected: {count_images(rejected)}) for {len(images)} images"
+            "placeholder_mismatch",
+            f"{n_ph} image placeholders (rejected: {count_images(rejected)}) for {len(images)} images",
         )
     margin = row.get("margin", 0.0)
     if margin is None:
@@ -321,7 +322,9 @@ def parse_row(row: dict | DataError, base_dir: Path, default_id: str) -> PairExa
     raise DataError("unknown_format", f"keys {sorted(row)[:8]} match no accepted layout")
 
 
-def read_examples(spec: str | Path | Sequence[str | Path]) -> Iterator[tuple[str, PairExample | RankExample | DataError]]:
+def read_examples(
+    spec: str | Path | Sequence[str | Path],
+) -> Iterator[tuple[str, PairExample | RankExample | DataError]]:
     """Stream ``(row id, example or DataError)`` over every row of ``spec`` in file order."""
     index = RowIndex(spec)
     for i in range(len(index)):

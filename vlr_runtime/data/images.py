@@ -47,7 +47,7 @@ def _checked(p: Path, max_pixels: int, decode: bool) -> Image.Image | tuple[int,
                 if width * height > max_pixels:
                     raise DataError("image_bomb", f"{p.name} declares {width}x{height} > cap of {max_pixels} pixels")
                 if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-                    raise DataError("image_aspect_ratio", f"{p.name} is {width}x{height} (ratio > {MAX_ASPECT_RATIO:g})")
+                    raise DataError("image_aspect_ratio", f"{p.name} is {width}x{height}: ratio > {MAX_ASPECT_RATIO:g}")
                 if not decode:
                     return width, height
                 im.load()

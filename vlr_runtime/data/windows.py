@@ -45,7 +45,7 @@ def _check_grid(grid_thw: torch.Tensor, spatial_merge_size: int) -> torch.Tensor
     if grid.numel() and (grid.min() <= 0):
         raise ValueError(f"grid_thw entries must be positive, got {grid.tolist()}")
     if grid.numel() and bool(((grid[:, 1:] % spatial_merge_size) != 0).any()):
-        raise ValueError(f"grid h and w must be multiples of spatial_merge_size={spatial_merge_size}, got {grid.tolist()}")
+        raise ValueError(f"grid h, w must be multiples of spatial_merge_size={spatial_merge_size}: {grid.tolist()}")
     return grid
 
 
@@ -93,7 +93,6 @@ def vision_window_index(
     frame, rem = local // (lh_u * lw_u), local % (lh_u * lw_u)
     row, col = rem // lw_u, rem % lw_u
     wr, wc = row // ws, col // ws
-    win_h = torch.minimum(lh_u - wr * ws, torch.full_like(wr, ws))
     win_w = torch.minimum(lw_u - wc * ws, torch.full_like(wc, ws))
     window_id = (torch.cumsum(windows_per_image, 0) - windows_per_image)[img] + (frame * nwh_u + wr) * nww_u + wc
     # Every window's size is a function of its coordinates only, so its start follows from a bincount + cumsum.
@@ -120,7 +119,8 @@ def vision_rope_position_ids(grid_thw: torch.Tensor, *, spatial_merge_size: int 
     m = spatial_merge_size
     per_image = grid[:, 0] * grid[:, 1] * grid[:, 2]
     img = torch.repeat_interleave(torch.arange(grid.shape[0]), per_image)
-    local = torch.arange(int(per_image.sum())) - torch.repeat_interleave(torch.cumsum(per_image, 0) - per_image, per_image)
+    first = torch.cumsum(per_image, 0) - per_image
+    local = torch.arange(int(per_image.sum())) - torch.repeat_interleave(first, per_image)
     h, w = grid[img, 1], grid[img, 2]
     p = local % (h * w)
     block, inner = p // (m * m), p % (m * m)
