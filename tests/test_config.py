@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from vlr_runtime.config import Config, ConfigError, dump_config, parse_args, to_dict
 
@@ -16,18 +15,22 @@ def test_defaults_are_the_tiny_config():
     assert to_dict(parse_args(["--config", str(REPO / "configs/tiny.yaml")])) == to_dict(Config())
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_72b"])
+@pytest.mark.parametrize("name", ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_7b_stage2", "qwen2_5_vl_72b"])
 def test_shipped_configs_parse(name):
     parse_args(["--config", str(REPO / f"configs/{name}.yaml")])
 
 
 def test_7b_config_is_the_paper_recipe():
-    cfg = parse_args(["--config", str(REPO / "configs/qwen2_5_vl_7b.yaml")])
-    assert cfg.model.freeze == ["vision"]
-    assert cfg.optim.lr == 1e-5 and cfg.train.epochs == 2
-    stage2 = yaml.safe_load((REPO / "configs/qwen2_5_vl_7b.yaml").read_text())
-    assert "stage 2" in (REPO / "configs/qwen2_5_vl_7b.yaml").read_text().lower()
-    assert stage2["model"]["dtype"] == "bfloat16"
+    """ViT frozen, merger + LLM + head trained, lr 1e-5 then 1e-6, 2 epochs per stage, stage 2 adds text pairs and
+    starts from stage 1's export."""
+    stage1 = parse_args(["--config", str(REPO / "configs/qwen2_5_vl_7b.yaml")])
+    stage2 = parse_args(["--config", str(REPO / "configs/qwen2_5_vl_7b_stage2.yaml")])
+    for cfg in (stage1, stage2):
+        assert cfg.model.freeze == ["vision"] and cfg.train.epochs == 2 and cfg.model.dtype == "bfloat16"
+    assert stage1.optim.lr == 1e-5 and stage2.optim.lr == 1e-6
+    assert set(stage1.data.train) < set(stage2.data.train)
+    assert any("text" in f for f in set(stage2.data.train) - set(stage1.data.train))
+    assert stage2.model.path == stage1.run.dir + "/export"
 
 
 def test_overrides_are_coerced():
