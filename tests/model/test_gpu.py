@@ -1,5 +1,7 @@
 """The same parity on a CUDA device with the automatically chosen kernels (Triton / CUDA). Skipped without CUDA."""
 
+import copy
+
 import pytest
 import torch
 
@@ -36,12 +38,9 @@ def test_cuda_kernels_match_transformers(cuda_ctx, tiny_ckpt, inputs, dtype):
         # Triton's fp32 tl.dot runs on tensor cores in tf32 (10-bit mantissa).
         assert float(((ours - ref).abs() / ref.abs().clamp_min(1e-3)).max()) <= 2e-3
     else:
-        hf_gpu = hf.to("cuda", torch.bfloat16)
-        try:
-            hf_bf16 = hf_scores(hf_gpu, samples, [p.cuda().bfloat16() for p in pixels], grids, w.cuda().bfloat16(),
-                                b.cuda().bfloat16()).cpu()
-        finally:
-            hf.to("cpu", torch.float32)
+        hf_gpu = copy.deepcopy(hf).to("cuda", torch.bfloat16)  # a copy: the fixture stays float32 on the CPU
+        hf_bf16 = hf_scores(hf_gpu, samples, [p.cuda().bfloat16() for p in pixels], grids, w.cuda().bfloat16(),
+                            b.cuda().bfloat16()).cpu()
         err_ours, err_hf = float((ours - ref).abs().max()), float((hf_bf16 - ref).abs().max())
         assert err_ours <= 2 * err_hf + 2e-2 * float(ref.abs().max()), (err_ours, err_hf)
     loss, _, _ = model.loss(batch)

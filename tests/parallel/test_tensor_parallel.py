@@ -69,7 +69,22 @@ def run_model(model_dir, batch: PackedBatch, out_dir=None):
     grads = full_grads(model)
     if out_dir is not None:
         export_hf_checkpoint(model, model.args, out_dir)
-    return rewards, loss.detach(), grads
+    return rewards, loss.detach(), grads, model
+
+
+def frozen_encoder_run(model, batch: PackedBatch) -> dict[str, torch.Tensor]:
+    """Patch embedding + blocks frozen (merger trainable): with a replicated vision tower the TP ranks split the
+    images. Returns rewards, loss, the merger's weight gradient and the patches this rank encoded."""
+    for p in [model.vision.patch_embed, *model.vision.blocks.parameters()]:
+        p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    encoded = []
+    encode = model.vision.encode
+    model.vision.encode = lambda pv, grid: (encoded.append(pv.shape[0]), encode(pv, grid))[1]
+    loss, rewards, _ = model.loss(batch, center_coef=0.1)
+    loss.backward()
+    return {"rewards": rewards.detach(), "loss": loss.detach().reshape(1), "encoded": torch.tensor(encoded),
+            "merger_grad": model.vision.merger.fc1.weight.grad}
 
 
 CASES = {"split": 48, "replicated_vision": 45}
@@ -91,11 +106,13 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         for case in CASES:
             out_dir = f"{root}/{case}"
             # The batch comes from the parent so that the workers never import transformers (start-up time).
-            rewards, loss, grads = run_model(f"{out_dir}/ckpt", load_batch(f"{root}/batch.safetensors"),
-                                             f"{out_dir}/export")
+            batch = load_batch(f"{root}/batch.safetensors")
+            rewards, loss, grads, model = run_model(f"{out_dir}/ckpt", batch, f"{out_dir}/export")
+            frozen = frozen_encoder_run(model, batch)
             if rank == 0:
                 save_file({"rewards": rewards, "loss": loss.reshape(1)}, f"{out_dir}/result.safetensors")
                 save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
+                save_file(frozen, f"{out_dir}/frozen.safetensors")
         teardown()
     except BaseException:
         with open(f"{root}/error_{rank}.txt", "w") as f:
@@ -150,12 +167,22 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
             for k, v in original.items():
                 assert torch.equal(exported[k], v), (case, k)
 
-            _, loss1, grads1 = run_model(d / "ckpt", batch)
+            _, loss1, grads1, model1 = run_model(d / "ckpt", batch)
             assert torch.allclose(result["loss"], loss1.reshape(1), rtol=1e-5), case
             grads2 = load_file(str(d / "grads.safetensors"))
             assert grads2.keys() == grads1.keys()
             for k, g in grads1.items():
                 assert torch.allclose(grads2[k], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), (case, k)
+
+            frozen1, frozen2 = frozen_encoder_run(model1, batch), load_file(str(d / "frozen.safetensors"))
+            # Image split (replicated tower): rank 0 encodes only image 0 (60 of the 240 patches); sharded tower:
+            # every rank runs all of them.
+            assert frozen2["encoded"].tolist() == ([60] if case == "replicated_vision" else [240]), case
+            assert torch.allclose(frozen2["rewards"], frozen1["rewards"], rtol=1e-4), case
+            assert torch.allclose(frozen2["loss"], frozen1["loss"], rtol=1e-5), case
+            g1 = frozen1["merger_grad"]
+            if case == "replicated_vision":  # the merger is replicated: its whole gradient lives on rank 0
+                assert torch.allclose(frozen2["merger_grad"], g1, rtol=1e-4, atol=1e-6 * float(g1.abs().max()))
     finally:
         teardown()
         set_default_backend(None)

@@ -38,6 +38,12 @@ bias replicated), vocab = VocabParallelEmbedding; everything else replicated)::
 transformers-5 names ``model.language_model.*`` / ``model.visual.*`` are accepted on import; ``lm_head.weight`` is
 ignored (a reward model has no LM head). The exact table is :func:`vlr_runtime.model.hf_names.hf_param_specs`.
 
+Vision tower and TP (``build_reward_model(..., vision_parallel=)``): ``tensor`` shards it like the decoder;
+``images`` keeps its full weights on every TP rank (forced when a width does not divide by tp, e.g. the 3420-wide
+vision MLP at TP=8) and, while patch embedding and blocks are frozen, each TP rank encodes only its share of the
+images (balanced by patches) and one all-gather rebuilds the block outputs before the (trainable) merger.
+``auto`` (default) picks ``tensor`` when it divides, else ``images``.
+
 ``param_groups()`` keys: ``vision`` (patch_embed + blocks), ``merger``, ``llm`` (language.*), ``head``.
 
 Why megatron's TP linears but our own attention/decoder modules: megatron's ``TransformerLayer`` applies its own

@@ -14,6 +14,12 @@ from vlr_runtime.model.layers import parallel_config
 from vlr_runtime.model.vision import VisionTower, vision_splits_over
 
 
+VISION_PARALLEL = ("auto", "tensor", "images")
+"""How the vision tower uses the TP group: ``tensor`` shards its layers like the decoder's; ``images`` keeps full
+weights on every rank and, while the patch embedding and blocks are frozen, splits the images between the ranks;
+``auto`` = ``tensor`` when every vision width divides by tp, else ``images``."""
+
+
 class RewardModel(nn.Module):
     """Qwen2.5-VL with a ``Linear(H, 1)`` head on the final-normed hidden state of each scored token.
 
@@ -21,14 +27,23 @@ class RewardModel(nn.Module):
     """
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype, tp_group: dist.ProcessGroup,
-                 self_group: dist.ProcessGroup) -> None:
+                 self_group: dist.ProcessGroup, vision_parallel: str = "auto") -> None:
         super().__init__()
         self.args = args
         self.tp = tp_group.size()
         self.tp_rank = tp_group.rank()
         config = parallel_config(self.tp, dtype)
-        vision_group = tp_group if vision_splits_over(args.vision, self.tp) else self_group
-        self.vision = VisionTower(args.vision, config, vision_group)
+        if vision_parallel not in VISION_PARALLEL:
+            raise ValueError(f"vision_parallel must be one of {VISION_PARALLEL}, got {vision_parallel!r}")
+        if vision_parallel == "auto":
+            vision_parallel = "tensor" if vision_splits_over(args.vision, self.tp) else "images"
+        if vision_parallel == "tensor" and not vision_splits_over(args.vision, self.tp):
+            raise ValueError(f"vision widths of {args.vision} do not divide by tp={self.tp}; use vision_parallel="
+                             "'images'")
+        if vision_parallel == "tensor":
+            self.vision = VisionTower(args.vision, config, tp_group)
+        else:
+            self.vision = VisionTower(args.vision, config, self_group, image_split_group=tp_group)
         self.language = LanguageModel(args.text, config, tp_group)
         self.head = nn.Linear(args.hidden_size, 1, bias=True)
 
@@ -111,19 +126,23 @@ def build_reward_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int | None = 0,
+    vision_parallel: str = "auto",
 ) -> RewardModel:
     """Build the model on ``device`` with parameters in ``dtype``, sharded over the tensor-parallel group of
     :func:`vlr_runtime.parallel.setup_distributed` (which must have been called). ``seed``: deterministic random init, identical for any TP size
     (every rank draws the full HF-shaped tensor and keeps its slice); ``None`` leaves the storage uninitialised, for
-    a checkpoint load that follows. On the meta device nothing is allocated or initialised.
+    a checkpoint load that follows. On the meta device nothing is allocated or initialised. ``vision_parallel``:
+    see :data:`VISION_PARALLEL`. Pipeline parallelism is not implemented (``pp > 1`` raises).
     """
     from vlr_runtime.model.hf_names import init_random_weights
     from vlr_runtime.parallel import get_context
 
     ctx = get_context()
+    if ctx.pp != 1:
+        raise NotImplementedError(f"pipeline parallelism (pp={ctx.pp}) is not implemented for the reward model")
     device = torch.device(device)
     with torch.device(device):
-        model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group)
+        model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group, vision_parallel)
     model.to(dtype=dtype)
     if seed is not None and device.type != "meta":
         init_random_weights(model, seed)

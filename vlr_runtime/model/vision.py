@@ -10,6 +10,7 @@ image frame, which is order-independent), and the merger output is permuted back
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from vlr_kernels.rotary import apply_rotary, rope_inv_freq, vision_rope_cos_sin
@@ -79,21 +80,36 @@ class PatchMerger(nn.Module):
         return self.fc2(F.gelu(self.fc1(h)[0]))[0]
 
 
+def image_owners(patches_per_image: torch.Tensor, ranks: int) -> torch.Tensor:
+    """``[I]`` rank that encodes each image: contiguous runs of images, balanced by patch count (image i goes to
+    the rank whose equal share of all patches contains the image's middle patch)."""
+    middle = torch.cumsum(patches_per_image, 0) - patches_per_image + patches_per_image // 2
+    total = max(int(patches_per_image.sum()), 1)
+    return torch.clamp(middle * ranks // total, max=ranks - 1)
+
+
 class VisionTower(nn.Module):
     """Pixel patches of every image of a batch -> one LLM embedding per merged unit, in image order.
 
-    ``group``: the TP group its layers shard over (see :func:`vision_splits_over`), else a one-rank group.
+    ``group``: the group its layers shard over (the TP group, or a one-rank group for a replicated tower).
+    ``image_split_group``: with a replicated tower, the TP group whose ranks split the images between them while
+    the patch embedding and blocks are frozen (each rank encodes ~1/tp of the patches without grad, one all-gather
+    of the block outputs, then the merger runs on all of them with grad): the ViT is not computed tp times over.
     """
 
-    def __init__(self, args: VisionArgs, config, group) -> None:
+    def __init__(self, args: VisionArgs, config, group, image_split_group=None) -> None:
         super().__init__()
         self.args = args
         self.tp = group.size()
+        self.image_split_group = image_split_group
         # Conv3d with kernel == stride over a pre-flattened patch is exactly a bias-free linear map.
         self.patch_embed = nn.Parameter(torch.empty(args.hidden_size, args.patch_dim))
         self.blocks = nn.ModuleList(VisionBlock(args, config, group) for _ in range(args.depth))
         self.merger = PatchMerger(args, config, group)
         self.full_attention = frozenset(args.fullatt_block_indexes)
+
+    def encoder_trainable(self) -> bool:
+        return self.patch_embed.requires_grad or any(p.requires_grad for p in self.blocks.parameters())
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """``pixel_values [N, patch_dim]``, ``grid_thw [I, 3]`` -> ``[N / merge**2, out_hidden]`` (images in order)."""
@@ -103,6 +119,16 @@ class VisionTower(nn.Module):
         expected = int(grid_thw.prod(-1).sum())
         if pixel_values.shape[0] != expected:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but image_grid_thw implies {expected}")
+        group = self.image_split_group
+        if group is not None and group.size() > 1 and not self.encoder_trainable():
+            x = self._encode_split(pixel_values, grid_thw, group)
+        else:
+            x = self.encode(pixel_values, grid_thw)
+        return self.merger(x)
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + blocks: ``[N, patch_dim]`` -> ``[N, C]`` in image order (merge units contiguous)."""
+        a = self.args
         meta = vision_windows(grid_thw.cpu(), spatial_merge_size=a.spatial_merge_size, window_size=a.window_size,
                               patch_size=a.patch_size)
         dev = pixel_values.device
@@ -124,4 +150,24 @@ class VisionTower(nn.Module):
                 x = block(x, cos, sin, cu_full, meta.max_seqlen)
             else:
                 x = block(x, cos, sin, cu_window, meta.max_window_seqlen)
-        return self.merger(x)[meta.reverse_index.to(dev)]
+        # The merger maps each merge unit on its own, so units go back to image order before it, not after.
+        return x.reshape(n // unit, unit, -1)[meta.reverse_index.to(dev)].reshape(n, -1)
+
+    @torch.no_grad()
+    def _encode_split(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, group) -> torch.Tensor:
+        """:meth:`encode` of this rank's images only, then an all-gather: the same ``[N, C]`` on every rank."""
+        ranks, rank = group.size(), group.rank()
+        grid = grid_thw.cpu()
+        patches = grid.prod(-1)
+        owners = image_owners(patches, ranks)
+        rows = torch.zeros(ranks, dtype=torch.int64).index_add_(0, owners, patches).tolist()
+        start = sum(rows[:rank])
+        mine = (owners == rank).nonzero().squeeze(1)
+        width = self.args.hidden_size
+        padded = pixel_values.new_zeros(max(rows), width, dtype=self.patch_embed.dtype)
+        if mine.numel():
+            padded[: rows[rank]] = self.encode(pixel_values[start: start + rows[rank]], grid[mine].to(grid_thw.device))
+        # all_gather needs equal shapes on every rank: each share is padded to the largest one.
+        gathered = [torch.empty_like(padded) for _ in range(ranks)]
+        dist.all_gather(gathered, padded, group=group)
+        return torch.cat([g[:r] for g, r in zip(gathered, rows)])
