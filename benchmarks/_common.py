@@ -63,11 +63,11 @@ def env_info(device: torch.device) -> dict[str, str]:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         sha += "+dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "sha": sha, "time": now}
 
 

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps  # noqa: E402
-
-from vlr_kernels import fused_reward_loss, rms_norm_ref  # noqa: E402
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps
+from vlr_kernels import fused_reward_loss, rms_norm_ref
 
 
 def hf_style_loss(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps=1e-6):

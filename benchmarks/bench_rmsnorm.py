@@ -8,6 +8,7 @@ With residual: fwd reads x, r, writes y, x+r (4MNe); bwd reads dy, d(x+r), x+r, 
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -15,13 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps  # noqa: E402
-
-from vlr_kernels import rms_norm, rms_norm_ref  # noqa: E402
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps
+from vlr_kernels import rms_norm, rms_norm_ref
 
 
 def _liger(n_cols, weight):
-    from liger_kernel.transformers.rms_norm import LigerRMSNorm  # noqa: PLC0415 - optional provider
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
     norm = LigerRMSNorm(n_cols, eps=1e-6, offset=0.0, casting_mode="llama", in_place=False).to(weight.device, weight.dtype)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> str:
 
     providers = {
         "hf_eager": lambda: lambda: hf(x, w, r),
-        "hf_compile": lambda: (lambda f: lambda: f(x, w, r))(compiled(hf)),
+        "hf_compile": lambda: functools.partial(compiled(hf), x, w, r),
         "liger": liger,
         "triton": lambda: lambda: rms_norm(x, w, 1e-6, r, backend="triton"),
     }

@@ -9,6 +9,7 @@ cos/sin rows: 2 (Hq + Hk) T D e + 2 T D 4 per direction.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -17,9 +18,8 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps  # noqa: E402
-
-from vlr_kernels import apply_rotary, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin  # noqa: E402
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps
+from vlr_kernels import apply_rotary, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
 
 CONFIGS = {"llm": (28, 4, 128), "vision": (16, 16, 80)}
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> str:
     def liger():
         if args.config != "llm":
             raise RuntimeError("Liger's rope takes one cos/sin per sequence position in its LLM layout only")
-        from liger_kernel.ops.rope import LigerRopeFunction  # noqa: PLC0415 - optional provider
+        from liger_kernel.ops.rope import LigerRopeFunction
 
         ql = q.detach().transpose(0, 1)[None].contiguous().requires_grad_()
         kl = k.detach().transpose(0, 1)[None].contiguous().requires_grad_()
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
 
     providers = {
         "hf_eager": lambda: lambda: hf_rope(q, k),
-        "hf_compile": lambda: (lambda f: lambda: f(q, k))(compiled(hf_rope)),
+        "hf_compile": lambda: functools.partial(compiled(hf_rope), q, k),
         "liger": liger,
         "triton": lambda: lambda: (apply_rotary(q, cos, sin, backend="triton"),
                                    apply_rotary(k, cos, sin, backend="triton")),

@@ -7,6 +7,7 @@ triton (vlr_kernels.swiglu). Bytes counted (M x N elements of e bytes each tenso
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -15,9 +16,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps  # noqa: E402
-
-from vlr_kernels import swiglu  # noqa: E402
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps
+from vlr_kernels import swiglu
 
 
 def hf_swiglu(gate, up):
@@ -25,7 +25,7 @@ def hf_swiglu(gate, up):
 
 
 def _liger():
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction  # noqa: PLC0415 - optional provider
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
     return LigerSiLUMulFunction.apply
 
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> str:
     rec.add("copy", "ceiling", "GB/s", "1GiB" if device.type == "cuda" else "64MiB", ceiling)
     providers = {
         "hf_eager": lambda: lambda: hf_swiglu(gate, up),
-        "hf_compile": lambda: (lambda f: lambda: f(gate, up))(compiled(hf_swiglu)),
-        "liger": lambda: (lambda f: lambda: f(gate, up))(_liger()),
+        "hf_compile": lambda: functools.partial(compiled(hf_swiglu), gate, up),
+        "liger": lambda: functools.partial(_liger(), gate, up),
         "triton": lambda: lambda: swiglu(gate, up, backend="triton"),
     }
     rec.run_providers(providers, f"{m}x{n}", lambda y: y.backward(dy), [gate, up], bytes_moved, ceiling,

@@ -57,7 +57,8 @@ def main() -> int:
             label = " ".join([script.name, *extra])
             print(f"=== {label}", flush=True)
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env,
+                                      check=False)
             except subprocess.TimeoutExpired:
                 failures.append(f"{label}: timed out after {args.timeout_s} s")
                 continue

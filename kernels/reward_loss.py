@@ -24,7 +24,6 @@ import functools
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from vlr_kernels._backend import resolve_backend
 from vlr_kernels._triton_compat import tl, triton, triton_jit
 
@@ -83,7 +82,7 @@ def check_reward_inputs(
     if not check_indices:
         return
     checks = [
-        (scored_index.min() >= 0, f"scored_index has entries < 0"),
+        (scored_index.min() >= 0, "scored_index has entries < 0"),
         (scored_index.max() < t_rows, f"scored_index has entries >= T={t_rows}"),
         ((scored_index.sort().values.diff() != 0).all(), "scored_index has duplicate rows"),
     ]
@@ -290,15 +289,42 @@ def pair_loss_fwd(
     return loss, acc
 
 
+@triton_jit
+def _param_grad_kernel(
+    dw_part_ptr, dg_part_ptr, dr_ptr, dw_ptr, dg_ptr, db_ptr, n_scored, n_cols,
+    HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # column sums of the per-row partials, written straight in the parameters' dtypes; program 0 also sums db
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < n_cols
+    sw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sg = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s in range(n_scored):
+        sw += tl.load(dw_part_ptr + s * n_cols + c, mask=cmask, other=0.0)
+        if HAS_NORM:
+            sg += tl.load(dg_part_ptr + s * n_cols + c, mask=cmask, other=0.0)
+    tl.store(dw_ptr + c, sw.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if HAS_NORM:
+        tl.store(dg_ptr + c, sg.to(dg_ptr.dtype.element_ty), mask=cmask)
+    if tl.program_id(0) == 0:
+        offs = tl.arange(0, BLOCK_S)
+        acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for start in range(0, n_scored, BLOCK_S):
+            acc += tl.load(dr_ptr + start + offs, mask=start + offs < n_scored, other=0.0)
+        tl.store(db_ptr, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty))
+
+
 def reward_loss_bwd(
     dloss: torch.Tensor, drewards: torch.Tensor | None, hidden: torch.Tensor, scored_index: torch.Tensor,
     pair_index: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, norm_weight: torch.Tensor | None,
     margin: torch.Tensor | None, center_coef: float, rewards: torch.Tensor, rstd: torch.Tensor,
+    dhidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Triton launcher: ``(dhidden [T, H], dhead_weight [H], dhead_bias, dnorm_weight [H] | None)``; dhidden is
-    one zero fill plus the S scored rows."""
+    """Triton launcher: ``(dhidden [T, H], dhead_weight [H], dhead_bias, dnorm_weight [H] | None)``. ``dhidden``:
+    a zero-filled contiguous ``[T, H]`` buffer to write the S scored rows into (allocated here when None)."""
     s, n_cols = scored_index.numel(), hidden.shape[1]
-    dhidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+    if dhidden is None:
+        dhidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
     dr = torch.empty(s, dtype=torch.float32, device=hidden.device)
     dw_part = torch.empty((s, n_cols), dtype=torch.float32, device=hidden.device)
     dg_part = torch.empty_like(dw_part) if norm_weight is not None else dw_part
@@ -310,9 +336,14 @@ def reward_loss_bwd(
         HAS_NORM=norm_weight is not None, HAS_MARGIN=margin is not None, HAS_DREWARDS=drewards is not None,
         BLOCK_P=256, BLOCK_H=_block_h(n_cols), num_warps=4,
     )
-    dw = dw_part.sum(0).to(head_weight.dtype)
-    db = dr.sum().reshape(head_bias.shape).to(head_bias.dtype)
-    dg = dg_part.sum(0).to(norm_weight.dtype) if norm_weight is not None else None
+    dw = torch.empty_like(head_weight)
+    db = torch.empty_like(head_bias)
+    dg = torch.empty_like(norm_weight) if norm_weight is not None else None
+    block_c = 256
+    _param_grad_kernel[(triton.cdiv(n_cols, block_c),)](
+        dw_part, dg_part, dr, dw, dg if dg is not None else dw, db, s, n_cols,
+        HAS_NORM=norm_weight is not None, BLOCK_C=block_c, BLOCK_S=1024, num_warps=4,
+    )
     return dhidden, dw, db, dg
 
 
@@ -329,7 +360,14 @@ class FusedRewardLossFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin,
                               rewards, rstd)
         ctx.center_coef, ctx.impl = center_coef, impl
+        # The zero fill of dL/dhidden (T x H, the only large write) is queued right behind the forward kernels so
+        # the GPU does it while the host runs the autograd engine; backward then writes only the S scored rows.
+        # The buffer is the gradient itself, so the peak is unchanged (the loss is the last op of the forward).
+        ctx.dhidden = None
+        if impl == "triton" and ctx.needs_input_grad[0]:
+            ctx.dhidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
         ctx.mark_non_differentiable(acc)
+        ctx.set_materialize_grads(False)  # an unused rewards output then costs no zero-filled gradient
         return loss, rewards, acc
 
     @staticmethod
@@ -338,17 +376,19 @@ class FusedRewardLossFunction(torch.autograd.Function):
             ctx.saved_tensors
         )
         dloss = dloss if dloss is not None else torch.zeros((), dtype=torch.float32, device=hidden.device)
-        dh, dw, db, dg = _launchers(ctx.impl).reward_loss_bwd(
-            dloss.float().contiguous(), drewards.float().contiguous() if drewards is not None else None, hidden,
-            scored_index, pair_index, head_weight, head_bias, norm_weight, margin, ctx.center_coef, rewards, rstd,
-        )
+        args = (dloss.float().contiguous(), drewards.float().contiguous() if drewards is not None else None, hidden,
+                scored_index, pair_index, head_weight, head_bias, norm_weight, margin, ctx.center_coef, rewards, rstd)
+        if ctx.impl == "triton":
+            dh, dw, db, dg = reward_loss_bwd(*args, dhidden=ctx.dhidden)
+        else:
+            dh, dw, db, dg = _CudaLaunchers.reward_loss_bwd(*args)
+        ctx.dhidden = None
         return dh, None, None, dw, db, dg, None, None, None, None
 
 
 class _TritonLaunchers:
     reward_fwd = staticmethod(reward_fwd)
     pair_loss_fwd = staticmethod(pair_loss_fwd)
-    reward_loss_bwd = staticmethod(reward_loss_bwd)
 
 
 class _CudaLaunchers:
@@ -377,7 +417,7 @@ class _CudaLaunchers:
 def _load_cuda_ops() -> None:
     """Import the extension (its static initialisers register ``torch.ops.vlr_kernels.*``) and register the
     shape-only fake implementations that torch.compile traces with."""
-    import vlr_kernels._cuda  # noqa: F401, PLC0415
+    import vlr_kernels._cuda  # noqa: F401
 
     @torch.library.register_fake("vlr_kernels::reward_fwd")
     def _(hidden, scored_index, head_weight, head_bias, norm_weight, eps):

@@ -36,7 +36,7 @@ def test_cu_compiles_with_nvcc(source, tmp_path):
     arch = os.environ.get("VLR_CUDA_ARCH", "-gencode=arch=compute_90a,code=sm_90a")
     cmd = [NVCC, "-c", "-std=c++17", "-O3", "--use_fast_math", arch, *_includes(), str(CUDA_DIR / source),
            "-o", str(tmp_path / "out.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "out.o").stat().st_size > 0
 
@@ -48,5 +48,5 @@ def test_binding_compiles_against_torch_headers(source):
     if cxx is None:
         pytest.skip("no host C++ compiler")
     cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", *_includes(), str(CUDA_DIR / source)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]

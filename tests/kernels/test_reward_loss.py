@@ -3,30 +3,24 @@ HF-style path, gradcheck, bad inputs, the sequence-parallel gather (2 gloo proce
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+from vlr_kernels import (
+    BackendUnavailable,
+    fused_reward_loss,
+    fused_reward_loss_ref,
+    reward_scores,
+    rms_norm_ref,
+)
 
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
-from vlr_kernels import BackendUnavailable, fused_reward_loss, fused_reward_loss_ref, reward_scores, rms_norm_ref
+from tests.kernels.reward_helpers import reward_inputs, sp_worker
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _inputs(t_rows, h, s, pairs, dtype, norm, margin, bias_shape=(), seed=0, device=DEV):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(t_rows, h, generator=g).to(device, dtype).requires_grad_()
-    scored = torch.randperm(t_rows, generator=g)[:s].to(device)
-    pair_index = torch.tensor(pairs, dtype=torch.int64, device=device)
-    w = (torch.randn(h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
-    b = torch.randn(bias_shape, generator=g).to(device, dtype).requires_grad_()
-    nw = (torch.rand(h, generator=g) + 0.5).to(device, dtype).requires_grad_() if norm else None
-    m = torch.randn(len(pairs), generator=g).to(device) if margin else None
-    return hidden, scored, pair_index, w, b, nw, m
 
 
 def _many_pairs(s, p, seed=1):
@@ -53,7 +47,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_triton_matches_float64_reference(case, dtype):
     t_rows, h, s, pairs, norm, margin, center, bias_shape = CASES[case]
-    hidden, scored, pairs_t, w, b, nw, m = _inputs(t_rows, h, s, pairs, dtype, norm, margin, bias_shape)
+    hidden, scored, pairs_t, w, b, nw, m = reward_inputs(t_rows, h, s, pairs, dtype, norm, margin, bias_shape)
     loss, rewards, acc = fused_reward_loss(hidden, scored, pairs_t, w, b, nw, 1e-6, m, center, backend="triton")
     # a downstream use of the rewards output checks that its gradient path is wired too
     drew = torch.linspace(-1, 1, s, device=hidden.device)
@@ -81,7 +75,7 @@ def test_triton_matches_float64_reference(case, dtype):
 
 
 def test_reward_scores_and_strided_hidden():
-    hidden, scored, _, w, b, nw, _ = _inputs(23, 80, 5, [[0, 1]], torch.float32, True, False)
+    hidden, scored, _, w, b, nw, _ = reward_inputs(23, 80, 5, [[0, 1]], torch.float32, True, False)
     wide = torch.randn(23, 200, device=hidden.device)
     wide[:, 7:87] = hidden.detach()
     strided = wide[:, 7:87]  # row stride 200: the kernel must use the row stride, not H
@@ -98,7 +92,7 @@ def test_reference_matches_hf_style_full_path():
     """The reference (gather, then norm + head) equals the peers' path: RMSNorm module on all tokens, linear head on
     all tokens, gather, -logsigmoid - all in float64."""
     t_rows, h = 31, 48
-    hidden, scored, pairs, w, b, nw, m = _inputs(t_rows, h, 6, [[0, 1], [2, 3], [4, 5], [0, 5]], torch.float64,
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(t_rows, h, 6, [[0, 1], [2, 3], [4, 5], [0, 5]], torch.float64,
                                                  True, True, bias_shape=(1,), device="cpu")
     norm = Qwen2_5_VLRMSNorm(h, eps=1e-6).double()
     with torch.no_grad():
@@ -113,7 +107,7 @@ def test_reference_matches_hf_style_full_path():
 
 
 def test_reference_gradcheck():
-    hidden, scored, pairs, w, b, nw, m = _inputs(11, 6, 4, [[0, 1], [0, 2], [3, 1]], torch.float64, True, True,
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(11, 6, 4, [[0, 1], [0, 2], [3, 1]], torch.float64, True, True,
                                                  device="cpu")
 
     def f(hh, ww, bb, gg):
@@ -124,7 +118,7 @@ def test_reference_gradcheck():
 
 
 def test_stable_log_sigmoid_for_large_margins():
-    hidden, scored, pairs, w, b, _, _ = _inputs(8, 16, 2, [[0, 1]], torch.float32, False, False)
+    hidden, scored, pairs, w, b, _, _ = reward_inputs(8, 16, 2, [[0, 1]], torch.float32, False, False)
     with torch.no_grad():
         w.fill_(0)
         b.fill_(0)
@@ -154,8 +148,8 @@ def test_stable_log_sigmoid_for_large_margins():
 )
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_inputs_raise(mutate, message, backend):
-    args = dict(hidden=torch.randn(10, 8), scored_index=torch.tensor([1, 4]), pair_index=torch.tensor([[0, 1]]),
-                head_weight=torch.randn(8), head_bias=torch.zeros(()), norm_weight=None, margin=None)
+    args = {"hidden": torch.randn(10, 8), "scored_index": torch.tensor([1, 4]), "pair_index": torch.tensor([[0, 1]]),
+            "head_weight": torch.randn(8), "head_bias": torch.zeros(()), "norm_weight": None, "margin": None}
     mutate(args)
     with pytest.raises(ValueError, match=message):
         fused_reward_loss(**args, backend=backend)
@@ -172,22 +166,6 @@ def test_backend_errors(monkeypatch):
         fused_reward_loss(*args, backend="triton")
 
 
-def _sp_worker(rank, world, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from vlr_kernels import gather_scored_rows
-
-    hidden, scored, pairs, w, b, nw, m = _inputs(23, 40, 6, [[0, 1], [2, 3], [4, 5], [0, 3]], torch.float64,
-                                                 True, True, device="cpu")
-    bounds = [0, 9, 23]  # an uneven split of the 23 tokens
-    local = hidden.detach()[bounds[rank]:bounds[rank + 1]].clone().requires_grad_()
-    rows = gather_scored_rows(local, scored, bounds[rank])
-    loss, _, _ = fused_reward_loss(rows, torch.arange(6), pairs, w, b, nw, 1e-6, m, 0.1, backend="torch")
-    loss.backward()
-    torch.save({"loss": loss.detach(), "dlocal": local.grad, "dw": w.grad, "dg": nw.grad}, f"{result_path}.{rank}")
-    torch.distributed.destroy_process_group()
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,11 +177,12 @@ def test_sequence_parallel_gather_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     path = str(tmp_path / "sp")
-    ctx = mp.start_processes(_sp_worker, args=(2, _free_port(), path), nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(sp_worker, args=(2, _free_port(), path), nprocs=2, join=False, start_method="spawn")
     while not ctx.join(timeout=90):
         pass
-    hidden, scored, pairs, w, b, nw, m = _inputs(23, 40, 6, [[0, 1], [2, 3], [4, 5], [0, 3]], torch.float64, True,
-                                                 True, device="cpu")
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(
+        23, 40, 6, [[0, 1], [2, 3], [4, 5], [0, 3]], torch.float64, True, True, device="cpu"
+    )
     loss, _, _ = fused_reward_loss_ref(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1)
     loss.backward()
     parts = [torch.load(f"{path}.{r}") for r in range(2)]
@@ -232,7 +211,7 @@ def test_bf16_rule_on_gpu(backend, norm):
         pytest.importorskip("vlr_kernels._cuda", reason="CUDA extension not built (pip install --no-build-isolation -e .)")
     t_rows, h = 4096, 3584
     pairs = [[2 * i, 2 * i + 1] for i in range(16)] + [[0, 5], [0, 7]]
-    hidden, scored, pairs_t, w, b, nw, m = _inputs(t_rows, h, 32, pairs, torch.bfloat16, norm, True)
+    hidden, scored, pairs_t, w, b, nw, m = reward_inputs(t_rows, h, 32, pairs, torch.bfloat16, norm, True)
     loss, rewards, _ = fused_reward_loss(hidden, scored, pairs_t, w, b, nw, 1e-6, m, 0.01, backend=backend)
     loss.backward()
     grads_k = [t.grad for t in (hidden, w, b, nw) if t is not None]
@@ -257,7 +236,7 @@ def test_bf16_rule_on_gpu(backend, norm):
 def test_cuda_ops_trace_under_torch_compile():
     """The torch.library registration + fake implementations let torch.compile capture the CUDA backend."""
     pytest.importorskip("vlr_kernels._cuda", reason="CUDA extension not built (pip install --no-build-isolation -e .)")
-    hidden, scored, pairs, w, b, nw, m = _inputs(333, 3584, 8, [[0, 1], [2, 3], [4, 5], [6, 7]], torch.bfloat16,
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(333, 3584, 8, [[0, 1], [2, 3], [4, 5], [6, 7]], torch.bfloat16,
                                                  True, True)
 
     def f(hh):

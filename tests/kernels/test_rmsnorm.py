@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+from vlr_kernels import rms_norm, rms_norm_ref
 
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
-from vlr_kernels import rms_norm, rms_norm_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

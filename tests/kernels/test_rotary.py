@@ -8,18 +8,19 @@ import torch
 from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.vision_utils import get_vision_position_ids
+from vlr_kernels import apply_rotary, apply_rotary_ref, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
 
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
-from vlr_kernels import apply_rotary, apply_rotary_ref, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_mrope_cos_sin_equals_hf():
-    cfg = Qwen2_5_VLConfig(text_config=dict(
-        hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-    )).text_config
+    text = {
+        "hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    }
+    cfg = Qwen2_5_VLConfig(text_config=text).text_config
     emb = hf.Qwen2_5_VLRotaryEmbedding(cfg)
     pos = torch.stack([torch.arange(37), torch.randint(0, 40, (37,)), torch.randint(0, 40, (37,))])
     cos_hf, sin_hf = emb(torch.zeros(1), pos[:, None])
@@ -31,7 +32,7 @@ def test_mrope_cos_sin_equals_hf():
 
 
 def test_vision_rope_cos_sin_equals_hf():
-    vcfg = Qwen2_5_VLConfig(vision_config=dict(hidden_size=160, num_heads=2)).vision_config  # head_dim 80
+    vcfg = Qwen2_5_VLConfig(vision_config={"hidden_size": 160, "num_heads": 2}).vision_config  # head_dim 80
     emb = hf.Qwen2_5_VLVisionRotaryEmbedding(vcfg)
     pos = get_vision_position_ids(torch.tensor([[1, 4, 6], [1, 2, 2], [2, 6, 4]]), 2)
     cos_hf, sin_hf = emb(torch.zeros(1), pos)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers.activations import ACT2FN
+from vlr_kernels import swiglu, swiglu_ref
 
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
-from vlr_kernels import swiglu, swiglu_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
