@@ -16,7 +16,9 @@ import torch
 
 from tests.fixtures.score_rows import write_score_rows
 from tests.fixtures.tiny_hf import ReferenceScorer, build_tiny_model_dir
-from vlr_runtime.score import compute_metrics, main, parse_args
+from vlr_runtime.parallel import teardown
+from vlr_runtime.score import compute_metrics, main, parse_args, public_record, score_rows
+from vlr_runtime.scorer import RewardScorer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +42,7 @@ def run_cli(model_dir: Path, data: Path, out: Path, *extra: str) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def assert_matches_reference(rows: list[dict], expected, ref_scores, rtol: float) -> None:
+def assert_matches_reference(rows: list[dict], expected, ref_scores, rtol: float, atol: float = 1e-6) -> None:
     assert [r["id"] for r in rows] == [e.id for e in expected]
     for row, exp in zip(rows, expected):
         if exp.error:
@@ -48,7 +50,7 @@ def assert_matches_reference(rows: list[dict], expected, ref_scores, rtol: float
             continue
         got = [row["chosen_score"], row["rejected_score"]] if exp.is_pair else row["scores"]
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
-                                   torch.tensor(ref_scores[exp.id], dtype=torch.float64), rtol=rtol, atol=1e-6,
+                                   torch.tensor(ref_scores[exp.id], dtype=torch.float64), rtol=rtol, atol=atol,
                                    msg=lambda m, rid=exp.id: f"row {rid}: {m}")
 
 
@@ -85,6 +87,19 @@ def test_batching_and_shared_prompt_do_not_change_scores(setup, tmp_path):
     assert_matches_reference(one_batch, expected, ref_scores, rtol=1e-4)
 
 
+def test_data_parallel_sharding_covers_every_row_once(setup):
+    _, model_dir, data, expected, ref_scores = setup
+    scorer = RewardScorer(model_dir, batch_tokens=300)
+    try:
+        shards = [dict(score_rows(scorer, data, dp_rank=r, dp_size=3)) for r in range(3)]
+    finally:
+        teardown()
+    assert [sorted(s) for s in shards] == [list(range(r, len(expected), 3)) for r in range(3)]
+    merged = {k: v for s in shards for k, v in s.items()}
+    rows = [public_record(merged[i]) for i in range(len(expected))]
+    assert_matches_reference(rows, expected, ref_scores, rtol=1e-4)
+
+
 def test_bfloat16_within_bf16_tolerance(setup, tmp_path):
     _, model_dir, data, expected, ref_scores = setup
     rows = run_cli(model_dir, data, tmp_path / "bf16.jsonl", "--dtype", "bfloat16")
@@ -114,11 +129,24 @@ def test_tp2_under_torchrun_gives_the_same_scores(setup, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "vlr_runtime.score", "--model", str(model_dir), "--data", str(data), "--out", str(out),
            "--tp", "2", "--batch-tokens", "300", "--kernel-backend", "torch"]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert_matches_reference(rows, expected, ref_scores, rtol=1e-4)
     assert proc.stdout.count("metrics: ") == 1  # only rank 0 reports
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_on_cuda_with_default_kernels(setup, tmp_path, dtype):
+    """On a GPU: automatic kernel choice (Triton), fp32 (TF32 matmuls allowed) and bf16 against the reference."""
+    _, model_dir, data, expected, ref_scores = setup
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VLR_KERNEL_BACKEND")
+        rows = run_cli(model_dir, data, tmp_path / "cuda.jsonl", "--device", "cuda", "--dtype", dtype,
+                       "--shared-prompt")
+    tol = 2e-3 if dtype == "float32" else 5e-2
+    assert_matches_reference(rows, expected, ref_scores, rtol=tol, atol=tol)
 
 
 def test_metrics_edge_cases():
