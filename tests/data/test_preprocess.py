@@ -139,3 +139,18 @@ def test_length_policy_never_cuts_image_tokens(tmp_path, model_dir) -> None:
     n_prompt = int((full.sequences[0].input_ids == Preprocessor(model_dir).image_token_id).nonzero().max()) + 5
     with pytest.raises(DataError, match="prompt alone"):
         Preprocessor(model_dir, max_length=n_prompt, length_policy="truncate_response")(ex)
+
+
+def test_each_image_is_decoded_once_per_pair(tmp_path, model_dir, monkeypatch) -> None:
+    import vlr_runtime.data.collate as collate_module
+
+    write_image(tmp_path / "a.png", 97, 45)
+    write_image(tmp_path / "b.png", 40, 40, seed=5)
+    data = write_jsonl(tmp_path / "d.jsonl", [pair_row("two", ["a.png", "b.png"])])
+    (ex,) = [e for _, e in read_examples(data)]
+    calls = []
+    real = collate_module.decode_image
+    monkeypatch.setattr(collate_module, "decode_image", lambda p, **kw: calls.append(p) or real(p, **kw))
+    processed = Preprocessor(model_dir)(ex)
+    assert calls == [tmp_path / "a.png", tmp_path / "b.png"]  # chosen and rejected share the decoded images
+    assert len(processed.images) == 2 and len(processed.sequences) == 2
