@@ -111,7 +111,7 @@ def _check_inputs(
             raise ValueError("shared-prompt pairs need 0 <= prefix_lens <= split_lens <= segment length")
 
 
-def _allowed(
+def segment_mask(
     pos_q: torch.Tensor,
     pos_k: torch.Tensor,
     len_q: torch.Tensor,
@@ -120,7 +120,11 @@ def _allowed(
     prefix: torch.Tensor | None,
     split: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Which (q, k) pairs of one segment may attend, from local positions; arguments broadcast together."""
+    """Which (q, k) pairs of one segment may attend (the rule of this module, used by every eager path).
+
+    All arguments broadcast together: local positions ``pos_q``/``pos_k``, the segment's ``len_q``/``len_k``
+    and, for shared-prompt pairs, its ``prefix``/``split`` (None otherwise). Returns a bool tensor.
+    """
     ok = (pos_q < len_q) & (pos_k < len_k)
     if causal:
         ok = ok & (pos_k <= pos_q + (len_k - len_q))
@@ -193,7 +197,7 @@ def varlen_attention_ref(
         idx_q = (cu_q[:-1, None] + pos_q).clamp(0, tq - 1)
         idx_k = (cu_k[:-1, None] + pos_k).clamp(0, max(tk - 1, 0))
         seg = (slice(None), None, None)
-        mask = _allowed(
+        mask = segment_mask(
             pos_q[None, :, None],
             pos_k[None, None, :],
             len_q[seg],
@@ -213,7 +217,7 @@ def varlen_attention_ref(
         seg_k = torch.searchsorted(cu_k[1:], tok_k, right=True).clamp_max(n - 1)
         local_k = tok_k - cu_k[seg_k]
         sq = seg_q[:, None]
-        mask = (sq == seg_k[None, :]) & _allowed(
+        mask = (sq == seg_k[None, :]) & segment_mask(
             local_q[:, None],
             local_k[None, :],
             len_q[sq],
@@ -263,7 +267,7 @@ def _varlen_attention_sdpa(
         if causal:
             pos_q = torch.arange(lq, device=q.device)[:, None]
             pos_k = torch.arange(lk, device=q.device)[None, :]
-            mask = _allowed(
+            mask = segment_mask(
                 pos_q,
                 pos_k,
                 lq,
