@@ -3,6 +3,7 @@ get_rope_index)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,17 @@ def test_processor_matches_hf_pil_processor(tmp_path, size, mode, pixels) -> Non
     ours = process_image(decode_image(path), ImageProcessorConfig.from_model_dir(d))
     assert list(ours.grid_thw) == ref["image_grid_thw"][0].tolist()
     assert torch.equal(ours.pixel_values, ref["pixel_values"])  # bit-identical, not just within 1e-6
+
+
+def test_processor_honours_resample_setting(tmp_path) -> None:
+    d = make_model_dir(tmp_path, resample=2)  # bilinear instead of Qwen's bicubic
+    path = write_image(tmp_path / "im.png", 83, 41, seed=9)
+    ref = AutoImageProcessor.from_pretrained(d)(images=[Image.open(path)], return_tensors="pt")
+    cfg = ImageProcessorConfig.from_model_dir(d)
+    ours = process_image(decode_image(path), cfg)
+    assert torch.equal(ours.pixel_values, ref["pixel_values"])
+    bicubic = process_image(decode_image(path), dataclasses.replace(cfg, resample=3))
+    assert not torch.equal(bicubic.pixel_values, ref["pixel_values"])
 
 
 def test_exif_orientation_is_applied(tmp_path) -> None:

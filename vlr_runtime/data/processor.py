@@ -37,6 +37,8 @@ class ImageProcessorConfig:
     image_mean: tuple[float, float, float] = _CLIP_MEAN
     image_std: tuple[float, float, float] = _CLIP_STD
     rescale_factor: float = 1 / 255
+    resample: int = int(Image.Resampling.BICUBIC)
+    """PIL resampling filter (transformers' ``resample``; Qwen2.5-VL uses bicubic)."""
 
     @property
     def factor(self) -> int:
@@ -54,7 +56,7 @@ class ImageProcessorConfig:
             "min_pixels": cfg.get("min_pixels", size.get("shortest_edge", cls.min_pixels)),
             "max_pixels": cfg.get("max_pixels", size.get("longest_edge", cls.max_pixels)),
         }
-        for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor"):
+        for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample"):
             if cfg.get(key) is not None:
                 kw[key] = cfg[key]
         for key in ("image_mean", "image_std"):
@@ -95,7 +97,7 @@ def process_image(image: Image.Image, cfg: ImageProcessorConfig) -> ProcessedIma
         raise ValueError(f"process_image expects an RGB image (decode with images.decode_image), got {image.mode}")
     width, height = image.size
     new_h, new_w = smart_resize(height, width, factor=cfg.factor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    resized = np.asarray(image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
+    resized = np.asarray(image.resize((new_w, new_h), resample=Image.Resampling(cfg.resample)))
     pixels = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
     pixels = (pixels - np.asarray(cfg.image_mean, dtype=np.float32)) / np.asarray(cfg.image_std, dtype=np.float32)
     p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
