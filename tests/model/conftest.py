@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from vlr_kernels import set_default_backend
 
 from tests.model.hf_reference import make_sample, write_tiny_checkpoint
-from vlr_kernels import set_default_backend
 from vlr_runtime.parallel import setup_distributed, teardown
 
 

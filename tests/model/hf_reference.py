@@ -14,19 +14,19 @@ from safetensors.torch import save_file
 from vlr_runtime.data.types import PackedBatch
 
 IMAGE_TOKEN = 120
-TINY_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, rms_norm_eps=1e-6,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-TINY_VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                   fullatt_block_indexes=[1])
+TINY_TEXT = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+TINY_VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "out_hidden_size": 64,
+                   "fullatt_block_indexes": [1]}
 
 
 def hf_config(vision_intermediate: int = 48, **overrides):
     from transformers import Qwen2_5_VLConfig
 
     vision = dict(TINY_VISION, intermediate_size=vision_intermediate)
-    kw = dict(text_config=dict(TINY_TEXT), vision_config=vision, image_token_id=IMAGE_TOKEN,
-              video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
+    kw = {"text_config": dict(TINY_TEXT), "vision_config": vision, "image_token_id": IMAGE_TOKEN,
+              "video_token_id": 121, "vision_start_token_id": 122, "vision_end_token_id": 123}
     kw.update(overrides)
     return Qwen2_5_VLConfig(**kw)
 
@@ -84,8 +84,8 @@ def hf_scores(model, samples: list[Sample], pixels: list[torch.Tensor], grids, h
     for s in samples:
         kw = {}
         if s.images:
-            kw = dict(pixel_values=torch.cat([pixels[i] for i in s.images]).to(dev),
-                      image_grid_thw=torch.tensor([grids[i] for i in s.images], device=dev))
+            kw = {"pixel_values": torch.cat([pixels[i] for i in s.images]).to(dev),
+                      "image_grid_thw": torch.tensor([grids[i] for i in s.images], device=dev)}
         ids = s.input_ids[None].to(dev)
         with torch.no_grad():
             hidden = model.model(input_ids=ids, mm_token_type_ids=(ids == IMAGE_TOKEN).int(), **kw).last_hidden_state

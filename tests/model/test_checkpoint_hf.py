@@ -92,6 +92,10 @@ def test_bad_directories_raise_clearly(tp1, tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="pickle"):
         load_hf_checkpoint(model, tmp_path)
     tensors = load_file(str(d / "model.safetensors"))
+    down = "model.layers.0.mlp.down_proj.weight"
+    save_file({**tensors, down: tensors[down].t().contiguous()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=down):  # same number of elements, wrong layout
+        load_hf_checkpoint(model, tmp_path)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):

@@ -97,6 +97,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from vlr_kernels import set_default_backend
+
     from vlr_runtime.parallel import setup_distributed, teardown
 
     try:
@@ -128,6 +129,7 @@ def _free_port() -> int:
 
 def test_tp2_matches_transformers_and_tp1(tmp_path):
     from vlr_kernels import set_default_backend
+
     from vlr_runtime.parallel import setup_distributed, teardown
 
     samples, pixels = _inputs()

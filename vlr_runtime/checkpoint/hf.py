@@ -73,7 +73,7 @@ class _SafetensorsReader:
             if not path.is_file():
                 raise FileNotFoundError(f"weight file {path} listed in the index is missing")
             handle = stack.enter_context(safe_open(str(path), framework="pt"))
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 self.location[_canonical(key)] = (handle, key)
 
     def __contains__(self, name: str) -> bool:

@@ -104,7 +104,7 @@ class ModelArgs:
         return self.text.hidden_size
 
     @classmethod
-    def from_hf_config(cls, path_or_dict: str | Path | dict[str, Any]) -> "ModelArgs":
+    def from_hf_config(cls, path_or_dict: str | Path | dict[str, Any]) -> ModelArgs:
         """Read a Qwen2.5-VL ``config.json`` (a model directory, the file itself, or its parsed dict)."""
         if isinstance(path_or_dict, dict):
             cfg = path_or_dict
@@ -171,14 +171,14 @@ class ModelArgs:
         )
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "ModelArgs":
+    def tiny(cls, **overrides: Any) -> ModelArgs:
         """A few-MB model for tests and the default CPU job (vocab 512, image token ids at its top end)."""
         vision = VisionArgs(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                             fullatt_block_indexes=[1])
         text = TextArgs(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                         num_kv_heads=2, rope_theta=10000.0, mrope_section=[2, 3, 3])
-        kw: dict[str, Any] = dict(vision=vision, text=text, image_token_id=508, video_token_id=509,
-                                  vision_start_token_id=510, vision_end_token_id=511)
+        kw: dict[str, Any] = {"vision": vision, "text": text, "image_token_id": 508, "video_token_id": 509,
+                                  "vision_start_token_id": 510, "vision_end_token_id": 511}
         kw.update(overrides)
         return cls(**kw)
 

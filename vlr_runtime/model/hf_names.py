@@ -111,17 +111,24 @@ Reader = Callable[[str, int | None, int, int], torch.Tensor]
 
 
 def local_value(spec: ParamSpec, read: Reader, tp_rank: int, tp: int) -> torch.Tensor:
-    """This rank's value of ``spec.param`` assembled from HF tensors through ``read`` (see the module docstring)."""
-    if spec.split_dim is None:
-        return read(spec.parts[0].name, None, 0, 0)
+    """This rank's value of ``spec.param`` assembled from HF tensors through ``read`` (see the module docstring).
+    Raises ValueError naming the tensor when a checkpoint tensor does not have the shape the config implies."""
     pieces = []
     for part in spec.parts:
-        full = part.length if part.length is not None else part.shape[spec.split_dim]
-        if full % tp:
-            raise ValueError(f"{part.name}: size {full} along dim {spec.split_dim} not divisible by tp={tp}")
-        chunk = full // tp
-        pieces.append(read(part.name, spec.split_dim, part.start + tp_rank * chunk, chunk))
-    return torch.cat(pieces, dim=spec.split_dim)
+        if spec.split_dim is None:
+            piece, expected = read(part.name, None, 0, 0), part.shape
+        else:
+            full = part.length if part.length is not None else part.shape[spec.split_dim]
+            if full % tp:
+                raise ValueError(f"{part.name}: size {full} along dim {spec.split_dim} not divisible by tp={tp}")
+            chunk = full // tp
+            piece = read(part.name, spec.split_dim, part.start + tp_rank * chunk, chunk)
+            expected = part.shape[: spec.split_dim] + (chunk,) + part.shape[spec.split_dim + 1:]
+        if tuple(piece.shape) != expected:
+            raise ValueError(f"{part.name}: checkpoint slice has shape {tuple(piece.shape)}, the config implies "
+                             f"{expected} (tp={tp}, rank {tp_rank})")
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=spec.split_dim)
 
 
 def fill_parameters(model: nn.Module, read: Reader, skip: frozenset[str] = frozenset()) -> None:
@@ -132,17 +139,13 @@ def fill_parameters(model: nn.Module, read: Reader, skip: frozenset[str] = froze
             continue
         param = params[spec.param]
         value = local_value(spec, read, *model.shard_of(spec.param))
-        if value.numel() != param.numel():
-            raise ValueError(f"{spec.param}: checkpoint gives shape {tuple(value.shape)}, model expects "
-                             f"{tuple(param.shape)} (tp={tp})")
         with torch.no_grad():
             param.copy_(value.reshape(param.shape))
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], seed: int, hidden: int) -> torch.Tensor:
     """Deterministic HF-shaped init for ``name``: norms 1, biases 0, head ~N(0, 1/(H+1)), others ~N(0, 0.02)."""
-    if name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name or "ln_q" in name \
-            or name.endswith("layernorm.weight"):
+    if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
         return torch.ones(shape)
     if name.endswith(".bias"):
         return torch.zeros(shape)

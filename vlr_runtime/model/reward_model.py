@@ -13,7 +13,6 @@ from vlr_runtime.model.language import LanguageModel
 from vlr_runtime.model.layers import parallel_config
 from vlr_runtime.model.vision import VisionTower, vision_splits_over
 
-
 VISION_PARALLEL = ("auto", "tensor", "images")
 """How the vision tower uses the TP group: ``tensor`` shards its layers like the decoder's; ``images`` keeps full
 weights on every rank and, while the patch embedding and blocks are frozen, splits the images between the ranks;
@@ -95,8 +94,8 @@ class RewardModel(nn.Module):
                              batch.prefix_lens, batch.split_lens)
 
     def _head_args(self) -> dict:
-        return dict(head_weight=self.head.weight.view(-1), head_bias=self.head.bias,
-                    norm_weight=self.final_norm.weight, eps=self.args.text.rms_norm_eps)
+        return {"head_weight": self.head.weight.view(-1), "head_bias": self.head.bias,
+                    "norm_weight": self.final_norm.weight, "eps": self.args.text.rms_norm_eps}
 
     @torch.no_grad()
     def rewards(self, batch: PackedBatch) -> torch.Tensor:

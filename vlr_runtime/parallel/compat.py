@@ -37,19 +37,19 @@ def _cpu_tracker_class(base: type) -> type:
         def add(self, name: str, seed: int) -> None:
             self._is_initialized = True
             if seed in self.seeds_:
-                raise Exception(f"seed {seed} already exists")
+                raise RuntimeError(f"seed {seed} already exists")
             self.seeds_.add(seed)
             if name in self.states_:
-                raise Exception(f"rng state {name} already exists")
+                raise RuntimeError(f"rng state {name} already exists")
             orig = torch.get_rng_state()
             torch.manual_seed(seed)
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(orig)
 
         @contextlib.contextmanager
-        def fork(self, name: str = "model-parallel-rng"):  # noqa: D102 - same contract as megatron's
+        def fork(self, name: str = "model-parallel-rng"):
             if name not in self.states_:
-                raise Exception(f"rng state {name} is not added")
+                raise RuntimeError(f"rng state {name} is not added")
             orig = torch.get_rng_state()
             torch.set_rng_state(self.states_[name])
             try:

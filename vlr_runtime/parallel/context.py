@@ -14,7 +14,7 @@ from vlr_runtime.parallel.compat import activate_cpu_compat
 
 log = logging.getLogger(__name__)
 
-_CONTEXT: "ParallelContext | None" = None
+_CONTEXT: ParallelContext | None = None
 _SELF_GROUP: dist.ProcessGroup | None = None
 
 
