@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.kernels.helpers import assert_close64, to64
 from vlr_kernels import BackendUnavailable, varlen_attention, varlen_attention_ref
 from vlr_kernels.attention.varlen_triton import head_dim_chunks, varlen_attention_bwd, varlen_attention_fwd
+
+from tests.kernels.helpers import assert_close64, to64
 
 # The Triton tests run on the GPU when there is one (fp32 there uses IEEE dots), else through the interpreter.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
