@@ -27,8 +27,10 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     return make_model_dir(root / "model"), write_jsonl(root / "d.jsonl", rows)
 
 
-def _run(model: Path, data: Path, rank: int, steps: int, workers: int, state: dict | None = None):
-    cfg = LoaderConfig(pairs_per_step=PER_STEP, token_budget=700, seed=11, num_workers=workers, prefetch_steps=1)
+def _run(model: Path, data: Path, rank: int, steps: int, workers: int, state: dict | None = None,
+         shared_prompt: bool = False):
+    cfg = LoaderConfig(pairs_per_step=PER_STEP, token_budget=700, seed=11, num_workers=workers, prefetch_steps=1,
+                       shared_prompt=shared_prompt)
     loader = PairLoader(data, Preprocessor(model), cfg, rank=rank, world_size=2)
     if state is not None:
         loader.load_state_dict(state)
@@ -67,16 +69,19 @@ def test_resume_mid_epoch_is_exact_with_workers_and_two_ranks(setup) -> None:
             _same(a, b)
 
 
-def test_ranks_agree_and_every_row_arrives_once_per_epoch(setup) -> None:
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_ranks_agree_and_every_row_arrives_once_per_epoch(setup, shared_prompt: bool) -> None:
     model, data = setup
     steps = N_ROWS  # N_ROWS * PER_STEP stream positions = PER_STEP whole epochs
-    runs = [_run(model, data, rank, steps, workers=0)[0] for rank in (0, 1)]
+    runs = [_run(model, data, rank, steps, workers=0, shared_prompt=shared_prompt)[0] for rank in (0, 1)]
     ids = []
     for s0, s1 in zip(*runs, strict=True):
         assert len(s0.microbatches) == len(s1.microbatches)  # same number of passes on both ranks
         assert s0.any_images == s1.any_images and s0.global_pairs == s1.global_pairs
         for sb in (s0, s1):
             ids += [i for mb in sb.microbatches if mb is not None for i in mb.sample_ids]
+            for mb in sb.microbatches:
+                assert mb is None or (mb.num_tokens <= 700 and (mb.prefix_lens is not None) == shared_prompt)
     good = [f"r{i}" for i in range(N_ROWS) if i != 7]
     assert sorted(ids) == sorted(good * PER_STEP)
 
