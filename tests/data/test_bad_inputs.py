@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.helpers import make_model_dir, write_bad_inputs
+from tests.data.helpers import make_model_dir, pair_row, write_bad_inputs, write_jsonl
 from vlr_runtime.data.collate import Preprocessor
 from vlr_runtime.data.loader import LoaderConfig, PairLoader
 from vlr_runtime.data.validate import format_report, validate
@@ -67,3 +67,12 @@ def test_validate_function_and_cli(setup, capsys) -> None:
 
     assert validate_main([str(data.parent / "nope.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_training_loader_refuses_ranking_rows(setup, tmp_path) -> None:
+    model, _, _ = setup
+    data = write_jsonl(tmp_path / "mixed.jsonl", [
+        pair_row("pair", []), {"id": "rank", "query": "Q?", "response": ["a", "b"], "human_ranking": [0, 1]}])
+    sb = next(iter(PairLoader(data, Preprocessor(model), LoaderConfig(pairs_per_step=2, token_budget=BUDGET))))
+    assert sb.rejected_global == [("rank", "bad_field")]
+    assert [mb.sample_ids for mb in sb.microbatches] == [["pair"]]

@@ -31,7 +31,7 @@ from vlr_runtime.data.collate import Preprocessor, ProcessedExample, collate
 from vlr_runtime.data.errors import DataError
 from vlr_runtime.data.formats import RowIndex, example_from_row, row_id
 from vlr_runtime.data.packing import pack_microbatches
-from vlr_runtime.data.types import PackedBatch
+from vlr_runtime.data.types import PackedBatch, PairExample
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +109,8 @@ def build_step(ctx: _Context, step: int, rows: Sequence[int]) -> StepBatch:
     for i in rows:
         try:
             ex = example_from_row(ctx.index, i)
+            if not isinstance(ex, PairExample):
+                raise DataError("bad_field", "a ranking (VL-RewardBench) row is not a training pair")
             t, p = pre.estimate(ex, shared_prompt=cfg.shared_prompt)
             if t > cfg.token_budget:
                 raise DataError("over_length", f"{t} tokens > token budget {cfg.token_budget}")
