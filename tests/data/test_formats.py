@@ -69,6 +69,9 @@ def test_parquet_shards_and_random_access(tmp_path) -> None:
     assert [f.name for f in expand_shards(str(shard / "*.parquet"))] == ["b.parquet"]
     with pytest.raises(FileNotFoundError):
         expand_shards(tmp_path / "missing*.jsonl")
+    (tmp_path / "array.json").write_text(json.dumps([pair_row("x", [])], indent=1))
+    with pytest.raises(ValueError, match="JSONL"):
+        RowIndex(tmp_path / "array.json")
     index = RowIndex(shard)
     assert len(index) == 3 + 1 + 7  # the blank line is not a row; "[1, 2]" is a (bad) row
     assert isinstance(index[3], DataError) and index[3].reason == "bad_json"

@@ -77,6 +77,9 @@ class RowIndex:
 
     def _index_jsonl(self, fi: int, path: Path) -> None:
         with open(path, "rb") as f:
+            if f.read(4096).lstrip().startswith(b"["):
+                raise ValueError(f"{path} holds a JSON array; write one JSON object per line (JSONL)")
+            f.seek(0)
             offset = 0
             for line in f:
                 if line.strip():
