@@ -237,6 +237,7 @@ def _reward_bwd_kernel(
     rstd = tl.load(rstd_ptr + s)
     # mean(dL/dxhat * xhat) = g_r * (r_s - b) / H, known from the forward: no extra pass over the row
     proj = g_r * (r_s - tl.load(b_ptr).to(tl.float32)) / n_cols
+    part = s.to(tl.int64) * n_cols  # this row's slice of the [S, H] partials
     cols = tl.arange(0, BLOCK_H)
     for start in range(0, n_cols, BLOCK_H):
         c = start + cols
@@ -247,11 +248,11 @@ def _reward_bwd_kernel(
             g = tl.load(g_ptr + c, mask=mask, other=0.0).to(tl.float32)
             xhat = x * rstd
             dx = rstd * (g_r * w * g - xhat * proj)
-            tl.store(dw_part_ptr + s * n_cols + c, g_r * xhat * g, mask=mask)
-            tl.store(dg_part_ptr + s * n_cols + c, g_r * xhat * w, mask=mask)
+            tl.store(dw_part_ptr + part + c, g_r * xhat * g, mask=mask)
+            tl.store(dg_part_ptr + part + c, g_r * xhat * w, mask=mask)
         else:
             dx = g_r * w
-            tl.store(dw_part_ptr + s * n_cols + c, g_r * x, mask=mask)
+            tl.store(dw_part_ptr + part + c, g_r * x, mask=mask)
         tl.store(dh_ptr + row * stride_dt + c, dx.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
@@ -299,10 +300,12 @@ def _param_grad_kernel(
     cmask = c < n_cols
     sw = tl.zeros([BLOCK_C], dtype=tl.float32)
     sg = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s in range(n_scored):
-        sw += tl.load(dw_part_ptr + s * n_cols + c, mask=cmask, other=0.0)
+    offs = c.to(tl.int64)  # advanced one row per iteration; S * H may exceed 2**31
+    for _ in range(n_scored):
+        sw += tl.load(dw_part_ptr + offs, mask=cmask, other=0.0)
         if HAS_NORM:
-            sg += tl.load(dg_part_ptr + s * n_cols + c, mask=cmask, other=0.0)
+            sg += tl.load(dg_part_ptr + offs, mask=cmask, other=0.0)
+        offs += n_cols
     tl.store(dw_ptr + c, sw.to(dw_ptr.dtype.element_ty), mask=cmask)
     if HAS_NORM:
         tl.store(dg_ptr + c, sg.to(dg_ptr.dtype.element_ty), mask=cmask)
@@ -354,18 +357,18 @@ class FusedRewardLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps, margin,
                 center_coef, impl):
+        # The zero fill of dL/dhidden (T x H, the only large write) is queued first, so the GPU does it while the
+        # host launches the forward kernels and runs the autograd engine; backward then writes only the S scored
+        # rows. The buffer is the gradient itself, so the peak is unchanged (the loss is the last op of a forward).
+        ctx.dhidden = None
+        if impl == "triton" and ctx.needs_input_grad[0]:
+            ctx.dhidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
         ops = _launchers(impl)
         rewards, rstd = ops.reward_fwd(hidden, scored_index, head_weight, head_bias, norm_weight, eps)
         loss, acc = ops.pair_loss_fwd(rewards, pair_index, margin, center_coef)
         ctx.save_for_backward(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin,
                               rewards, rstd)
         ctx.center_coef, ctx.impl = center_coef, impl
-        # The zero fill of dL/dhidden (T x H, the only large write) is queued right behind the forward kernels so
-        # the GPU does it while the host runs the autograd engine; backward then writes only the S scored rows.
-        # The buffer is the gradient itself, so the peak is unchanged (the loss is the last op of the forward).
-        ctx.dhidden = None
-        if impl == "triton" and ctx.needs_input_grad[0]:
-            ctx.dhidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
         ctx.mark_non_differentiable(acc)
         ctx.set_materialize_grads(False)  # an unused rewards output then costs no zero-filled gradient
         return loss, rewards, acc

@@ -8,7 +8,6 @@ Backward stores only ``s`` and the per-row ``rstd`` (fp32, 4 bytes a row).
 from __future__ import annotations
 
 import torch
-
 from vlr_kernels._backend import resolve_backend
 from vlr_kernels._triton_compat import tl, triton, triton_jit
 
@@ -54,26 +53,26 @@ def _rms_norm_bwd_kernel(
     dy_ptr, ds_ptr, s_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, n_cols, rows_per_program,
     HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # one program per contiguous slice of rows, its dweight partial kept in registers
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = (row_start + i).to(tl.int64)
-        if row < n_rows:
-            offs = row * n_cols + cols
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            xhat = xhat * rstd
-            dyw = dy * w
-            dx = rstd * (dyw - xhat * (tl.sum(dyw * xhat, axis=0) / n_cols))
-            if HAS_DS:
-                dx += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            dw_acc += dy * xhat
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    offs = row_start.to(tl.int64) * n_cols + cols  # advanced by one row per iteration (64-bit: T*H may be > 2**31)
+    for row in range(row_start, row_end):
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rstd
+        dyw = dy * w
+        dx = rstd * (dyw - xhat * (tl.sum(dyw * xhat, axis=0) / n_cols))
+        if HAS_DS:
+            dx += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+        offs += n_cols
     tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
 
 
