@@ -128,3 +128,34 @@ def test_shared_prompt_pair_scores_like_two_sequences(loaded, tiny_ckpt, inputs)
         prefix_lens=torch.tensor([p], dtype=torch.int32), split_lens=torch.tensor([s], dtype=torch.int32),
     )
     assert rel_err(model.rewards(batch), ref) <= 1e-4
+
+
+def test_recompute_gives_identical_loss_and_grads(loaded, tiny_ckpt, inputs):
+    model, _ = loaded
+    samples, pixels, grids = inputs
+    batch = pack(tiny_ckpt[1], samples, pixels, grids)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss, _, _ = model.loss(batch, center_coef=0.1)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    # Pre-hooks: checkpoint's recompute stops early, once the saved tensors are rebuilt, before a forward hook.
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+             for m in (model.language.layers[0], model.vision.blocks[0])]
+    try:
+        plain_loss, plain = loss_and_grads()
+        assert len(calls) == 2
+        model.set_recompute(llm=True, vision=True)
+        re_loss, re = loss_and_grads()
+        assert len(calls) == 2 + 4  # each checkpointed layer runs again in backward
+    finally:
+        model.set_recompute(llm=False, vision=False)
+        model.zero_grad(set_to_none=True)
+        for h in hooks:
+            h.remove()
+    assert torch.equal(plain_loss, re_loss)
+    for name, g in plain.items():
+        assert torch.allclose(re[name], g, rtol=1e-5, atol=1e-7), name

@@ -9,7 +9,15 @@ from torch import nn
 from vlr_kernels.rotary import apply_rotary, mrope_cos_sin, rope_inv_freq
 
 from vlr_runtime.model.args import TextArgs
-from vlr_runtime.model.layers import CoreAttention, RMSNorm, SwiGLUMLP, _no_init, column_linear, row_linear
+from vlr_runtime.model.layers import (
+    CoreAttention,
+    RMSNorm,
+    SwiGLUMLP,
+    _no_init,
+    column_linear,
+    row_linear,
+    run_layer,
+)
 
 
 class SelfAttention(nn.Module):
@@ -69,6 +77,8 @@ class LanguageModel(nn.Module):
                                             tp_group=group)
         self.layers = nn.ModuleList(DecoderLayer(args, config, group) for _ in range(args.num_layers))
         self.final_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.recompute = False
+        """Activation checkpointing of every decoder layer (set by :meth:`RewardModel.set_recompute`)."""
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 prefix_lens: torch.Tensor | None = None, split_lens: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,5 +89,5 @@ class LanguageModel(nn.Module):
         cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
+            x = run_layer(layer, self.recompute, x, cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
         return x

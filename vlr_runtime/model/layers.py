@@ -56,6 +56,14 @@ def row_linear(in_features: int, out_features: int, *, bias: bool, config: Model
                              input_is_parallel=True, skip_bias_add=False, tp_group=group)
 
 
+def run_layer(layer: nn.Module, recompute: bool, *inputs):
+    """``layer(*inputs)``; with ``recompute`` (and autograd on) only the inputs are kept and the layer's activations
+    are recomputed in backward (collectives included, in the same order on every rank)."""
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
+    return layer(*inputs)
+
+
 class RMSNorm(nn.Module):
     """HF Qwen2 RMSNorm (normalise in fp32, cast back, multiply by ``weight``) through ``vlr_kernels.rms_norm``."""
 

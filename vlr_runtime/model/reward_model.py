@@ -46,6 +46,12 @@ class RewardModel(nn.Module):
         self.language = LanguageModel(args.text, config, tp_group)
         self.head = nn.Linear(args.hidden_size, 1, bias=True)
 
+    def set_recompute(self, *, llm: bool, vision: bool) -> None:
+        """Activation checkpointing per decoder layer / vision block: memory of one layer's activations instead of
+        all of them, for one extra forward of the recomputed layers in backward. Results are unchanged."""
+        self.language.recompute = llm
+        self.vision.recompute = vision
+
     def shard_of(self, param_name: str) -> tuple[int, int]:
         """``(rank, size)`` of the group a parameter is sharded over (the vision tower may run replicated)."""
         if param_name.startswith("vision.") and self.vision.tp == 1:

@@ -17,7 +17,7 @@ from vlr_kernels.rotary import apply_rotary, rope_inv_freq, vision_rope_cos_sin
 
 from vlr_runtime.data.windows import vision_windows
 from vlr_runtime.model.args import VisionArgs
-from vlr_runtime.model.layers import CoreAttention, RMSNorm, SwiGLUMLP, column_linear, row_linear
+from vlr_runtime.model.layers import CoreAttention, RMSNorm, SwiGLUMLP, column_linear, row_linear, run_layer
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' Qwen2.5-VL vision blocks and merger
 
@@ -107,6 +107,8 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(args, config, group) for _ in range(args.depth))
         self.merger = PatchMerger(args, config, group)
         self.full_attention = frozenset(args.fullatt_block_indexes)
+        self.recompute = False
+        """Activation checkpointing of every block (set by :meth:`RewardModel.set_recompute`)."""
 
     def encoder_trainable(self) -> bool:
         return self.patch_embed.requires_grad or any(p.requires_grad for p in self.blocks.parameters())
@@ -147,9 +149,9 @@ class VisionTower(nn.Module):
         cos, sin = to_window_order(cos), to_window_order(sin)
         for i, block in enumerate(self.blocks):
             if i in self.full_attention:
-                x = block(x, cos, sin, cu_full, meta.max_seqlen)
+                x = run_layer(block, self.recompute, x, cos, sin, cu_full, meta.max_seqlen)
             else:
-                x = block(x, cos, sin, cu_window, meta.max_window_seqlen)
+                x = run_layer(block, self.recompute, x, cos, sin, cu_window, meta.max_window_seqlen)
         # The merger maps each merge unit on its own, so units go back to image order before it, not after.
         return x.reshape(n // unit, unit, -1)[meta.reverse_index.to(dev)].reshape(n, -1)
 
