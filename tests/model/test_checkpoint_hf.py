@@ -22,14 +22,21 @@ def _rel(a, b):
     return float(((a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-3)).max())
 
 
-def test_export_loads_in_stock_transformers_with_same_scores(tp1, tiny_ckpt, inputs, tmp_path):
+@pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 60_000], ids=["single_file", "sharded"])
+def test_export_loads_in_stock_transformers_with_same_scores(tp1, tiny_ckpt, inputs, tmp_path, max_shard_bytes):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     d, hf, _, _ = tiny_ckpt
     (d / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136}))
     model, _ = _load(d, tp1)
-    out = export_hf_checkpoint(model, model.args, tmp_path / "export", source_dir=d)
+    out = export_hf_checkpoint(model, model.args, tmp_path / "export", source_dir=d, max_shard_bytes=max_shard_bytes)
     assert (out / "preprocessor_config.json").is_file() and (out / "value_head.safetensors").is_file()
+    shards = sorted(p.name for p in out.glob("model*.safetensors"))
+    if max_shard_bytes < 2**20:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    else:
+        assert shards == ["model.safetensors"]
     exported, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     head = load_file(str(out / "value_head.safetensors"))

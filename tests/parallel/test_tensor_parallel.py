@@ -28,13 +28,13 @@ def _inputs():
 
 def full_grads(model) -> dict[str, torch.Tensor]:
     """Every parameter's gradient as full HF-shaped tensors (TP shards gathered), via the export gather."""
-    from vlr_runtime.checkpoint.hf import _gather_full_tensors
+    from vlr_runtime.checkpoint.hf import iter_full_tensors
 
     saved = {n: p.data for n, p in model.named_parameters()}
     for p in model.parameters():
         p.data = p.grad
     try:
-        return _gather_full_tensors(model)
+        return dict(iter_full_tensors(model))
     finally:
         for n, p in model.named_parameters():
             p.data = saved[n]

@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -134,18 +135,18 @@ def load_hf_checkpoint(model: RewardModel, model_dir: str | Path, *, head_seed: 
     return {"files": [f.name for f in files], "head": head, "ignored": ignored}
 
 
-def _gather_full_tensors(model: RewardModel) -> dict[str, torch.Tensor]:
-    """Full HF tensors (CPU) assembled from every TP rank's slices; every rank of the TP group must call it."""
+def iter_full_tensors(model: RewardModel, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full tensor on the CPU)`` for every HF tensor, one parameter at a time (TP slices all-gathered),
+    so that at most one full tensor per parameter is held. Every rank of the TP group must iterate it to the end."""
     from megatron.core import parallel_state
 
     params = dict(model.named_parameters())
     group = parallel_state.get_tensor_model_parallel_group()
-    segments: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-    out: dict[str, torch.Tensor] = {}
     for spec in hf_param_specs(model.args):
         local = params[spec.param].detach()
+        local = local if dtype is None else local.to(dtype)
         if spec.split_dim is None:
-            out[spec.parts[0].name] = local.reshape(spec.parts[0].shape).cpu()
+            yield spec.parts[0].name, local.reshape(spec.parts[0].shape).cpu()
             continue
         _, tp = model.shard_of(spec.param)
         if tp > 1:
@@ -155,12 +156,11 @@ def _gather_full_tensors(model: RewardModel) -> dict[str, torch.Tensor]:
             pieces = [local]
         lengths = [(p.length if p.length is not None else p.shape[spec.split_dim]) // tp for p in spec.parts]
         per_rank = [piece.split(lengths, dim=spec.split_dim) for piece in pieces]
-        for j, part in enumerate(spec.parts):
-            segments[part.name][part.start] = torch.cat([r[j] for r in per_rank], dim=spec.split_dim).cpu()
-    for name, by_start in segments.items():
-        # Several parts of one HF tensor (the vision qkv) are row blocks of it.
-        out[name] = torch.cat([by_start[s] for s in sorted(by_start)], dim=0)
-    return out
+        segments: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for j, part in enumerate(spec.parts):  # parts of one HF tensor (vision qkv) are its row blocks, in order
+            segments[part.name].append(torch.cat([r[j] for r in per_rank], dim=spec.split_dim).cpu())
+        for name, blocks in segments.items():
+            yield name, blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
 
 
 def export_hf_checkpoint(model: RewardModel, args: ModelArgs, out_dir: str | Path, *,
@@ -169,37 +169,51 @@ def export_hf_checkpoint(model: RewardModel, args: ModelArgs, out_dir: str | Pat
     """Write ``model`` as an HF Qwen2.5-VL directory + ``value_head.safetensors`` (see the module docstring).
 
     Collective over the TP group (all ranks must call it); rank 0 of the world writes and gets ``out_dir`` back,
-    the other ranks ``None``. ``dtype``: tensor dtype on disk (default: the parameters' dtype).
+    the other ranks ``None``. ``dtype``: tensor dtype on disk (default: the parameters' dtype). Shards of at most
+    ``max_shard_bytes`` are written as the tensors are gathered (rank 0 holds one shard at a time).
     """
-    tensors = _gather_full_tensors(model)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    dtype = dtype or model.head.weight.dtype
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for old in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
+            old.unlink(missing_ok=True)
+    head: dict[str, torch.Tensor] = {}
+    shard: dict[str, torch.Tensor] = {}
+    written: list[list[str]] = []
+    size = total = 0
+
+    def flush() -> None:
+        save_file(shard, str(out_dir / f"model-part-{len(written):05d}.safetensors"), metadata={"format": "pt"})
+        written.append(list(shard))
+        shard.clear()
+
+    for name, tensor in iter_full_tensors(model, dtype):
+        if rank != 0:
+            continue
+        if name in (HEAD_WEIGHT, HEAD_BIAS):
+            head[name] = tensor.contiguous()
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = tensor.contiguous()
+        size, total = size + nbytes, total + nbytes
     if rank != 0:
         dist.barrier()
         return None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or model.head.weight.dtype
-    head = {k: tensors.pop(k).to(dtype).contiguous() for k in (HEAD_WEIGHT, HEAD_BIAS)}
+    flush()
     save_file(head, str(out_dir / VALUE_HEAD_FILE), metadata={"format": "pt"})
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        t = tensors[name].to(dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if len(written) == 1:
+        (out_dir / "model-part-00000.safetensors").rename(out_dir / "model.safetensors")
     else:
         weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        for i, names in enumerate(written):
+            fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            (out_dir / f"model-part-{i:05d}.safetensors").rename(out_dir / fname)
+            weight_map.update({k: fname for k in names})
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = args.to_hf_config()
