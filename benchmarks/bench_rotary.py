@@ -3,7 +3,7 @@
 
 Providers: hf_eager (transformers' apply_rotary_pos_emb / apply_rotary_pos_emb_vision on [T, heads, D]),
 hf_compile, liger (LigerRopeFunction in its [1, heads, T, D] layout, prepared outside the timing; LLM config only),
-triton (vlr_kernels.apply_rotary on q and k). Bytes counted: q and k read and written once per pass plus the fp32
+triton (vlr_kernels.apply_rotary_qk: q and k in one launch). Bytes counted: q and k read and written once per pass plus the fp32
 cos/sin rows: 2 (Hq + Hk) T D e + 2 T D 4 per direction.
 """
 
@@ -19,7 +19,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps
-from vlr_kernels import apply_rotary, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
+from vlr_kernels import apply_rotary_qk, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
 
 CONFIGS = {"llm": (28, 4, 128), "vision": (16, 16, 80)}
 
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> str:
         "hf_eager": lambda: lambda: hf_rope(q, k),
         "hf_compile": lambda: functools.partial(compiled(hf_rope), q, k),
         "liger": liger,
-        "triton": lambda: lambda: (apply_rotary(q, cos, sin, backend="triton"),
-                                   apply_rotary(k, cos, sin, backend="triton")),
+        "triton": lambda: functools.partial(apply_rotary_qk, q, k, cos, sin, backend="triton"),
     }
 
     def backward(out):

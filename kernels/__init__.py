@@ -12,13 +12,21 @@ from vlr_kernels.reward_loss import (
     reward_scores,
 )
 from vlr_kernels.rmsnorm import rms_norm, rms_norm_ref
-from vlr_kernels.rotary import apply_rotary, apply_rotary_ref, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
+from vlr_kernels.rotary import (
+    apply_rotary,
+    apply_rotary_qk,
+    apply_rotary_ref,
+    mrope_cos_sin,
+    rope_inv_freq,
+    vision_rope_cos_sin,
+)
 from vlr_kernels.swiglu import swiglu, swiglu_ref
 from vlr_kernels.varlen_attention import varlen_attention, varlen_attention_ref
 
 __all__ = [
     "BackendUnavailable",
     "apply_rotary",
+    "apply_rotary_qk",
     "apply_rotary_ref",
     "fused_reward_loss",
     "fused_reward_loss_ref",

@@ -9,7 +9,6 @@ heads; M-RoPE and the vision rope differ only in how cos/sin are built, so one k
 from __future__ import annotations
 
 import torch
-
 from vlr_kernels._backend import resolve_backend
 from vlr_kernels._triton_compat import tl, triton, triton_jit
 
@@ -79,14 +78,31 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 @triton_jit
+def _rotate_heads(
+    x_ptr, y_ptr, t, hb, n_heads, half, stride_xt, stride_xh, c1, c2, s1, s2,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # y1 = x1*c1 - x2*s1,  y2 = x2*c2 + x1*s2  (rotate-half); y is contiguous [T, heads, 2*half]
+    hs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    ds = tl.arange(0, BLOCK_D)
+    mask = (hs[:, None] < n_heads) & (ds[None, :] < half)
+    x_offs = t * stride_xt + hs[:, None] * stride_xh + ds[None, :]
+    x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_offs + half, mask=mask, other=0.0).to(tl.float32)
+    y_offs = t * n_heads * 2 * half + hs[:, None] * 2 * half + ds[None, :]
+    tl.store(y_ptr + y_offs, (x1 * c1[None, :] - x2 * s1[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_offs + half, (x2 * c2[None, :] + x1 * s2[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_jit
 def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, y_ptr, n_heads, half, stride_xt, stride_xh,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, yq_ptr, yk_ptr, heads_q, heads_k, n_q_blocks, half,
+    stride_qt, stride_qh, stride_kt, stride_kh,
     BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # forward:  y1 = x1*c1 - x2*s1,  y2 = x2*c2 + x1*s2
-    # backward (transpose of the same linear map): dx1 = g1*c1 + g2*s2,  dx2 = g2*c2 - g1*s1
+    # grid (T, q head blocks + k head blocks): q and k of a token share one read of its cos/sin row
     t = tl.program_id(0).to(tl.int64)
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hb = tl.program_id(1)
     ds = tl.arange(0, BLOCK_D)
     dmask = ds < half
     c1 = tl.load(cos_ptr + t * 2 * half + ds, mask=dmask, other=0.0).to(tl.float32)
@@ -94,51 +110,75 @@ def _rotary_kernel(
     s1 = tl.load(sin_ptr + t * 2 * half + ds, mask=dmask, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + t * 2 * half + half + ds, mask=dmask, other=0.0).to(tl.float32)
     if BACKWARD:
+        # the transposed rotation: dx1 = g1*c1 + g2*s2,  dx2 = g2*c2 - g1*s1
         s1, s2 = -s2, -s1
-    mask = (hs[:, None] < n_heads) & dmask[None, :]
-    x_offs = t * stride_xt + hs[:, None] * stride_xh + ds[None, :]
-    x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_offs + half, mask=mask, other=0.0).to(tl.float32)
-    y_offs = t * n_heads * 2 * half + hs[:, None] * 2 * half + ds[None, :]
-    y1 = x1 * c1[None, :] - x2 * s1[None, :]
-    y2 = x2 * c2[None, :] + x1 * s2[None, :]
-    tl.store(y_ptr + y_offs, y1.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + y_offs + half, y2.to(y_ptr.dtype.element_ty), mask=mask)
+    if hb < n_q_blocks:
+        _rotate_heads(q_ptr, yq_ptr, t, hb, heads_q, half, stride_qt, stride_qh, c1, c2, s1, s2, BLOCK_H, BLOCK_D)
+    else:
+        _rotate_heads(k_ptr, yk_ptr, t, hb - n_q_blocks, heads_k, half, stride_kt, stride_kh, c1, c2, s1, s2,
+                      BLOCK_H, BLOCK_D)
 
 
-def rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
-    """Launch the kernel on ``x [T, heads, D]`` (last dim contiguous; a view of a fused qkv is fine), contiguous
-    ``cos``/``sin [T, D]``. ``backward=True`` applies the transposed rotation (the gradient). Returns a contiguous
-    ``[T, heads, D]``."""
-    t, heads, d = x.shape
-    y = torch.empty((t, heads, d), dtype=x.dtype, device=x.device)
-    block_h = min(triton.next_power_of_2(heads), 16)
-    block_d = triton.next_power_of_2(d // 2)
-    _rotary_kernel[(t, triton.cdiv(heads, block_h))](
-        x, cos, sin, y, heads, d // 2, x.stride(0), x.stride(1),
-        BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+def rotary_fwd(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel on ``q [T, Hq, D]`` and optionally ``k [T, Hk, D]`` (last dim contiguous; views of a fused
+    qkv are fine) with contiguous ``cos``/``sin [T, D]``. ``backward=True`` applies the transposed rotation (the
+    gradient). Returns contiguous ``(q_out, k_out or None)``."""
+    t, heads_q, d = q.shape
+    heads_k = k.shape[1] if k is not None else 0
+    yq = torch.empty((t, heads_q, d), dtype=q.dtype, device=q.device)
+    yk = torch.empty((t, heads_k, d), dtype=k.dtype, device=k.device) if k is not None else None
+    block_h = min(triton.next_power_of_2(max(heads_q, heads_k)), 16)
+    n_q_blocks = triton.cdiv(heads_q, block_h)
+    kk = k if k is not None else q
+    _rotary_kernel[(t, n_q_blocks + triton.cdiv(heads_k, block_h))](
+        q, kk, cos, sin, yq, yk if yk is not None else yq, heads_q, heads_k, n_q_blocks, d // 2,
+        q.stride(0), q.stride(1), kk.stride(0), kk.stride(1),
+        BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4,
     )
-    return y
+    return yq, yk
 
 
-def rotary_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. x of :func:`rotary_fwd` (cos/sin are constants of the positions)."""
-    return rotary_fwd(dy, cos, sin, backward=True)
+def rotary_bwd(
+    dq: torch.Tensor, dk: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients w.r.t. q (and k) of :func:`rotary_fwd` (cos/sin are constants of the positions)."""
+    return rotary_fwd(dq, dk, cos, sin, backward=True)
+
+
+def _unit_last(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
 class RotaryFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernel; differentiable w.r.t. x only."""
+    """Autograd wrapper of the Triton kernel for q (and k): differentiable w.r.t. q and k only."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, q, k, cos, sin):
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
-        return rotary_fwd(x if x.stride(-1) == 1 else x.contiguous(), cos, sin)
+        ctx.has_k = k is not None
+        yq, yk = rotary_fwd(_unit_last(q), _unit_last(k), cos, sin)
+        return (yq, yk) if ctx.has_k else yq
 
     @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return rotary_bwd(dy if dy.stride(-1) == 1 else dy.contiguous(), cos, sin), None, None
+    def backward(ctx, dyq, dyk=None):
+        cos, sin = ctx.saved_tensors  # autograd materialises zeros for an unused output, so dyq/dyk are tensors
+        dq, dk = rotary_bwd(_unit_last(dyq), _unit_last(dyk), cos, sin)
+        return dq, (dk if ctx.has_k else None), None, None
+
+
+def _check_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> None:
+    if x.dim() != 3 or x.shape[-1] % 2:
+        raise ValueError(f"apply_rotary: {name} must be [T, heads, head_dim] with even head_dim, got "
+                         f"{tuple(x.shape)}")
+    expected = (x.shape[0], x.shape[2])
+    if cos.shape != expected or sin.shape != expected:
+        raise ValueError(f"apply_rotary: cos/sin must be [T, head_dim]={list(expected)}, got "
+                         f"{tuple(cos.shape)} / {tuple(sin.shape)}")
+    if cos.device != x.device or sin.device != x.device:
+        raise ValueError(f"apply_rotary: {name}, cos and sin must be on the same device")
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -148,17 +188,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend:
     head_dim]`` in x's dtype. Differentiable w.r.t. x; the kernel path treats cos/sin as constants and refuses
     cos/sin that require grad.
     """
-    if x.dim() != 3 or x.shape[-1] % 2:
-        raise ValueError(f"apply_rotary: x must be [T, heads, head_dim] with even head_dim, got {tuple(x.shape)}")
-    expected = (x.shape[0], x.shape[2])
-    if cos.shape != expected or sin.shape != expected:
-        raise ValueError(f"apply_rotary: cos/sin must be [T, head_dim]={list(expected)}, got "
-                         f"{tuple(cos.shape)} / {tuple(sin.shape)}")
-    if cos.device != x.device or sin.device != x.device:
-        raise ValueError("apply_rotary: x, cos and sin must be on the same device")
+    _check_rotary(x, cos, sin, "x")
     name = resolve_backend("apply_rotary", x.device, backend, _BACKENDS)
     if name == "torch":
         return apply_rotary_ref(x, cos, sin)
+    _refuse_grad_cos_sin(cos, sin)
+    return RotaryFunction.apply(x, None, cos, sin)
+
+
+def apply_rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rotary` on ``q [T, Hq, D]`` and ``k [T, Hk, D]`` in one launch (GQA: Hq != Hk is fine).
+    Returns ``(q_rotated, k_rotated)``."""
+    _check_rotary(q, cos, sin, "q")
+    _check_rotary(k, cos, sin, "k")
+    name = resolve_backend("apply_rotary", q.device, backend, _BACKENDS)
+    if name == "torch":
+        return apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
+    _refuse_grad_cos_sin(cos, sin)
+    return RotaryFunction.apply(q, k, cos, sin)
+
+
+def _refuse_grad_cos_sin(cos: torch.Tensor, sin: torch.Tensor) -> None:
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("apply_rotary: the kernel does not differentiate cos/sin; detach them or use backend='torch'")
-    return RotaryFunction.apply(x, cos, sin)

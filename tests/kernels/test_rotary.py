@@ -8,7 +8,14 @@ import torch
 from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.vision_utils import get_vision_position_ids
-from vlr_kernels import apply_rotary, apply_rotary_ref, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
+from vlr_kernels import (
+    apply_rotary,
+    apply_rotary_qk,
+    apply_rotary_ref,
+    mrope_cos_sin,
+    rope_inv_freq,
+    vision_rope_cos_sin,
+)
 
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
 
@@ -73,6 +80,38 @@ def test_triton_matches_float64_reference(t_rows, heads, head_dim, dtype):
     assert y.dtype == dtype and y.shape == x.shape
     assert_close64(y, y64, dtype, "y")
     assert_close64(x.grad, x64.grad, dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fused_qk_gqa_matches_float64_reference(dtype):
+    t_rows, hq, hk, d = 9, 7, 3, 128  # GQA with head counts that fill no block evenly
+    cos, sin = (t.to(DEV) for t in _mrope_inputs(t_rows, d))
+    q = torch.randn(t_rows, hq, d, device=DEV).to(dtype).requires_grad_()
+    k = torch.randn(t_rows, hk, d, device=DEV).to(dtype).requires_grad_()
+    yq, yk = apply_rotary_qk(q, k, cos, sin, backend="triton")
+    dq, dk = torch.randn_like(yq), torch.randn_like(yk)
+    torch.autograd.backward((yq, yk), (dq, dk))
+    q64, k64 = to64(q, k)
+    yq64, yk64 = apply_rotary_qk(q64, k64, cos.double(), sin.double(), backend="torch")
+    torch.autograd.backward((yq64, yk64), (dq.double(), dk.double()))
+    for name, a, b in (("q", yq, yq64), ("k", yk, yk64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad)):
+        assert_close64(a, b, dtype, name)
+
+
+def test_fused_qk_with_unused_k_output():
+    cos, sin = (t.to(DEV) for t in _mrope_inputs(5, 16))
+    q = torch.randn(5, 2, 16, device=DEV, requires_grad=True)
+    k = torch.randn(5, 1, 16, device=DEV, requires_grad=True)
+    yq, _ = apply_rotary_qk(q, k, cos, sin, backend="triton")
+    yq.sum().backward()
+    assert_close64(q.grad, _grad_of_sum(q, cos, sin), torch.float32, "dq")
+    assert k.grad is None or torch.count_nonzero(k.grad) == 0
+
+
+def _grad_of_sum(x, cos, sin):
+    (x64,) = to64(x)
+    apply_rotary_ref(x64, cos.double(), sin.double()).sum().backward()
+    return x64.grad
 
 
 def test_triton_on_a_view_of_fused_qkv():
