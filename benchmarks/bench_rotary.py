@@ -3,8 +3,8 @@
 
 Providers: hf_eager (transformers' apply_rotary_pos_emb / apply_rotary_pos_emb_vision on [T, heads, D]),
 hf_compile, liger (LigerRopeFunction in its [1, heads, T, D] layout, prepared outside the timing; LLM config only),
-triton (vlr_kernels.apply_rotary_qk: q and k in one launch). Bytes counted: q and k read and written once per pass plus the fp32
-cos/sin rows: 2 (Hq + Hk) T D e + 2 T D 4 per direction.
+triton (vlr_kernels.apply_rotary_qk: q and k in one launch). Bytes counted: q and k read and written once per
+pass plus the fp32 cos/sin rows: 2 (Hq + Hk) T D e + 2 T D 4 per direction.
 """
 
 from __future__ import annotations
