@@ -525,11 +525,10 @@ class _GatherScoredRows(torch.autograd.Function):
     """Sequence-parallel gather of the scored rows: local rows in, all ``[S, H]`` rows out on every rank."""
 
     @staticmethod
-    def forward(ctx, hidden_local, local_pos, local_rows, num_scored, group):
-        out = hidden_local.new_zeros(num_scored, hidden_local.shape[1])
-        out[local_pos] = hidden_local[local_rows]
+    def forward(ctx, hidden_local, rows, is_local, group):
+        out = torch.where(is_local[:, None], hidden_local.index_select(0, rows), 0)
         dist.all_reduce(out, group=group)
-        ctx.save_for_backward(local_pos, local_rows)
+        ctx.save_for_backward(rows, is_local)
         ctx.num_local = hidden_local.shape[0]
         return out
 
@@ -537,26 +536,31 @@ class _GatherScoredRows(torch.autograd.Function):
     def backward(ctx, grad_out):
         # Every rank computes the same loss from the same rows, so each rank's local rows receive exactly the
         # replicated gradient; summing across ranks here would count it tp times.
-        local_pos, local_rows = ctx.saved_tensors
+        rows, is_local = ctx.saved_tensors
         grad = grad_out.new_zeros(ctx.num_local, grad_out.shape[1])
-        grad[local_rows] = grad_out[local_pos]
-        return grad, None, None, None, None
+        grad.index_add_(0, rows, torch.where(is_local[:, None], grad_out, 0))
+        return grad, None, None, None
 
 
 def gather_scored_rows(
     hidden_local: torch.Tensor, scored_index: torch.Tensor, token_offset: int, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
-    """Sequence-parallel helper: ``[S, H]`` scored rows on every rank of ``group``, differentiable.
+    """Sequence-parallel helper: ``[S, H]`` scored rows on every rank of ``group``, differentiable, no host sync.
 
     Args:
         hidden_local: ``[T_local, H]`` this rank's slice of the packed tokens, global rows
             ``[token_offset, token_offset + T_local)``.
         scored_index: ``[S]`` int64 *global* row indices (the same tensor on every rank).
     Returns ``[S, H]``; call :func:`fused_reward_loss` on it with ``scored_index = arange(S)``.
+
+    The loss, and the head/norm weight gradients it yields, are then complete and identical on every rank: do not
+    all-reduce those weight gradients again across the group (e.g. a final-norm weight that megatron marks
+    ``sequence_parallel`` gets its gradient all-reduced over TP; apply that norm in the model, or pass it here only
+    if its gradient is not reduced again).
     """
     if hidden_local.dim() != 2 or scored_index.dim() != 1 or scored_index.dtype != torch.int64:
         raise ValueError("gather_scored_rows needs hidden_local [T_local, H] and scored_index [S] int64")
-    local = (scored_index >= token_offset) & (scored_index < token_offset + hidden_local.shape[0])
-    local_pos = local.nonzero().squeeze(1)
-    local_rows = scored_index[local_pos] - token_offset
-    return _GatherScoredRows.apply(hidden_local, local_pos, local_rows, scored_index.numel(), group)
+    local_rows = scored_index - token_offset
+    is_local = (local_rows >= 0) & (local_rows < hidden_local.shape[0])
+    rows = local_rows.clamp(0, hidden_local.shape[0] - 1)  # rows of other ranks read a valid row, then masked
+    return _GatherScoredRows.apply(hidden_local, rows, is_local, group)
