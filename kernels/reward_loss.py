@@ -479,7 +479,8 @@ def fused_reward_loss(
         check_indices: verify index bounds/uniqueness (on CUDA without a host sync, via ``torch._assert_async``).
 
     Returns:
-        ``loss`` 0-d float32, ``rewards [S]`` float32 (float64 for float64 hidden), ``accuracy`` 0-d float32 =
+        ``loss`` 0-d float32, ``rewards [S]`` float32 (the torch backend keeps float64 for float64 hidden),
+        ``accuracy`` 0-d float32 =
         fraction of pairs with ``r_c > r_r`` (no gradient). Differentiable w.r.t. hidden, norm_weight, head_weight
         and head_bias.
     """
