@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from vlr_kernels import BackendUnavailable, varlen_attention, varlen_attention_ref
-from vlr_kernels.attention.varlen_triton import head_dim_chunks, varlen_attention_bwd, varlen_attention_fwd
+from vlr_kernels.attention.varlen_tiles import head_dim_chunks
+from vlr_kernels.attention.varlen_triton import varlen_attention_bwd, varlen_attention_fwd
 
 from tests.kernels.helpers import assert_close64, to64
 
@@ -159,6 +160,14 @@ def check_triton(
 def test_triton_head_dims_gqa(d, causal):
     lens = [1, 7, 64, 0, 20]
     check_triton(lens, lens, 4, 2, d, causal, block_m=32, block_n=16)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_triton_windows_fused_dq(causal):
+    """Every segment within one kv tile (default blocks, max_seqlen <= 64): dQ comes from the dK/dV pass."""
+    lens = [1, 7, 64, 0, 20, 33]
+    check_triton(lens, lens, 4, 2, 80, causal)
+    check_triton([3, 9, 5], [7, 4, 0], 2, 2, 16, causal)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -1,0 +1,145 @@
+"""Tile bookkeeping shared by the varlen attention kernels (:mod:`vlr_kernels.attention.varlen_triton`):
+the device-side tile schedule over segments, the attention mask rule, head-dim chunked row loads/stores, the
+per-tile ranges of blocks that need a mask, and the host-side launch sizes."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """Split ``head_dim`` into power-of-two chunks ``(D0, D1)`` (``D1 = 0``: one); tl.dot needs >= 16."""
+    if head_dim > 256:
+        raise ValueError(f"varlen_attention (triton): head_dim must be <= 256, got {head_dim}")
+    d0 = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - d0
+    return d0, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
+
+
+@triton.jit
+def segment_of_tile(cu_tiles, tile, n_seg):
+    """Largest segment ``s`` with ``cu_tiles[s] <= tile`` (``n_seg`` when the tile is past the last one)."""
+    lo = tile * 0
+    hi = tile * 0 + n_seg
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        go_right = tl.load(cu_tiles + mid) <= tile
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def allowed(rows, cols, len_k, diff, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.constexpr):
+    """(q row, k col) pairs of one segment that may attend; ``diff = len_k - len_q`` aligns causal ends."""
+    ok = cols < len_k
+    if CAUSAL:
+        ok = ok & (cols <= rows + diff)
+    if SHARED:
+        ok = ok & ((rows < split) | (cols < prefix) | (cols >= split))
+    return ok
+
+
+@triton.jit
+def _rows_ptrs_mask(base, rows, row_ok, stride_t, D_START: tl.constexpr, WIDTH: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
+    offs_d = D_START + tl.arange(0, WIDTH)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
+    mask = row_ok[:, None]
+    if D_START + WIDTH > HEAD_DIM:  # only a padded chunk pays for a column mask
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return ptrs, mask
+
+
+@triton.jit
+def load_rows(base, rows, row_ok, stride_t, D_START: tl.constexpr, WIDTH: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """``[len(rows), WIDTH]`` tile (columns ``D_START...``) of a ``[T, H, D]`` tensor; ``base`` points at the
+    head."""
+    ptrs, mask = _rows_ptrs_mask(base, rows, row_ok, stride_t, D_START, WIDTH, HEAD_DIM)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rows(base, rows, row_ok, stride_t, val, D_START: tl.constexpr, WIDTH: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    ptrs, mask = _rows_ptrs_mask(base, rows, row_ok, stride_t, D_START, WIDTH, HEAD_DIM)
+    tl.store(ptrs, val.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def kv_ranges(m0, len_q, len_k, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """KV column ranges of the q tile at row ``m0``: ``[0, full_hi)`` needs no mask, ``[full_hi, hi1)``
+    and ``[lo2, hi)`` do; the gap ``[hi1, lo2)`` is the chosen part that a rejected-only tile never sees."""
+    diff = len_k - len_q
+    hi = len_k
+    full_hi = (len_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(len_k, m0 + BLOCK_M + diff), 0)
+        full_hi = tl.minimum(full_hi, tl.maximum((m0 + diff + 1) // BLOCK_N, 0) * BLOCK_N)
+    hi1 = hi
+    lo2 = hi
+    if SHARED:
+        sees_split = m0 + BLOCK_M > split
+        full_hi = tl.where(sees_split, tl.minimum(full_hi, (prefix // BLOCK_N) * BLOCK_N), full_hi)
+        rejected_only = m0 >= split
+        hi1 = tl.where(rejected_only, tl.minimum(hi, tl.cdiv(prefix, BLOCK_N) * BLOCK_N), hi)
+        lo2 = tl.where(rejected_only, tl.maximum(hi1, (split // BLOCK_N) * BLOCK_N), hi)
+    full_hi = tl.minimum(full_hi, hi1)
+    return full_hi, hi1, lo2, hi
+
+
+@triton.jit
+def q_ranges(n0, len_q, len_k, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Q row ranges that see the kv tile starting at column ``n0``: ``[lo, full_lo)`` and ``[full_hi, hi)``
+    need a mask, ``[full_lo, full_hi)`` does not. Rows past the segment end load as zeros and contribute
+    exactly 0."""
+    diff = len_k - len_q
+    lo = n0 * 0
+    hi = len_q
+    full_lo = lo
+    full_hi = hi
+    if CAUSAL:
+        lo = (tl.maximum(n0 - diff, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diff, 0), BLOCK_M) * BLOCK_M
+    if SHARED:
+        touches_chosen = (n0 < split) & (n0 + BLOCK_N > prefix)
+        chosen_only = (n0 >= prefix) & (n0 + BLOCK_N <= split)
+        hi = tl.where(chosen_only, tl.minimum(hi, split), hi)
+        full_hi = tl.where(touches_chosen, (split // BLOCK_M) * BLOCK_M, full_hi)
+    lo = tl.minimum(lo, hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+def tile_prefix(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
+    """``[N+1]`` int32 prefix sum of ``cdiv(segment length, block)``, on the device (no host sync)."""
+    tiles = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
+    return torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))
+
+
+def grid_tiles(total: int, n_seg: int, max_seqlen: int, block: int) -> int:
+    """Upper bound on the number of tiles of all segments, from host-known sizes only."""
+    return min(triton.cdiv(total + n_seg * (block - 1), block), n_seg * triton.cdiv(max_seqlen, block))
+
+
+def pick_block(max_seqlen: int, cap: int) -> int:
+    """Smallest power-of-two tile (>= 16, tl.dot's minimum) covering ``max_seqlen``, capped at ``cap``."""
+    return min(cap, max(16, triton.next_power_of_2(max(int(max_seqlen), 1))))
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    # fp32 inputs are the CPU-test / reference dtype: keep them exact instead of TF32 on GPU
+    return "ieee" if dtype == torch.float32 else None
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
