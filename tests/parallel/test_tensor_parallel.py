@@ -54,12 +54,14 @@ def load_batch(path: str) -> PackedBatch:
     return PackedBatch(max_seqlen=int(lens.max()), **t)
 
 
-def run_model(model_dir, batch: PackedBatch, out_dir=None):
-    """Load, score, loss + backward; returns (rewards, loss, grads) and exports to out_dir when given."""
+def run_model(model_dir, batch: PackedBatch, out_dir=None, sequence_parallel: bool = False):
+    """Load, score, loss + backward; returns (rewards, loss, grads, model) and exports to out_dir when given."""
     from vlr_runtime.checkpoint.hf import export_hf_checkpoint, load_hf_checkpoint
     from vlr_runtime.model import ModelArgs, build_reward_model
 
-    model = build_reward_model(ModelArgs.from_hf_config(model_dir), device="cpu", seed=None)
+    model = build_reward_model(ModelArgs.from_hf_config(model_dir), device="cpu", seed=None,
+                               sequence_parallel=sequence_parallel)
+    assert model.language.sequence_parallel == (sequence_parallel and model.tp > 1)
     load_hf_checkpoint(model, model_dir)
     vision_width = model.args.vision.intermediate_size
     assert model.vision.tp == (model.tp if vision_width % model.tp == 0 else 1)
@@ -87,9 +89,10 @@ def frozen_encoder_run(model, batch: PackedBatch) -> dict[str, torch.Tensor]:
             "merger_grad": model.vision.merger.fc1.weight.grad}
 
 
-CASES = {"split": 48, "replicated_vision": 45}
+CASES = {"split": 48, "replicated_vision": 45, "sequence_parallel": 48}
 """Vision MLP widths: 48 divides by TP=2 (every layer sharded); 45 does not, so the vision tower runs replicated on
-each TP rank while the decoder is sharded (the 3420-wide Qwen2.5-VL vision MLP at TP=8)."""
+each TP rank while the decoder is sharded (the 3420-wide Qwen2.5-VL vision MLP at TP=8). ``sequence_parallel``:
+the decoder additionally shards its tokens (an odd token count, so the padding path runs too)."""
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
@@ -108,10 +111,14 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             out_dir = f"{root}/{case}"
             # The batch comes from the parent so that the workers never import transformers (start-up time).
             batch = load_batch(f"{root}/batch.safetensors")
-            rewards, loss, grads, model = run_model(f"{out_dir}/ckpt", batch, f"{out_dir}/export")
+            rewards, loss, grads, model = run_model(f"{out_dir}/ckpt", batch, f"{out_dir}/export",
+                                                    sequence_parallel=case == "sequence_parallel")
+            with torch.no_grad():
+                hidden = model(batch)
             frozen = frozen_encoder_run(model, batch)
             if rank == 0:
-                save_file({"rewards": rewards, "loss": loss.reshape(1)}, f"{out_dir}/result.safetensors")
+                save_file({"rewards": rewards, "loss": loss.reshape(1), "hidden": hidden},
+                          f"{out_dir}/result.safetensors")
                 save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
                 save_file(frozen, f"{out_dir}/frozen.safetensors")
         teardown()
@@ -138,6 +145,7 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
         hf, w, b = write_tiny_checkpoint(tmp_path / case / "ckpt", seed=11, vision_intermediate=width)
         refs[case] = hf_scores(hf, samples, pixels, GRIDS, w, b)
     batch = pack(hf, samples, pixels, GRIDS)  # positions depend on the grids only, not on the weights
+    assert batch.num_tokens % 2 == 1  # sequence parallelism at TP=2 has to pad
     save_batch(batch, str(tmp_path / "batch.safetensors"))
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -171,6 +179,9 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
 
             _, loss1, grads1, model1 = run_model(d / "ckpt", batch)
             assert torch.allclose(result["loss"], loss1.reshape(1), rtol=1e-5), case
+            with torch.no_grad():
+                hidden1 = model1(batch)
+            assert torch.allclose(result["hidden"], hidden1, rtol=1e-4, atol=1e-5 * float(hidden1.abs().max())), case
             grads2 = load_file(str(d / "grads.safetensors"))
             assert grads2.keys() == grads1.keys()
             for k, g in grads1.items():

@@ -44,6 +44,12 @@ vision MLP at TP=8) and, while patch embedding and blocks are frozen, each TP ra
 images (balanced by patches) and one all-gather rebuilds the block outputs before the (trainable) merger.
 ``auto`` (default) picks ``tensor`` when it divides, else ``images``.
 
+Sequence parallelism (``build_reward_model(..., sequence_parallel=True)``, TP > 1): the decoder's residual stream
+holds ``T_pad/tp`` tokens per rank (padded with one extra segment), megatron's column/row-parallel layers all-gather
+and reduce-scatter around attention and MLP, norm-weight gradients are all-reduced inside autograd, and the head
+reads the scored rows gathered with ``vlr_kernels.gather_scored_rows``. ``forward()`` still returns the full
+``[T, H]``. Activation checkpointing: ``model.set_recompute(llm=..., vision=...)``.
+
 ``param_groups()`` keys: ``vision`` (patch_embed + blocks), ``merger``, ``llm`` (language.*), ``head``.
 
 Why megatron's TP linears but our own attention/decoder modules: megatron's ``TransformerLayer`` applies its own

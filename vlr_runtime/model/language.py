@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.tensor_parallel import VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from torch import nn
 from vlr_kernels.rotary import apply_rotary, mrope_cos_sin, rope_inv_freq
 
@@ -39,9 +40,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int, prefix_lens: torch.Tensor | None, split_lens: torch.Tensor | None) -> torch.Tensor:
-        """``x [T, H]``, ``cos/sin [T, head_dim]`` -> ``[T, H]``."""
-        t, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv(x)[0].split([self.q_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        """``x [T, H]`` (``[T/tp, H]`` with sequence parallelism), ``cos/sin [T, head_dim]`` -> like ``x``."""
+        d = self.head_dim
+        qkv = self.qkv(x)[0]
+        t = qkv.shape[0]  # all tokens: with sequence parallelism x holds T/tp of them and qkv gathered them
+        q, k, v = qkv.split([self.q_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q = apply_rotary(q.view(t, self.q_heads, d), cos, sin)
         k = apply_rotary(k.view(t, self.kv_heads, d), cos, sin)
         out = self.core(q, k, v.view(t, self.kv_heads, d), cu_seqlens, max_seqlen, prefix_lens, split_lens)
@@ -49,11 +52,15 @@ class SelfAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block; with sequence parallelism the residual stream and norms hold ``T/tp`` tokens and
+    the attention/MLP linears gather and reduce-scatter them (megatron's column/row-parallel layers)."""
+
     def __init__(self, args: TextArgs, config, group) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        sp_group = group if config.sequence_parallel else None
+        self.input_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, sp_group)
         self.attn = SelfAttention(args, config, group)
-        self.post_attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, sp_group)
         self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, bias=False, config=config, group=group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -76,18 +83,40 @@ class LanguageModel(nn.Module):
         self.embed = VocabParallelEmbedding(args.vocab_size, args.hidden_size, init_method=_no_init, config=config,
                                             tp_group=group)
         self.layers = nn.ModuleList(DecoderLayer(args, config, group) for _ in range(args.num_layers))
+        # Applied by the reward head to gathered scored rows only, so never sequence-parallel.
         self.final_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.group = group
+        self.sequence_parallel = bool(config.sequence_parallel) and tp > 1
         self.recompute = False
         """Activation checkpointing of every decoder layer (set by :meth:`RewardModel.set_recompute`)."""
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 prefix_lens: torch.Tensor | None = None, split_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """``embeds [T, H]``, ``position_ids [3, T]`` (M-RoPE t/h/w streams) -> ``[T, H]`` before the final norm."""
+        """``embeds [T, H]``, ``position_ids [3, T]`` (M-RoPE t/h/w streams) -> hidden before the final norm:
+        ``[T, H]``, or with sequence parallelism this rank's ``[T_pad / tp, H]`` rows ``[rank * T_pad / tp, ...)``
+        of the tokens padded to ``T_pad`` (a multiple of tp; the padding is one extra segment)."""
+        if self.sequence_parallel:
+            embeds, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens = self._pad_for_sequence_parallel(
+                embeds, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens)
         inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta).to(embeds.device)
         cos, sin = mrope_cos_sin(position_ids, inv_freq, self.args.mrope_section)
         # transformers casts the rotary tables to the activation dtype before rotating; do the same for parity.
         cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
-        x = embeds
+        x = scatter_to_sequence_parallel_region(embeds, group=self.group) if self.sequence_parallel else embeds
         for layer in self.layers:
             x = run_layer(layer, self.recompute, x, cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
         return x
+
+    def _pad_for_sequence_parallel(self, embeds, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens):
+        """Pad the token axis to a multiple of tp with one extra segment of zero embeddings at position 0."""
+        tp, t = self.group.size(), embeds.shape[0]
+        pad = -t % tp
+        if pad == 0:
+            return embeds, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens
+        embeds = torch.cat([embeds, embeds.new_zeros(pad, embeds.shape[1])])
+        position_ids = torch.cat([position_ids, position_ids.new_zeros(3, pad)], dim=1)
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), t + pad)])
+        if prefix_lens is not None:
+            prefix_lens = torch.cat([prefix_lens, prefix_lens.new_zeros(1)])
+            split_lens = torch.cat([split_lens, split_lens.new_full((1,), pad)])
+        return embeds, position_ids, cu_seqlens, max(max_seqlen, pad), prefix_lens, split_lens

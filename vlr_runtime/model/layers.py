@@ -22,17 +22,20 @@ import torch
 import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
 from vlr_kernels.rmsnorm import rms_norm
 from vlr_kernels.swiglu import swiglu
 from vlr_kernels.varlen_attention import varlen_attention
 
 
-def parallel_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
-    """The megatron config every TP layer of the model is built with (no sequence parallelism, no fusions that
-    need apex/TE, values written by our loader rather than megatron's initialisers)."""
+def parallel_config(tp: int, dtype: torch.dtype, sequence_parallel: bool = False) -> ModelParallelConfig:
+    """The megatron config every TP layer of the model is built with (no fusions that need apex/TE, values written
+    by our loader rather than megatron's initialisers). ``sequence_parallel``: column-parallel layers all-gather
+    their token-sharded input, row-parallel layers reduce-scatter their output (megatron's sequence parallelism)."""
     return ModelParallelConfig(
         tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         use_cpu_initialization=True,
         perform_initialization=False,
@@ -65,16 +68,26 @@ def run_layer(layer: nn.Module, recompute: bool, *inputs):
 
 
 class RMSNorm(nn.Module):
-    """HF Qwen2 RMSNorm (normalise in fp32, cast back, multiply by ``weight``) through ``vlr_kernels.rms_norm``."""
+    """HF Qwen2 RMSNorm (normalise in fp32, cast back, multiply by ``weight``) through ``vlr_kernels.rms_norm``.
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    ``sequence_parallel_group``: the norm sees only this rank's tokens, so the weight's gradient is partial; it is
+    routed through megatron's copy-to-TP-region (identity forward, all-reduce backward) so that every rank ends
+    with the full gradient inside autograd, with no extra step for the trainer (and no ``sequence_parallel``
+    attribute, so megatron's ``finalize_model_grads`` would not all-reduce it a second time).
+    """
+
+    def __init__(self, hidden_size: int, eps: float, sequence_parallel_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size))
         self.eps = eps
+        self.sequence_parallel_group = sequence_parallel_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, H]`` -> ``[T, H]``."""
-        return rms_norm(x, self.weight, self.eps)
+        weight = self.weight
+        if self.sequence_parallel_group is not None:
+            weight = copy_to_tensor_model_parallel_region(weight, group=self.sequence_parallel_group)
+        return rms_norm(x, weight, self.eps)
 
 
 class SwiGLUMLP(nn.Module):

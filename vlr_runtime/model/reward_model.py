@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from torch import nn
-from vlr_kernels.reward_loss import fused_reward_loss, reward_scores
+from vlr_kernels.reward_loss import fused_reward_loss, gather_scored_rows, reward_scores
 
 from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.model.args import ModelArgs
@@ -26,11 +27,12 @@ class RewardModel(nn.Module):
     """
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype, tp_group: dist.ProcessGroup,
-                 self_group: dist.ProcessGroup, vision_parallel: str = "auto") -> None:
+                 self_group: dist.ProcessGroup, vision_parallel: str = "auto", sequence_parallel: bool = False) -> None:
         super().__init__()
         self.args = args
         self.tp = tp_group.size()
         self.tp_rank = tp_group.rank()
+        self.tp_group = tp_group
         config = parallel_config(self.tp, dtype)
         if vision_parallel not in VISION_PARALLEL:
             raise ValueError(f"vision_parallel must be one of {VISION_PARALLEL}, got {vision_parallel!r}")
@@ -43,7 +45,8 @@ class RewardModel(nn.Module):
             self.vision = VisionTower(args.vision, config, tp_group)
         else:
             self.vision = VisionTower(args.vision, config, self_group, image_split_group=tp_group)
-        self.language = LanguageModel(args.text, config, tp_group)
+        self.language = LanguageModel(args.text, parallel_config(self.tp, dtype, sequence_parallel and self.tp > 1),
+                                      tp_group)
         self.head = nn.Linear(args.hidden_size, 1, bias=True)
 
     def set_recompute(self, *, llm: bool, vision: bool) -> None:
@@ -94,10 +97,29 @@ class RewardModel(nn.Module):
         rows = torch.repeat_interleave(image_start[image_index], group_sizes) + offset
         return embeds.index_put((image_pos,), image_embeds[rows.to(image_embeds.device)].to(embeds.dtype))
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Final-layer hidden states ``[T, H]`` BEFORE the final RMSNorm (replicated on every TP rank)."""
+    def hidden_local(self, batch: PackedBatch) -> torch.Tensor:
+        """The decoder output as this rank holds it: ``[T, H]``, or ``[T_pad / tp, H]`` with sequence parallelism
+        (see :meth:`LanguageModel.forward`)."""
         return self.language(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                              batch.prefix_lens, batch.split_lens)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Final-layer hidden states ``[T, H]`` BEFORE the final RMSNorm (the same on every TP rank)."""
+        hidden = self.hidden_local(batch)
+        if not self.language.sequence_parallel:
+            return hidden
+        # Every rank uses the full result identically, so the backward of the gather is a plain split.
+        full = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=self.tp_group)
+        return full[: batch.num_tokens]
+
+    def _scored_rows(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, scored_index)`` for the head: the full hidden states and the batch's index, or, with sequence
+        parallelism, only the ``[S, H]`` scored rows gathered from their ranks and ``arange(S)``."""
+        hidden = self.hidden_local(batch)
+        if not self.language.sequence_parallel:
+            return hidden, batch.scored_index
+        rows = gather_scored_rows(hidden, batch.scored_index, self.tp_rank * hidden.shape[0], self.tp_group)
+        return rows, torch.arange(rows.shape[0], device=rows.device)
 
     def _head_args(self) -> dict:
         return {"head_weight": self.head.weight.view(-1), "head_bias": self.head.bias,
@@ -106,13 +128,14 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def rewards(self, batch: PackedBatch) -> torch.Tensor:
         """``[S]`` float32 rewards at ``batch.scored_index`` (final norm + head); no autograd graph is built."""
-        return reward_scores(self(batch), batch.scored_index, **self._head_args())
+        return reward_scores(*self._scored_rows(batch), **self._head_args())
 
     def loss(self, batch: PackedBatch, center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bradley-Terry loss over ``batch.pair_index`` (with ``batch.margin``): ``(loss 0-d, rewards [S] float32,
         accuracy 0-d)`` via ``vlr_kernels.fused_reward_loss``; differentiable w.r.t. every trainable parameter."""
-        return fused_reward_loss(self(batch), batch.scored_index, batch.pair_index, margin=batch.margin,
-                                 center_coef=center_coef, **self._head_args())
+        hidden, scored_index = self._scored_rows(batch)
+        return fused_reward_loss(hidden, scored_index, batch.pair_index, margin=batch.margin, center_coef=center_coef,
+                                 **self._head_args())
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part, for freezing and per-group learning rates: ``vision`` (patch embed + blocks),
@@ -132,12 +155,15 @@ def build_reward_model(
     device: torch.device | str = "cpu",
     seed: int | None = 0,
     vision_parallel: str = "auto",
+    sequence_parallel: bool = False,
 ) -> RewardModel:
     """Build the model on ``device`` with parameters in ``dtype``, sharded over the tensor-parallel group of
     :func:`vlr_runtime.parallel.setup_distributed` (which must have been called). ``seed``: deterministic random init, identical for any TP size
     (every rank draws the full HF-shaped tensor and keeps its slice); ``None`` leaves the storage uninitialised, for
     a checkpoint load that follows. On the meta device nothing is allocated or initialised. ``vision_parallel``:
-    see :data:`VISION_PARALLEL`. Pipeline parallelism is not implemented (``pp > 1`` raises).
+    see :data:`VISION_PARALLEL`. ``sequence_parallel`` (TP > 1): the decoder's residual stream, norms and activations
+    between the linears hold ``T/tp`` tokens per rank (megatron sequence parallelism; the vision tower is not
+    sequence-parallel); the head reads only the gathered scored rows. Pipeline parallelism is not implemented (``pp > 1`` raises).
     """
     from vlr_runtime.model.hf_names import init_random_weights
     from vlr_runtime.parallel import get_context
@@ -147,7 +173,7 @@ def build_reward_model(
         raise NotImplementedError(f"pipeline parallelism (pp={ctx.pp}) is not implemented for the reward model")
     device = torch.device(device)
     with torch.device(device):
-        model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group, vision_parallel)
+        model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group, vision_parallel, sequence_parallel)
     model.to(dtype=dtype)
     if seed is not None and device.type != "meta":
         init_random_weights(model, seed)
