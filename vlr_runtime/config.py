@@ -59,10 +59,21 @@ class DataConfig:
     cache_dir: str = ""
     """Where the synthetic set and the tiny model are generated at first use. Empty: ``$VLR_CACHE`` or
     ``~/.cache/vlr_runtime``."""
-    synthetic_train_pairs: int = 6000
+    synthetic_train_pairs: int = 4000
     """Size of the generated training split (image pairs + text pairs)."""
     synthetic_eval_pairs: int = 400
     """Size of the generated held-out split."""
+    cache_prepared: Literal["auto", "always", "never"] = "auto"
+    """Keep every prepared training pair (decoded, patchified, tokenized) in memory after its first use, so later
+    epochs skip preprocessing. ``auto``: always for the built-in synthetic set (a few hundred MB), never for user files."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one micro-batch (packed LLM tokens, no padding); a pair longer than this is dropped and
+    counted. More pairs per step than fit in one micro-batch means gradient accumulation."""
+    shared_prompt: bool = True
+    """Pack each training pair as one segment ``[prompt | chosen | rejected]`` (the prompt and its image tokens
+    once; rejected attends to the prompt and itself) instead of two full sequences."""
+    num_workers: int = 0
+    """Loader worker processes per rank building whole steps ahead (0: in the training process)."""
     max_length: int = 1024
     """Longest tokenized conversation (prompt + response, image tokens included); longer pairs are dropped and
     counted, never truncated through image tokens."""
@@ -82,7 +93,7 @@ class OptimConfig:
     """Peak learning rate of AdamW."""
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine decay, as a fraction of ``lr``."""
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     """Linear warm-up from 0 to ``lr`` over this many optimizer steps."""
     weight_decay: float = 0.01
     """Decoupled weight decay on matrices (norm weights and biases are not decayed)."""
@@ -101,10 +112,9 @@ class TrainConfig:
     """Passes over the training set when ``max_steps`` is 0."""
     seed: int = 0
     """Seed of parameter init, data order and synthetic data generation."""
-    micro_batch_pairs: int = 16
-    """Pairs per rank per forward/backward."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step. Global batch = micro_batch_pairs * grad_accum_steps * DP."""
+    pairs_per_step: int = 16
+    """Pairs per optimizer step over all data-parallel ranks (the global batch). Each rank splits its share into
+    micro-batches of at most ``data.micro_batch_tokens`` tokens and accumulates their gradients."""
     use_margin: bool = True
     """Use the per-pair ``margin`` of the data in the loss ``-log sigmoid(r_c - r_r - margin)``."""
     center_coef: float = 0.0
@@ -158,8 +168,9 @@ class Config:
             ("optim.grad_clip", self.optim.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
             ("train.max_steps", self.train.max_steps >= 0, "must be >= 0 (0: use train.epochs)"),
             ("train.epochs", self.train.epochs > 0 or self.train.max_steps > 0, "must be > 0 when max_steps is 0"),
-            ("train.micro_batch_pairs", self.train.micro_batch_pairs >= 1, "must be >= 1"),
-            ("train.grad_accum_steps", self.train.grad_accum_steps >= 1, "must be >= 1"),
+            ("train.pairs_per_step", self.train.pairs_per_step >= 1, "must be >= 1"),
+            ("data.micro_batch_tokens", self.data.micro_batch_tokens >= 16, "must be >= 16"),
+            ("data.num_workers", self.data.num_workers >= 0, "must be >= 0"),
             ("train.center_coef", self.train.center_coef >= 0, "must be >= 0"),
             ("train.eval_interval", self.train.eval_interval >= 0, "must be >= 0"),
             ("checkpoint.interval", self.checkpoint.interval >= 0, "must be >= 0"),

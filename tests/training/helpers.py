@@ -15,7 +15,7 @@ def run_args(tmp: Path, *extra: str) -> list[str]:
     """Config overrides of a small, fast run on a tiny synthetic set cached under ``tmp/cache``."""
     return ["--data.cache_dir", str(tmp / "cache"), "--data.synthetic_train_pairs", str(TINY_TRAIN_PAIRS),
             "--data.synthetic_eval_pairs", str(TINY_EVAL_PAIRS), "--model.kernel_backend", "torch",
-            "--log.progress", "false", "--train.micro_batch_pairs", "8", *extra]
+            "--log.progress", "false", "--train.pairs_per_step", "8", *extra]
 
 
 def subprocess_env() -> dict[str, str]:

@@ -29,20 +29,21 @@ def _worker(rank: int, world: int, tp: int, port: int, tmp: str, tag: str) -> No
         from tests.parallel.test_tensor_parallel import full_grads
         from vlr_runtime.config import parse_args
         from vlr_runtime.data.collate import collate
-        from vlr_runtime.data.formats import example_from_row
+        from vlr_runtime.data.formats import RowIndex, example_from_row
         from vlr_runtime.parallel import teardown
         from vlr_runtime.training import Trainer
 
         cfg = parse_args(run_args(Path(tmp), "--parallel.tp", str(tp), "--run.dir", str(out / "run"),
                                   "--train.center_coef", "0.05"))
         trainer = Trainer(cfg)
-        index, pre = trainer.stream.index, trainer.preprocessor
+        index, pre = RowIndex(str(next((Path(tmp) / "cache").glob("synthetic-*")) / "train.jsonl")), trainer.preprocessor
         rows = [example_from_row(index, i) for i in range(len(index))]
         # 6 image pairs and 2 text-only pairs, so the vision tower, the merger and the text path all get gradients.
         chosen = [r for r in rows if r.images][:6] + [r for r in rows if not r.images][:2]
         micro = [collate([pre(r) for r in chosen[k::2]], image_token_id=pre.image_token_id) for k in range(2)]
         ctx = trainer.ctx
-        stats = trainer.compute_gradients(micro if ctx.dp == 1 else [micro[ctx.dp_rank]])
+        mine = micro if ctx.dp == 1 else [micro[ctx.dp_rank]]
+        stats = trainer.compute_gradients([(mb, 4) for mb in mine], global_pairs=8)
         grads = full_grads(trainer.model)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))

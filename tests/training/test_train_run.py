@@ -107,5 +107,5 @@ def test_data_parallel_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "tp=1 dp=2" in proc.stdout
     train, evals = _lines(tmp_path / "run")
-    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(r["pairs"] == 16 for r in train)
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(r["pairs"] == 8 for r in train)
     assert len(evals) == 1 and (tmp_path / "run" / "export" / "value_head.safetensors").is_file()

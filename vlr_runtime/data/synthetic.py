@@ -5,14 +5,14 @@ Image pairs (PIL-drawn PNGs of various sizes on a light background) ask about wh
 ===========  ==========================================  ===================================
 kind         question                                    answers (chosen = the true one)
 ===========  ==========================================  ===================================
-color        "What color is the circle?"                 Red. / Green. / Blue. / Yellow. / Purple.
+color        "What color is the circle?"                 Red. / Green. / Blue. / Yellow. / Black.
 shape        "What shape is in the picture?"             A circle. / A square. / A triangle.
 count        "How many shapes are there?"                One. / Two. / Three.
 position     "Where is the square?"                      On the left. / On the right. / At the top. / At the bottom.
 ===========  ==========================================  ===================================
 
-The rejected answer is drawn uniformly from the *other* answers of the same kind, and the true answer is uniform over
-the kind's answers, so chosen and rejected share one marginal distribution: a model that does not look at the pixels
+The rejected answer is drawn uniformly from the *other* answers of the same kind (for positions: the opposite side),
+and the true answer is uniform over the kind's answers, so chosen and rejected share one marginal distribution: a model that does not look at the pixels
 scores 0.5 in expectation. Text-only pairs (copying a word, naming an opposite) follow the same rule.
 
 Files (pair JSONL of design.md, image paths relative to the file) under ``<cache>/synthetic-<version>-<hash>/``:
@@ -40,17 +40,18 @@ from PIL import Image, ImageDraw
 
 from vlr_runtime.data.tokenizer_builder import DEFAULT_SYSTEM_PROMPT, build_tokenizer, special_token_ids
 
-VERSION = "v2"
+VERSION = "v4"
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 160, 40),
     "blue": (30, 60, 220),
     "yellow": (235, 200, 20),
-    "purple": (140, 40, 180),
+    "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("One", "Two", "Three")
 POSITIONS = {"left": "On the left.", "right": "On the right.", "top": "At the top.", "bottom": "At the bottom."}
+OPPOSITE_SIDE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 KIND_WEIGHTS = {"color": 0.35, "shape": 0.3, "position": 0.2, "count": 0.15}
 WORDS = ("apple", "river", "candle", "tiger", "pencil", "garden", "rocket", "violin", "bridge", "cloud",
          "marble", "forest", "anchor", "lemon", "castle", "mirror")
@@ -69,7 +70,7 @@ MAX_PIXELS = 112 * 112
 class SyntheticSpec:
     """What to generate. Every field enters the cache key, so a change regenerates."""
 
-    train_pairs: int = 6000
+    train_pairs: int = 4000
     eval_pairs: int = 400
     text_fraction: float = 0.15
     """Share of text-only pairs in both splits."""
@@ -164,7 +165,7 @@ def _image_pair(rng: random.Random) -> tuple[Image.Image, str, str, str, str]:
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     if kind == "count":
         n = rng.randint(1, len(COUNT_WORDS))
-        r = side * rng.uniform(0.1, 0.14)
+        r = side * rng.uniform(0.12, 0.16)
         taken: list[tuple[float, float, float]] = []
         for _ in range(n):
             cx, cy = _place(rng, w, h, r, taken)
@@ -180,7 +181,8 @@ def _image_pair(rng: random.Random) -> tuple[Image.Image, str, str, str, str]:
         cx, cy = _place(rng, w, h, r, [], box)
         _draw_shape(draw, shape, cx, cy, r, COLORS[color])
         question = rng.choice([f"Where is the {shape}?", f"Where is the {color} shape?"])
-        answers, truth = list(POSITIONS.values()), POSITIONS[where]
+        # The wrong answer is the opposite side (left/right, top/bottom): still uniform over the four positions.
+        answers, truth = [POSITIONS[OPPOSITE_SIDE[where]], POSITIONS[where]], POSITIONS[where]
     else:
         r = side * rng.uniform(0.2, 0.35)
         cx, cy = _place(rng, w, h, r, [])
@@ -250,10 +252,10 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> dict:
     """HF ``config.json`` of the tiny default model (transformers 5 layout).
 
     Sizes are chosen for a 2-core CPU run with TP=2: every head count, the vocabulary and the MLP widths divide by 2
-    (and by 4, so TP=4 also works); the vision window (112 px) covers a whole 112x112 image, and block 1 attends over
-    the full image so both code paths run.
+    (and by 4, so TP=4 also works); the vision window (112 px) covers a whole image (at most 112x112 after resizing),
+    and block 1 attends over the full image so both code paths run.
     """
-    hidden, heads = 64, 4
+    hidden, heads = 128, 4
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
@@ -266,15 +268,15 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> dict:
             "model_type": "qwen2_5_vl_text",
             "vocab_size": vocab_size,
             "hidden_size": hidden,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "intermediate_size": 384,
+            "num_hidden_layers": 4,
             "num_attention_heads": heads,
             "num_key_value_heads": 2,
             "hidden_act": "silu",
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-6,
             "initializer_range": 0.02,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
             "bos_token_id": tokens["<|endoftext|>"],
             "eos_token_id": tokens["<|im_end|>"],
             "pad_token_id": tokens["<|endoftext|>"],

@@ -1,15 +1,14 @@
-"""Where the trainer's pairs come from and how each rank turns them into :class:`PackedBatch` es.
+"""Where the trainer's pairs come from: the resolved data sources (built-in synthetic set or user files), an
+optional in-memory cache of prepared pairs, and the held-out sets.
 
-Rows are read with the data package (``formats`` -> ``Preprocessor`` -> ``collate``); this module only decides the
-order (a seeded permutation per epoch, sharded over data-parallel ranks; tensor-parallel peers get the same rows)
-and counts the rows it cannot use by reason instead of stopping.
+Training batches come from the data package's :class:`~vlr_runtime.data.loader.PairLoader` (seeded order,
+token-budget micro-batches balanced over DP ranks, resumable); rows it cannot use are counted by reason.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,11 +17,10 @@ import torch.distributed as dist
 from vlr_runtime.config import DataConfig, ModelConfig
 from vlr_runtime.data.collate import Preprocessor, ProcessedExample, collate
 from vlr_runtime.data.errors import DataError
-from vlr_runtime.data.formats import RowIndex, example_from_row, read_examples
+from vlr_runtime.data.formats import read_examples
 from vlr_runtime.data.synthetic import SyntheticSpec, ensure_synthetic
 from vlr_runtime.data.types import PackedBatch, PairExample
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -62,84 +60,38 @@ def resolve_sources(data: DataConfig, model: ModelConfig, *, local_rank: int) ->
                        model_dir=model_dir)
 
 
-def _prepare(raw: PairExample | object, preprocessor: Preprocessor) -> ProcessedExample:
-    if not isinstance(raw, PairExample):
-        raise DataError("bad_field", "a ranking row (VL-RewardBench style) cannot be a training pair")
-    return preprocessor(raw)
+class CachedPreprocessor:
+    """A :class:`Preprocessor` that keeps every prepared pair (and every row's :class:`DataError`) by row id, so
+    later epochs skip decoding, resizing and tokenizing. For data sets that fit in memory and have unique ids (the
+    synthetic set: a few hundred MB). Everything else (``estimate``, ``image_token_id``...) is the wrapped one's."""
 
+    def __init__(self, inner: Preprocessor) -> None:
+        self.inner = inner
+        self._prepared: dict[str, ProcessedExample | DataError] = {}
+        self._estimates: dict[tuple[str, bool], tuple[int, int] | DataError] = {}
 
-@dataclass(kw_only=True)
-class TrainStream:
-    """Endless per-rank stream of micro-batches of ``pairs`` usable pairs each.
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
-    Order: epoch ``e`` of DP rank ``d`` visits ``randperm(N, seed=(seed, e))[d::dp]``. The ``tp`` ranks of a
-    tensor-parallel group need the same batch; instead of each preprocessing all of it, TP rank ``t`` prepares its
-    share from rows ``[t::tp]`` of that order and the group exchanges the prepared examples (``all_gather_object``),
-    so decoding/resizing/tokenizing is done once per TP group. Unusable rows are skipped and counted in ``dropped``
-    (this rank's rows) by reason, so a micro-batch always holds ``pairs`` pairs (unless a whole epoch is unusable,
-    which raises).
-    """
-
-    index: RowIndex
-    preprocessor: Preprocessor
-    pairs: int
-    dp_rank: int
-    dp: int
-    seed: int
-    tp_rank: int = 0
-    tp: int = 1
-    tp_group: dist.ProcessGroup | None = None
-    epoch: int = 0
-    position: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
-    def __post_init__(self) -> None:
-        if len(self.index) < self.dp:
-            raise ValueError(f"{len(self.index)} training rows for {self.dp} data-parallel ranks")
-        self._order = self._shard(self.epoch)
-
-    def _shard(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.index), generator=gen)[self.dp_rank :: self.dp][self.tp_rank :: self.tp].tolist()
-
-    def _next_example(self) -> ProcessedExample:
-        misses = 0
-        while True:
-            if self.position >= len(self._order):
-                self.epoch += 1
-                self.position = 0
-                self._order = self._shard(self.epoch)
-            i = self._order[self.position]
-            self.position += 1
+    @staticmethod
+    def _memo(table: dict, key, compute):
+        hit = table.get(key)
+        if hit is None:
             try:
-                return _prepare(example_from_row(self.index, i), self.preprocessor)
+                hit = compute()
             except DataError as err:
-                self.dropped[err.reason] += 1
-                misses += 1
-                if misses > len(self._order):
-                    raise RuntimeError(f"no usable training pair in a whole epoch shard; dropped {dict(self.dropped)}")
+                hit = err
+            table[key] = hit
+        if isinstance(hit, DataError):
+            raise hit
+        return hit
 
-    def state_dict(self) -> dict:
-        """Position in the stream (JSON-serialisable); :meth:`load_state_dict` continues exactly after it."""
-        return {"epoch": self.epoch, "position": self.position, "dropped": dict(self.dropped)}
+    def estimate(self, example: PairExample, *, shared_prompt: bool = False) -> tuple[int, int]:
+        return self._memo(self._estimates, (example.id, shared_prompt),
+                          lambda: self.inner.estimate(example, shared_prompt=shared_prompt))
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._shard(self.epoch)
-        self.dropped = Counter(state["dropped"])
-
-    def next_batch(self) -> tuple[PackedBatch, list[ProcessedExample]]:
-        """The next micro-batch (identical on the ranks of a TP group) and its examples. Collective over the TP
-        group when ``tp > 1``."""
-        share = self.pairs // self.tp + (self.tp_rank < self.pairs % self.tp)
-        examples = [self._next_example() for _ in range(share)]
-        if self.tp > 1:
-            gathered: list[list[ProcessedExample] | None] = [None] * self.tp
-            dist.all_gather_object(gathered, examples, group=self.tp_group)
-            examples = [ex for part in gathered for ex in part]
-        batch = collate(examples, image_token_id=self.preprocessor.image_token_id,
-                        merge_size=self.preprocessor.image_cfg.merge_size)
-        return batch, examples
+    def __call__(self, example: PairExample) -> ProcessedExample:
+        return self._memo(self._prepared, example.id, lambda: self.inner(example))
 
 
 @dataclass(kw_only=True)
@@ -158,7 +110,9 @@ def load_eval_set(name: str, files: list[str], preprocessor: Preprocessor, pairs
         try:
             if isinstance(raw, DataError):
                 raise raw
-            examples.append(_prepare(raw, preprocessor))
+            if not isinstance(raw, PairExample):
+                raise DataError("bad_field", "a ranking row (VL-RewardBench style) is not a pair")
+            examples.append(preprocessor(raw))
         except DataError as err:
             dropped[err.reason] += 1
     if not examples:

@@ -1,7 +1,8 @@
 """The training loop of a reward model: config in, metrics/checkpoints/export out.
 
-Order of one optimizer step (every rank runs the same collectives in the same order):
-``grad_accum_steps`` x (micro-batch -> ``RewardModel.loss`` -> backward) -> average gradients over DP ->
+Order of one optimizer step (every rank runs the same collectives in the same order): the loader's step (this DP
+rank's share of ``train.pairs_per_step`` pairs, in token-budget micro-batches) -> per micro-batch
+``RewardModel.loss`` -> backward (gradients accumulate) -> average gradients over DP ->
 global gradient norm (TP/PP shards counted once) -> all-reduce the step's statistics over DP -> stop on every rank
 if the loss or the norm is not finite (before the optimizer touches anything) -> clip -> AdamW -> metrics line.
 """
@@ -21,12 +22,12 @@ from vlr_runtime.checkpoint.hf import VALUE_HEAD_FILE, export_hf_checkpoint, loa
 from vlr_runtime.checkpoint.manager import CheckpointManager, capture_rng_state, restore_rng_state
 from vlr_runtime.config import Config, ConfigError, dump_config
 from vlr_runtime.data.collate import Preprocessor
-from vlr_runtime.data.formats import RowIndex
+from vlr_runtime.data.loader import LoaderConfig, PairLoader
 from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.model import ModelArgs, RewardModel, build_reward_model
 from vlr_runtime.model.hf_names import hf_param_specs
 from vlr_runtime.parallel import ParallelContext, setup_distributed
-from vlr_runtime.training.data import TrainStream, load_eval_set, resolve_sources
+from vlr_runtime.training.data import CachedPreprocessor, load_eval_set, resolve_sources
 from vlr_runtime.training.evaluate import evaluate
 from vlr_runtime.training.metrics import MetricsLog
 from vlr_runtime.training.optim import (MasterAdamW, average_dp_gradients, clip_gradients, freeze_groups,
@@ -103,43 +104,50 @@ class Trainer:
         self.trainable = freeze_groups(self.model.param_groups(), cfg.model.freeze)
         self.optimizer = MasterAdamW(self.trainable, cfg.optim)
 
-        self.preprocessor = preprocessor = Preprocessor(self.model_dir, max_length=cfg.data.max_length)
-        index = RowIndex(sources.train)
-        self.stream = TrainStream(index=index, preprocessor=preprocessor, pairs=cfg.train.micro_batch_pairs,
-                                  dp_rank=ctx.dp_rank, dp=ctx.dp, seed=cfg.train.seed, tp_rank=ctx.tp_rank,
-                                  tp=ctx.tp, tp_group=ctx.tp_group)
-        pairs_per_step = cfg.train.micro_batch_pairs * cfg.train.grad_accum_steps * ctx.dp
-        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(index) / pairs_per_step))
-        self.eval_sets = [load_eval_set(name, files, preprocessor, cfg.train.micro_batch_pairs)
+        self.preprocessor = Preprocessor(self.model_dir, max_length=cfg.data.max_length)
+        cache = cfg.data.cache_prepared == "always" or (cfg.data.cache_prepared == "auto" and not cfg.data.train)
+        self.loader = PairLoader(
+            sources.train, CachedPreprocessor(self.preprocessor) if cache else self.preprocessor,
+            LoaderConfig(pairs_per_step=cfg.train.pairs_per_step, token_budget=cfg.data.micro_batch_tokens,
+                         seed=cfg.train.seed, shared_prompt=cfg.data.shared_prompt,
+                         num_workers=cfg.data.num_workers),
+            rank=ctx.dp_rank, world_size=ctx.dp)
+        self.total_steps = cfg.train.max_steps or max(
+            1, math.ceil(cfg.train.epochs * self.loader.num_rows / cfg.train.pairs_per_step))
+        self.eval_sets = [load_eval_set(name, files, self.preprocessor, max(1, cfg.train.pairs_per_step // ctx.dp))
                           for name, files in sources.evals.items()]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints")
         self.step = 0
         self._resume()
+        self._batches = iter(self.loader)  # a generator: it reads the (resumed) loader position at its first step
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=ctx.rank == 0,
                                   total_steps=self.total_steps, first_step=self.step, progress=cfg.log.progress)
         self.metrics.message(
-            f"vlr_runtime.train: {len(index)} training rows, {self.total_steps} steps of {pairs_per_step} pairs, "
+            f"vlr_runtime.train: {self.loader.num_rows} training rows, {self.total_steps} steps of "
+            f"{cfg.train.pairs_per_step} pairs, "
             f"tp={ctx.tp} dp={ctx.dp} on {ctx.device} ({ctx.backend}), {self.dtype}, "
             f"{sum(p.numel() for p in self.trainable)} trainable parameters on this rank, run dir {self.run_dir}")
 
     # ----------------------------------------------------------------------------------------------- one step
-    def compute_gradients(self, batches: list[PackedBatch]) -> dict:
-        """Forward + backward over this rank's micro-batches (gradients accumulate, scaled by 1/len(batches)),
-        gradients averaged over DP; returns the step's statistics reduced over DP and the global gradient norm
-        (identical on every rank). Collective: every rank must call it with the same number of batches."""
+    def compute_gradients(self, batches: list[tuple[PackedBatch, int]], global_pairs: int) -> dict:
+        """Forward + backward over this rank's micro-batches ``(batch, pairs in it)`` of a step holding
+        ``global_pairs`` pairs over all DP ranks, so that the gradient is that of the mean loss over the step's
+        pairs; gradients averaged over DP. Returns the step's statistics reduced over DP and the global gradient
+        norm (identical on every rank). Collective: every rank must call it once per step."""
         ctx = self.ctx
         # [loss_sum, correct, pairs, margin_sum, chosen_sum, rejected_sum, tokens, images]
         stats = torch.zeros(8, dtype=torch.float64)
-        for batch in batches:
+        for batch, pairs in batches:
             if not self.cfg.train.use_margin:
                 batch.margin = None
             batch = batch.to(ctx.device)
             loss, rewards, _ = self.model.loss(batch, center_coef=self.cfg.train.center_coef)
-            (loss / len(batches)).backward()
+            # The DP average of the gradients divides by dp; each rank's share of the step's mean multiplies it back.
+            (loss * (pairs * ctx.dp / global_pairs)).backward()
             with torch.no_grad():
                 chosen = rewards[batch.pair_index[:, 0]].double().cpu()
                 rejected = rewards[batch.pair_index[:, 1]].double().cpu()
-                stats += torch.tensor([float(loss), (chosen > rejected).sum(), chosen.numel(),
+                stats += torch.tensor([float(loss) * pairs, (chosen > rejected).sum(), chosen.numel(),
                                        (chosen - rejected).sum(), chosen.sum(), rejected.sum(),
                                        batch.num_tokens, batch.num_images], dtype=torch.float64)
         average_dp_gradients(self.trainable, ctx.dp, ctx.dp_group)
@@ -152,7 +160,7 @@ class Trainer:
             stats = stats.cpu()
         loss_sum, correct, pairs, margin, chosen_sum, rejected_sum, tokens, images = stats.tolist()
         # tokens/images are counted once per DP replica: TP peers process the same batch.
-        return {"loss": loss_sum / (len(batches) * ctx.dp), "accuracy": correct / pairs, "margin": margin / pairs,
+        return {"loss": loss_sum / pairs, "accuracy": correct / pairs, "margin": margin / pairs,
                 "chosen_reward": chosen_sum / pairs, "rejected_reward": rejected_sum / pairs,
                 "grad_norm": grad_norm, "pairs": int(pairs), "tokens": tokens, "images": images}
 
@@ -160,8 +168,13 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(self.step + 1, self.total_steps, self.cfg.optim)
         self.optimizer.set_lr(lr)
-        batches = [self.stream.next_batch()[0] for _ in range(self.cfg.train.grad_accum_steps)]
-        stats = self.compute_gradients(batches)
+        step_batch = next(self._batches)
+        if step_batch.global_pairs == 0:
+            raise RuntimeError(f"step {self.step + 1}: no usable pair in the step's rows "
+                               f"(rejected: {step_batch.rejected_global[:5]})")
+        stats = self.compute_gradients(
+            [(mb, n) for mb, n in zip(step_batch.microbatches, step_batch.pairs) if mb is not None],
+            step_batch.global_pairs)
         tokens, images = stats.pop("tokens"), stats.pop("images")
         row = {"step": self.step + 1, **stats, "lr": lr}
         if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
@@ -210,7 +223,7 @@ class Trainer:
         rng_tensors, rng_json = capture_rng_state()
         tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
         state = {"step": self.step, "rng": rng_json, "param_groups": opt_state["param_groups"],
-                 "stream": self.stream.state_dict()}
+                 "loader": self.loader.state_dict()}
         self.checkpoints.save(self.step, tensors, state,
                               meta={"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp})
 
@@ -235,7 +248,7 @@ class Trainer:
                 opt_state["state"].setdefault(int(idx), {})[name] = value
         self.optimizer.optimizer.load_state_dict(opt_state)
         restore_rng_state({k[4:]: v for k, v in t.items() if k.startswith("rng.")}, ckpt.state["rng"])
-        self.stream.load_state_dict(ckpt.state["stream"])
+        self.loader.load_state_dict(ckpt.state["loader"])
         self.step = ckpt.step
         log.info("resumed from %s at step %d", ckpt.path, self.step)
 
@@ -252,8 +265,9 @@ class Trainer:
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self._save_checkpoint()
             final = self._log_eval()
-            if self.stream.dropped:
-                self.metrics.message(f"unusable training rows skipped, by reason: {dict(self.stream.dropped)}")
+            if self.loader.rejected_counts:
+                self.metrics.message(f"unusable training rows skipped (this rank), by reason: "
+                                     f"{dict(self.loader.rejected_counts)}")
             if cfg.checkpoint.export:
                 export_hf_checkpoint(self.model, self.args, self.run_dir / "export", source_dir=self.model_dir)
                 self.metrics.message(f"exported to {self.run_dir / 'export'}")
@@ -264,5 +278,6 @@ class Trainer:
                 self.metrics.message("held-out accuracy: " + ", ".join(parts))
             return final
         finally:
+            self.loader.close()
             self.checkpoints.wait()
             self.metrics.close()

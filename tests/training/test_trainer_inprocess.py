@@ -1,0 +1,102 @@
+"""The trainer in one process (world size 1): a NaN/Inf step stops before the optimizer touches anything, and a run
+resumed from its checkpoint continues exactly like an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.training.helpers import run_args
+from vlr_runtime.config import parse_args
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    from vlr_kernels import set_default_backend
+    from vlr_runtime.parallel import teardown
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    teardown()
+    yield
+    teardown()
+    set_default_backend(None)  # the trainer sets the process-wide kernel backend from its config
+
+
+def _trainer(tmp, *extra):
+    from vlr_runtime.training import Trainer
+
+    return Trainer(parse_args(run_args(tmp, "--parallel.tp", "1", "--train.eval_interval", "0", *extra)))
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, single_process):
+    from vlr_runtime.training import TrainingDiverged
+
+    trainer = _trainer(tmp_path, "--run.dir", str(tmp_path / "run"), "--train.max_steps", "5")
+    trainer.metrics.write(trainer._train_step())  # one healthy step: the optimizer has state from here on
+    with torch.no_grad():
+        trainer.model.head.bias.fill_(float("inf"))  # r_c - r_r = inf - inf = NaN
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    adam_steps = [float(s["step"]) for s in trainer.optimizer.optimizer.state.values()]
+    with pytest.raises(TrainingDiverged, match="step 2: loss=nan"):
+        trainer.train()
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]) or (n == "head.bias"), n
+    assert [float(s["step"]) for s in trainer.optimizer.optimizer.state.values()] == adam_steps
+    assert all(p.grad is None for p in trainer.trainable)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and lines[-1]["loss"] == "nan"
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path, single_process):
+    from vlr_runtime.parallel import teardown
+
+    # all 6 steps are inside the 20-step warm-up, so stopping the first run at 4 does not change its schedule
+    common = ("--train.max_steps", "6", "--optim.warmup_steps", "20", "--checkpoint.export", "false")
+    straight = _trainer(tmp_path, "--run.dir", str(tmp_path / "a"), *common)
+    straight.train()
+    reference = {n: p.detach().clone() for n, p in straight.model.named_parameters()}
+    teardown()
+
+    first = _trainer(tmp_path, "--run.dir", str(tmp_path / "b"), "--checkpoint.interval", "2", *common)
+    first.total_steps = 4  # stop early, as a killed job would after its step-4 checkpoint
+    first.train()
+    teardown()
+    resumed = _trainer(tmp_path, "--run.dir", str(tmp_path / "b"), "--checkpoint.interval", "2", *common)
+    assert resumed.step == 4
+    resumed.train()
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, reference[n]), n
+    losses = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                          if "split" not in x]
+    assert losses("b") == losses("a")
+
+
+def test_shared_prompt_layout_trains_like_the_plain_one(tmp_path, single_process):
+    """``--data.shared_prompt`` packs a pair as [prompt | chosen | rejected]; the loss and every gradient equal
+    those of the plain layout (two full sequences) on the same pairs."""
+    from vlr_runtime.data.collate import collate
+    from vlr_runtime.data.formats import read_examples
+
+    trainer = _trainer(tmp_path, "--run.dir", str(tmp_path / "run"))
+    pre = trainer.preprocessor
+    train_file = next((tmp_path / "cache").glob("synthetic-*")) / "train.jsonl"
+    examples = [pre(ex) for _, ex in list(read_examples(train_file))[:6]]
+    results = []
+    for shared in (False, True):
+        batch = collate(examples, image_token_id=pre.image_token_id, shared_prompt=shared)
+        stats = trainer.compute_gradients([(batch, len(examples))], global_pairs=len(examples))
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        trainer.optimizer.zero_grad()
+        results.append((batch.num_tokens, stats, grads))
+    (plain_tokens, plain, plain_grads), (shared_tokens, shared, shared_grads) = results
+    assert shared_tokens < 0.75 * plain_tokens  # the prompt (and its image tokens) is stored once
+    assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert shared["margin"] == pytest.approx(plain["margin"], rel=1e-4, abs=1e-7)
+    assert plain_grads.keys() == shared_grads.keys()
+    for n, g in plain_grads.items():
+        # a different attention layout sums in a different order: fp32 noise, not the 1e-5 of equal layouts
+        assert float((shared_grads[n] - g).norm() / g.norm().clamp_min(1e-30)) <= 1e-4, n
