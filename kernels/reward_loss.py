@@ -310,10 +310,10 @@ def _param_grad_kernel(
     if HAS_NORM:
         tl.store(dg_ptr + c, sg.to(dg_ptr.dtype.element_ty), mask=cmask)
     if tl.program_id(0) == 0:
-        offs = tl.arange(0, BLOCK_S)
+        s_offs = tl.arange(0, BLOCK_S)
         acc = tl.zeros([BLOCK_S], dtype=tl.float32)
         for start in range(0, n_scored, BLOCK_S):
-            acc += tl.load(dr_ptr + start + offs, mask=start + offs < n_scored, other=0.0)
+            acc += tl.load(dr_ptr + start + s_offs, mask=start + s_offs < n_scored, other=0.0)
         tl.store(db_ptr, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty))
 
 

@@ -61,18 +61,18 @@ def _rms_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    offs = row_start.to(tl.int64) * n_cols + cols  # advanced by one row per iteration (64-bit: T*H may be > 2**31)
+    row_off = row_start.to(tl.int64) * n_cols  # scalar 64-bit row offset (T*H may exceed 2**31), 32-bit cols
     for row in range(row_start, row_end):
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
-        xhat = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rstd
+        xhat = tl.load(s_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32) * rstd
         dyw = dy * w
         dx = rstd * (dyw - xhat * (tl.sum(dyw * xhat, axis=0) / n_cols))
         if HAS_DS:
-            dx += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx += tl.load(ds_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row_off + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
-        offs += n_cols
+        row_off += n_cols
     tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
 
 

@@ -1,0 +1,97 @@
+"""Compile every Triton kernel of vlr_kernels ahead of time for sm_90 (H100/H200) with bf16 pointers - no GPU needed -
+and report registers and spills from the cubin. Run in a process *without* TRITON_INTERPRET (the interpreter replaces
+the kernels at decoration time):
+
+    TRITON_INTERPRET=0 python -m tests.kernels.triton_sm90
+
+This catches what the interpreter cannot: type errors of the real compiler, bf16 lowering, register spills.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# import_module: the package exports functions named like some of these modules (vlr_kernels.swiglu)
+reward_loss, rmsnorm, rotary, swiglu = (
+    importlib.import_module(f"vlr_kernels.{m}") for m in ("reward_loss", "rmsnorm", "rotary", "swiglu")
+)
+
+BF, F32, I64 = "*bf16", "*fp32", "*i64"
+
+# (name, kernel, {arg: type}, constexprs, num_warps) - the launch configurations the Python launchers use
+CASES = [
+    ("rms_norm_fwd+res", rmsnorm._rms_norm_fwd_kernel,
+     {"x_ptr": BF, "r_ptr": BF, "w_ptr": BF, "y_ptr": BF, "s_ptr": BF, "rstd_ptr": F32, "n_cols": "i32",
+      "eps": "fp32"}, {"HAS_RESIDUAL": True, "BLOCK_N": 4096}, 16),
+    ("rms_norm_bwd+ds", rmsnorm._rms_norm_bwd_kernel,
+     {"dy_ptr": BF, "ds_ptr": BF, "s_ptr": BF, "w_ptr": BF, "rstd_ptr": F32, "dx_ptr": BF, "dw_part_ptr": F32,
+      "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"}, {"HAS_DS": True, "BLOCK_N": 4096}, 16),
+    ("swiglu_fwd", swiglu._swiglu_fwd_kernel, {"g_ptr": BF, "u_ptr": BF, "y_ptr": BF, "n": "i64"},
+     {"BLOCK": 1024}, 4),
+    ("swiglu_bwd", swiglu._swiglu_bwd_kernel,
+     {"dy_ptr": BF, "g_ptr": BF, "u_ptr": BF, "dg_ptr": BF, "du_ptr": BF, "n": "i64"}, {"BLOCK": 1024}, 4),
+    *[(f"rotary_{'bwd' if bwd else 'fwd'}_hd{d}", rotary._rotary_kernel,
+       {"q_ptr": BF, "k_ptr": BF, "cos_ptr": F32, "sin_ptr": F32, "yq_ptr": BF, "yk_ptr": BF, "heads_q": "i32",
+        "heads_k": "i32", "n_q_blocks": "i32", "half": "i32", "stride_qt": "i32", "stride_qh": "i32",
+        "stride_kt": "i32", "stride_kh": "i32"},
+       {"BACKWARD": bwd, "BLOCK_H": 16, "BLOCK_D": triton.next_power_of_2(d // 2)}, 4)
+      for bwd in (False, True) for d in (128, 80)],
+    ("reward_fwd+norm", reward_loss._reward_fwd_kernel,
+     {"h_ptr": BF, "idx_ptr": I64, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF, "rewards_ptr": F32, "rstd_ptr": F32,
+      "n_cols": "i32", "stride_t": "i32", "eps": "fp32"}, {"HAS_NORM": True, "BLOCK_H": 2048}, 4),
+    ("pair_loss+margin", reward_loss._pair_loss_kernel,
+     {"rewards_ptr": F32, "pair_ptr": I64, "margin_ptr": F32, "loss_ptr": F32, "acc_ptr": F32, "n_scored": "i32",
+      "n_pairs": "i32", "center_coef": "fp32"}, {"HAS_MARGIN": True, "BLOCK": 1024}, 4),
+    *[(f"reward_bwd{'+norm' if norm else ''}", reward_loss._reward_bwd_kernel,
+       {"h_ptr": BF, "idx_ptr": I64, "pair_ptr": I64, "margin_ptr": F32, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF,
+        "rewards_ptr": F32, "rstd_ptr": F32, "dloss_ptr": F32, "drewards_ptr": F32, "dh_ptr": BF, "dr_ptr": F32,
+        "dw_part_ptr": F32, "dg_part_ptr": F32, "n_cols": "i32", "stride_t": "i32", "stride_dt": "i32",
+        "n_scored": "i32", "n_pairs": "i32", "center_coef": "fp32"},
+       {"HAS_NORM": norm, "HAS_MARGIN": norm, "HAS_DREWARDS": norm, "BLOCK_P": 256, "BLOCK_H": 2048}, 4)
+      for norm in (False, True)],
+    ("param_grad+norm", reward_loss._param_grad_kernel,
+     {"dw_part_ptr": F32, "dg_part_ptr": F32, "dr_ptr": F32, "dw_ptr": BF, "dg_ptr": BF, "db_ptr": BF,
+      "n_scored": "i32", "n_cols": "i32"}, {"HAS_NORM": True, "BLOCK_C": 256, "BLOCK_S": 1024}, 4),
+]
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, spill bytes) of the cubin's kernel, from the cuobjdump that ships with triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    spill = sum(int(x) for x in re.findall(r"(?:STORE|LOAD):(\d+)", out.split("Function")[-1]) or [0])
+    return regs, spill
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter replaces the kernels", file=sys.stderr)
+        return 2
+    target = GPUTarget("cuda", 90, 32)
+    worst_spill = 0
+    for name, fn, sig, consts, warps in CASES:
+        src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+        compiled = triton.compile(src, target=target, options={"num_warps": warps})
+        regs, spill = _resource_usage(compiled.asm["cubin"])
+        worst_spill = max(worst_spill, spill)
+        print(f"{name:24s} warps={warps:2d} regs={regs:3d} spill_bytes={spill}")
+    return 0 if worst_spill == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
