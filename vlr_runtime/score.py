@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         scorer = RewardScorer(args.model, dtype=args.dtype, device=args.device, batch_tokens=args.batch_tokens,
                               tp=args.tp, shared_prompt=args.shared_prompt, max_length=args.max_length)
         ctx = scorer.context
+        start = time.perf_counter()
         mine = list(score_rows(scorer, args.data, dp_rank=ctx.dp_rank, dp_size=ctx.dp))
         if ctx.world_size > 1:
             gathered: list | None = [None] * ctx.world_size if ctx.rank == 0 else None
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             with out.open("w", encoding="utf-8") as f:
                 for r in records:
                     f.write(json.dumps(public_record(r)) + "\n")
+            log.info("%d rows scored in %.1f s -> %s", len(records), time.perf_counter() - start, out)
             print(format_metrics(compute_metrics(records)), flush=True)
     finally:
         teardown()
