@@ -29,19 +29,20 @@ from vlr_kernels import fused_reward_loss, rms_norm_ref
 
 def hf_style_loss(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps=1e-6):
     """The peers' path: every token normalised and projected, then the scored ones gathered."""
-    normed = rms_norm_ref(hidden, norm_weight, eps)
+    normed = rms_norm_ref(hidden, norm_weight, eps) if norm_weight is not None else hidden
     rewards = F.linear(normed, head_weight[None], head_bias.reshape(1)).squeeze(-1).float()[scored_index]
     return -F.logsigmoid(rewards[pair_index[:, 0]] - rewards[pair_index[:, 1]]).mean()
 
 
 def gather_first_loss(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps=1e-6):
     """Gather the scored rows first, then norm + head on those only."""
-    rows = rms_norm_ref(hidden[scored_index], norm_weight, eps)
+    rows = hidden[scored_index]
+    rows = rms_norm_ref(rows, norm_weight, eps) if norm_weight is not None else rows
     rewards = (rows @ head_weight + head_bias.reshape(())).float()
     return -F.logsigmoid(rewards[pair_index[:, 0]] - rewards[pair_index[:, 1]]).mean()
 
 
-def make_inputs(t_rows, h, pairs, dtype, device):
+def make_inputs(t_rows, h, pairs, dtype, device, with_norm=True):
     g = torch.Generator().manual_seed(0)
     # scored tokens = ends of 2P sequences of random length packed into T tokens
     cuts = torch.sort(torch.randperm(t_rows - 1, generator=g)[: 2 * pairs - 1] + 1).values
@@ -50,7 +51,7 @@ def make_inputs(t_rows, h, pairs, dtype, device):
     hidden = torch.randn(t_rows, h, generator=g).to(device, dtype).requires_grad_()
     w = (torch.randn(h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
     b = torch.zeros((), device=device, dtype=dtype).requires_grad_()
-    nw = (torch.rand(h, generator=g) + 0.5).to(device, dtype).requires_grad_()
+    nw = (torch.rand(h, generator=g) + 0.5).to(device, dtype).requires_grad_() if with_norm else None
     return hidden, scored, pair_index, w, b, nw
 
 
@@ -59,19 +60,20 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--hidden", type=int, default=3584)
     p.add_argument("--pairs", type=int, default=32)
+    p.add_argument("--prenormed", action="store_true", help="hidden is already normalised: no norm_weight")
     args = p.parse_args(argv)
     device = bench_device()
     t_rows, h, pairs = (257, 80, 3) if args.quick else (args.tokens, args.hidden, args.pairs)
     dtype = getattr(torch, args.dtype)
     warmup, rep = (1, 3) if args.quick else (10, args.rep)
-    hidden, scored, pair_index, w, b, nw = make_inputs(t_rows, h, pairs, dtype, device)
+    hidden, scored, pair_index, w, b, nw = make_inputs(t_rows, h, pairs, dtype, device, not args.prenormed)
     x = f"T={t_rows},P={pairs},H={h}"
     elt = hidden.element_size()
     rows_bytes = 2 * pairs * h * elt
     bytes_moved = {"fwd": rows_bytes, "bwd": 2 * rows_bytes + t_rows * h * elt}
     bytes_moved["fwd+bwd"] = bytes_moved["fwd"] + bytes_moved["bwd"]
     ceiling = copy_bandwidth_gbps(device)
-    rec = Recorder("reward_loss", device, args.csv)
+    rec = Recorder("reward_loss" + ("_prenormed" if args.prenormed else ""), device, args.csv)
     rec.add("copy", "ceiling", "GB/s", "1GiB" if device.type == "cuda" else "64MiB", ceiling)
 
     def run(fn):
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> str:
             hidden, scored, pair_index, w, b, nw, backend=bk, check_indices=False)[0]
     providers["triton_checked"] = lambda: lambda: fused_reward_loss(
         hidden, scored, pair_index, w, b, nw, backend="triton")[0]
-    rec.run_providers(providers, x, lambda loss: loss.backward(), [hidden, w, b, nw], bytes_moved, ceiling,
+    params = [t for t in (hidden, w, b, nw) if t is not None]
+    rec.run_providers(providers, x, lambda loss: loss.backward(), params, bytes_moved, ceiling,
                       args.providers, warmup, rep)
     return rec.finish()
 

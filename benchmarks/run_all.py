@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # script -> the extra arguments of each configuration it runs in; a script not present here yet is skipped
 KERNEL_BENCHMARKS = {
-    "bench_reward_loss.py": [[]],
+    "bench_reward_loss.py": [[], ["--prenormed"]],
     "bench_rmsnorm.py": [[], ["--residual"]],
     "bench_swiglu.py": [[]],
     "bench_rotary.py": [["--config", "llm"], ["--config", "vision"]],
