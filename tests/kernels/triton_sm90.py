@@ -66,16 +66,16 @@ CASES = [
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, spill bytes) of the cubin's kernel, from the cuobjdump that ships with triton."""
+    """(registers per thread, stack + local bytes per thread - where spilled registers go) of the cubin's kernel,
+    from the cuobjdump that ships with triton."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
                              check=True, timeout=60).stdout
-    regs = int(re.search(r"REG:(\d+)", out).group(1))
-    spill = sum(int(x) for x in re.findall(r"(?:STORE|LOAD):(\d+)", out.split("Function")[-1]) or [0])
-    return regs, spill
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out.split("Function")[-1]))
+    return int(usage["REG"]), int(usage["STACK"]) + int(usage["LOCAL"])
 
 
 def main() -> int:
