@@ -42,7 +42,7 @@ PREPROCESSING_FILES = (
 _RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """transformers-5 module names -> the released (4.x) names used by the mapping table."""
     for old, new in _RENAMES:
         if name.startswith(old):
@@ -75,7 +75,7 @@ class _SafetensorsReader:
                 raise FileNotFoundError(f"weight file {path} listed in the index is missing")
             handle = stack.enter_context(safe_open(str(path), framework="pt"))
             for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                self.location[_canonical(key)] = (handle, key)
+                self.location[canonical_name(key)] = (handle, key)
 
     def __contains__(self, name: str) -> bool:
         return name in self.location
