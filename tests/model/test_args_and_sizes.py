@@ -102,3 +102,21 @@ def test_bad_configs_raise(mutate, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         ModelArgs.from_hf_config(tmp_path)
+
+
+def test_vision_parallel_choice_is_checked(tp1):
+    with pytest.raises(ValueError, match="vision_parallel"):
+        build_reward_model(ModelArgs.tiny(), vision_parallel="pipeline")
+
+
+@pytest.mark.parametrize("patches, ranks, expected", [
+    ([60, 180], 2, [0, 1]),
+    ([100, 100, 100, 100], 2, [0, 0, 1, 1]),
+    ([1000, 4, 4, 4], 2, [0, 1, 1, 1]),
+    ([16], 4, [2]),
+    ([4, 4], 8, [2, 6]),
+])
+def test_image_owners_contiguous_and_balanced(patches, ranks, expected):
+    from vlr_runtime.model.vision import image_owners
+
+    assert image_owners(torch.tensor(patches), ranks).tolist() == expected
