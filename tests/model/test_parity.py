@@ -144,7 +144,7 @@ def test_recompute_gives_identical_loss_and_grads(loaded, tiny_ckpt, inputs):
     calls = []
     # Pre-hooks: checkpoint's recompute stops early, once the saved tensors are rebuilt, before a forward hook.
     hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append(mod))
-             for m in (model.language.layers[0], model.vision.blocks[0])]
+             for m in (model.language.layers["0"], model.vision.blocks[0])]
     try:
         plain_loss, plain = loss_and_grads()
         assert len(calls) == 2

@@ -95,6 +95,39 @@ each TP rank while the decoder is sharded (the 3420-wide Qwen2.5-VL vision MLP a
 the decoder additionally shards its tokens (an odd token count, so the padding path runs too)."""
 
 
+def pipeline_run(model_dir, microbatches, export_dir=None):
+    """Load, one forward_backward step over the microbatches; returns (results, {param: grad}, model)."""
+    from vlr_runtime.checkpoint.hf import export_hf_checkpoint, load_hf_checkpoint
+    from vlr_runtime.model import ModelArgs, build_reward_model
+    from vlr_runtime.parallel.pipeline import forward_backward
+
+    model = build_reward_model(ModelArgs.from_hf_config(model_dir), device="cpu", seed=None)
+    load_hf_checkpoint(model, model_dir)
+    results = forward_backward(model, microbatches, center_coef=0.1)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if export_dir is not None:
+        export_hf_checkpoint(model, model.args, export_dir)
+    return results, grads, model
+
+
+def _pipeline_worker(rank: int, root: str) -> None:
+    """Second part of the worker: the same two processes as two pipeline stages (tp=1, pp=2)."""
+    from vlr_runtime.parallel import setup_distributed, teardown
+
+    ctx = setup_distributed(tp=1, pp=2)
+    assert (ctx.pp, ctx.pp_rank, ctx.tp) == (2, rank, 1)
+    micro = [load_batch(f"{root}/micro_{i}.safetensors") for i in range(2)]
+    results, grads, model = pipeline_run(f"{root}/split/ckpt", micro, f"{root}/pipeline_export")
+    layers = sorted(model.language.layers)
+    assert layers == (["0"] if rank == 0 else ["1"]), layers
+    assert (model.vision is not None, model.head is not None) == (rank == 0, rank == 1)
+    out = {f"loss_{i}": r.loss.reshape(1) for i, r in enumerate(results)}
+    out.update({f"rewards_{i}": r.rewards for i, r in enumerate(results)})
+    save_file(out, f"{root}/pipeline_result_{rank}.safetensors")
+    save_file({n: g.contiguous() for n, g in grads.items()}, f"{root}/pipeline_grads_{rank}.safetensors")
+    teardown()
+
+
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -122,6 +155,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
                 save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
                 save_file(frozen, f"{out_dir}/frozen.safetensors")
         teardown()
+        os.environ["MASTER_PORT"] = str(port + 1)
+        _pipeline_worker(rank, root)
     except BaseException:
         with open(f"{root}/error_{rank}.txt", "w") as f:
             f.write(traceback.format_exc())
@@ -147,6 +182,9 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
     batch = pack(hf, samples, pixels, GRIDS)  # positions depend on the grids only, not on the weights
     assert batch.num_tokens % 2 == 1  # sequence parallelism at TP=2 has to pad
     save_batch(batch, str(tmp_path / "batch.safetensors"))
+    micro = [pack(hf, samples[:2], pixels, GRIDS), pack(hf, samples[2:], pixels, GRIDS)]
+    for i, mb in enumerate(micro):
+        save_batch(mb, str(tmp_path / f"micro_{i}.safetensors"))
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
@@ -196,6 +234,32 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
             g1 = frozen1["merger_grad"]
             if case == "replicated_vision":  # the merger is replicated: its whole gradient lives on rank 0
                 assert torch.allclose(frozen2["merger_grad"], g1, rtol=1e-4, atol=1e-6 * float(g1.abs().max()))
+        check_pipeline(tmp_path, micro, refs["split"])
     finally:
         teardown()
         set_default_backend(None)
+
+
+def check_pipeline(root, micro, ref) -> None:
+    """pp=2 vs the same step at pp=1 (in this process): losses, rewards, every gradient, and the export."""
+    from safetensors import safe_open
+
+    results1, grads1, _ = pipeline_run(root / "split" / "ckpt", micro)
+    assert torch.allclose(torch.cat([r.rewards for r in results1]).double(), ref, rtol=1e-4)
+    for rank in range(2):
+        result = load_file(str(root / f"pipeline_result_{rank}.safetensors"))  # identical on both stages
+        for i, r in enumerate(results1):
+            assert torch.allclose(result[f"loss_{i}"], r.loss.reshape(1), rtol=1e-5), (rank, i)
+            assert torch.allclose(result[f"rewards_{i}"], r.rewards, rtol=1e-4), (rank, i)
+    stage_grads = {}
+    for rank in range(2):
+        stage_grads.update(load_file(str(root / f"pipeline_grads_{rank}.safetensors")))
+    assert stage_grads.keys() == grads1.keys()
+    for name, g in grads1.items():
+        assert torch.allclose(stage_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), name
+    original = load_file(str(root / "split" / "ckpt" / "model.safetensors"))
+    original.pop("lm_head.weight")
+    with safe_open(str(root / "pipeline_export" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(original)
+        for k, v in original.items():
+            assert torch.equal(f.get_tensor(k), v), k

@@ -28,8 +28,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlr_runtime.model.args import ModelArgs
-from vlr_runtime.model.hf_names import HEAD_BIAS, HEAD_WEIGHT, fill_parameters, hf_param_specs, init_head
-from vlr_runtime.model.reward_model import RewardModel
+from vlr_runtime.model.hf_names import (
+    HEAD_BIAS,
+    HEAD_WEIGHT,
+    ParamSpec,
+    fill_parameters,
+    hf_param_specs,
+    init_head,
+)
+from vlr_runtime.model.reward_model import RewardModel, stage_layer_ids
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +124,13 @@ def load_hf_checkpoint(model: RewardModel, model_dir: str | Path, *, head_seed: 
             weight = bias = None
             head = "initialised"
         if weight is not None:
-            if weight.numel() != model.head.weight.numel() or bias.numel() != 1:
+            if weight.numel() != model.args.hidden_size or bias.numel() != 1:
                 raise ValueError(f"reward head in {model_dir} has shapes {tuple(weight.shape)}/{tuple(bias.shape)}, "
                                  f"expected [1, {model.args.hidden_size}] and [1] (one score per sequence)")
-            with torch.no_grad():
-                model.head.weight.copy_(weight.view_as(model.head.weight))
-                model.head.bias.copy_(bias.view_as(model.head.bias))
+            if model.head is not None:  # the last pipeline stage
+                with torch.no_grad():
+                    model.head.weight.copy_(weight.view_as(model.head.weight))
+                    model.head.bias.copy_(bias.view_as(model.head.bias))
         else:
             init_head(model, head_seed)
             log.warning("%s has no reward head (no %s, no score.weight): the head is freshly initialised",
@@ -135,32 +143,81 @@ def load_hf_checkpoint(model: RewardModel, model_dir: str | Path, *, head_seed: 
     return {"files": [f.name for f in files], "head": head, "ignored": ignored}
 
 
-def iter_full_tensors(model: RewardModel, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_name, full tensor on the CPU)`` for every HF tensor, one parameter at a time (TP slices all-gathered),
-    so that at most one full tensor per parameter is held. Every rank of the TP group must iterate it to the end."""
+def _full_tensors_of(model: RewardModel, spec: ParamSpec, dtype: torch.dtype | None
+                     ) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensor(s) of one parameter, TP slices all-gathered (collective over the TP group), on the CPU."""
     from megatron.core import parallel_state
 
-    params = dict(model.named_parameters())
-    group = parallel_state.get_tensor_model_parallel_group()
+    local = dict(model.named_parameters())[spec.param].detach()
+    local = local if dtype is None else local.to(dtype)
+    if spec.split_dim is None:
+        return [(spec.parts[0].name, local.reshape(spec.parts[0].shape).cpu())]
+    _, tp = model.shard_of(spec.param)
+    if tp > 1:
+        pieces = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(pieces, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    else:
+        pieces = [local]
+    lengths = [(p.length if p.length is not None else p.shape[spec.split_dim]) // tp for p in spec.parts]
+    per_rank = [piece.split(lengths, dim=spec.split_dim) for piece in pieces]
+    segments: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for j, part in enumerate(spec.parts):  # parts of one HF tensor (vision qkv) are its row blocks, in order
+        segments[part.name].append(torch.cat([r[j] for r in per_rank], dim=spec.split_dim).cpu())
+    return [(name, blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)) for name, blocks in segments.items()]
+
+
+def _hf_names_of(spec: ParamSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, full shape)`` of the HF tensors of one parameter, in the order :func:`_full_tensors_of` yields."""
+    return list(dict.fromkeys((p.name, p.shape) for p in spec.parts))
+
+
+def iter_full_tensors(model: RewardModel, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full tensor on the CPU)`` for every HF tensor of the WHOLE model, one parameter at a time, so
+    that at most one full tensor per parameter is held. TP slices are all-gathered; with pipeline stages, rank 0 of
+    the world receives the other stages' tensors (sent by their TP-rank-0, DP-rank-0 process) and is the only rank
+    that gets everything (the others get their own stage's tensors). Every rank must iterate it to the end."""
+    from megatron.core import parallel_state
+
+    if model.pp == 1:
+        for spec in hf_param_specs(model.args):
+            yield from _full_tensors_of(model, spec, dtype)
+        return
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    dst = dist.get_global_rank(pp_group, 0)
+    rank = dist.get_rank()
+    sender = model.tp_rank == 0 and parallel_state.get_data_parallel_rank() == 0
+    dtype = dtype or next(model.parameters()).dtype
+    owned = {name for name, _ in model.named_parameters()}
+    by_stage = [stage_layer_ids(model.args.text.num_layers, model.pp, s) for s in range(model.pp)]
     for spec in hf_param_specs(model.args):
-        local = params[spec.param].detach()
-        local = local if dtype is None else local.to(dtype)
-        if spec.split_dim is None:
-            yield spec.parts[0].name, local.reshape(spec.parts[0].shape).cpu()
-            continue
-        _, tp = model.shard_of(spec.param)
-        if tp > 1:
-            pieces = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(pieces, local.contiguous(), group=group)
-        else:
-            pieces = [local]
-        lengths = [(p.length if p.length is not None else p.shape[spec.split_dim]) // tp for p in spec.parts]
-        per_rank = [piece.split(lengths, dim=spec.split_dim) for piece in pieces]
-        segments: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for j, part in enumerate(spec.parts):  # parts of one HF tensor (vision qkv) are its row blocks, in order
-            segments[part.name].append(torch.cat([r[j] for r in per_rank], dim=spec.split_dim).cpu())
-        for name, blocks in segments.items():
-            yield name, blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
+        if spec.param in owned:
+            for name, tensor in _full_tensors_of(model, spec, dtype):
+                if rank != dst and sender:
+                    dist.send(tensor.to(_comm_device()).contiguous(), dst)
+                yield name, tensor
+        elif rank == dst:
+            src = dist.get_global_rank(pp_group, _stage_of(spec.param, by_stage))
+            for name, shape in _hf_names_of(spec):
+                buf = torch.empty(shape, dtype=dtype, device=_comm_device())
+                dist.recv(buf, src)
+                yield name, buf.cpu()
+
+
+def _stage_of(param: str, by_stage: list[range]) -> int:
+    """Pipeline stage holding a parameter: vision/embedding on the first, head/final norm on the last."""
+    if param.startswith(("vision.", "language.embed.")):
+        return 0
+    if param.startswith(("head.", "language.final_norm.")):
+        return len(by_stage) - 1
+    layer = int(param.split(".")[2])
+    return next(s for s, ids in enumerate(by_stage) if layer in ids)
+
+
+def _comm_device() -> torch.device:
+    """Where point-to-point buffers live: the process's device for NCCL, the CPU for gloo."""
+    from vlr_runtime.parallel import get_context
+
+    return get_context().device
 
 
 def export_hf_checkpoint(model: RewardModel, args: ModelArgs, out_dir: str | Path, *,
@@ -168,12 +225,12 @@ def export_hf_checkpoint(model: RewardModel, args: ModelArgs, out_dir: str | Pat
                          max_shard_bytes: int = 5 * 2**30) -> Path | None:
     """Write ``model`` as an HF Qwen2.5-VL directory + ``value_head.safetensors`` (see the module docstring).
 
-    Collective over the TP group (all ranks must call it); rank 0 of the world writes and gets ``out_dir`` back,
+    Collective over all ranks (TP gathers, pipeline stages send to rank 0); rank 0 of the world writes and gets ``out_dir`` back,
     the other ranks ``None``. ``dtype``: tensor dtype on disk (default: the parameters' dtype). Shards of at most
     ``max_shard_bytes`` are written as the tensors are gathered (rank 0 holds one shard at a time).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dtype = dtype or model.head.weight.dtype
+    dtype = dtype or next(model.parameters()).dtype
     out_dir = Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

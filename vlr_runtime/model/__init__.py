@@ -50,6 +50,12 @@ and reduce-scatter around attention and MLP, norm-weight gradients are all-reduc
 reads the scored rows gathered with ``vlr_kernels.gather_scored_rows``. ``forward()`` still returns the full
 ``[T, H]``. Activation checkpointing: ``model.set_recompute(llm=..., vision=...)``.
 
+Pipeline parallelism (``setup_distributed(tp, pp)`` with pp > 1): each rank builds its stage only
+(:func:`~vlr_runtime.model.reward_model.stage_layer_ids`: contiguous decoder layers; vision tower + embedding on
+the first stage, final norm + head on the last; parameter names stay global, e.g. ``language.layers.17.*``), loads
+only its tensors, and runs through :func:`vlr_runtime.parallel.pipeline.forward_backward` (which is also the pp = 1
+training step). Export sends every stage's tensors to rank 0. Not combinable with sequence parallelism (yet).
+
 ``param_groups()`` keys: ``vision`` (patch_embed + blocks), ``merger``, ``llm`` (language.*), ``head``.
 
 Why megatron's TP linears but our own attention/decoder modules: megatron's ``TransformerLayer`` applies its own

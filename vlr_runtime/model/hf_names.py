@@ -134,7 +134,11 @@ def local_value(spec: ParamSpec, read: Reader, tp_rank: int, tp: int) -> torch.T
 def fill_parameters(model: nn.Module, read: Reader, skip: frozenset[str] = frozenset()) -> None:
     """Copy every parameter of ``model`` (except ``skip``) from HF tensors; shapes are checked, dtype converted."""
     params = dict(model.named_parameters())
-    for spec in hf_param_specs(model.args):
+    specs = [spec for spec in hf_param_specs(model.args) if spec.param in params]  # a pipeline stage: its own part
+    missing = set(params) - {spec.param for spec in specs}
+    if missing:
+        raise AssertionError(f"parameters without an HF source: {sorted(missing)}")
+    for spec in specs:
         if spec.param in skip:
             continue
         param = params[spec.param]
@@ -172,7 +176,9 @@ def init_random_weights(model: nn.Module, seed: int) -> None:
 
 
 def init_head(model: nn.Module, seed: int) -> None:
-    """Fresh value head only (a checkpoint without one)."""
+    """Fresh value head only (a checkpoint without one); no-op on pipeline stages without the head."""
+    if model.head is None:
+        return
     read = random_reader(model.args, seed)
     with torch.no_grad():
         model.head.weight.copy_(read(HEAD_WEIGHT, None, 0, 0))

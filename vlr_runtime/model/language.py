@@ -70,21 +70,26 @@ class DecoderLayer(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Token embedding (vocab-parallel), decoder layers, and the final RMSNorm (applied by the reward head)."""
+    """Token embedding (vocab-parallel), decoder layers, and the final RMSNorm (applied by the reward head);
+    ``layer_ids``/``pre_process``/``post_process`` select one pipeline stage's part."""
 
-    def __init__(self, args: TextArgs, config, group) -> None:
+    def __init__(self, args: TextArgs, config, group, layer_ids: range | None = None, pre_process: bool = True,
+                 post_process: bool = True) -> None:
         super().__init__()
         self.args = args
         tp = group.size()
+        layer_ids = range(args.num_layers) if layer_ids is None else layer_ids
         for name, size in (("vocab_size", args.vocab_size), ("intermediate_size", args.intermediate_size),
                            ("num_attention_heads", args.num_heads)):
             if size % tp:
                 raise ValueError(f"{name} {size} not divisible by tensor-parallel size {tp}")
+        # A pipeline stage holds the embedding only on the first stage, the final norm only on the last, and its own
+        # decoder layers under their global indices (so parameter names are those of the whole model).
         self.embed = VocabParallelEmbedding(args.vocab_size, args.hidden_size, init_method=_no_init, config=config,
-                                            tp_group=group)
-        self.layers = nn.ModuleList(DecoderLayer(args, config, group) for _ in range(args.num_layers))
+                                            tp_group=group) if pre_process else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, config, group) for i in layer_ids})
         # Applied by the reward head to gathered scored rows only, so never sequence-parallel.
-        self.final_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.final_norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if post_process else None
         self.group = group
         self.sequence_parallel = bool(config.sequence_parallel) and tp > 1
         self.recompute = False
@@ -103,7 +108,7 @@ class LanguageModel(nn.Module):
         # transformers casts the rotary tables to the activation dtype before rotating; do the same for parity.
         cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
         x = scatter_to_sequence_parallel_region(embeds, group=self.group) if self.sequence_parallel else embeds
-        for layer in self.layers:
+        for layer in self.layers.values():
             x = run_layer(layer, self.recompute, x, cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
         return x
 

@@ -14,6 +14,17 @@ from vlr_runtime.model.language import LanguageModel
 from vlr_runtime.model.layers import parallel_config
 from vlr_runtime.model.vision import VisionTower, vision_splits_over
 
+
+def stage_layer_ids(num_layers: int, pp: int, pp_rank: int) -> range:
+    """Decoder layers of pipeline stage ``pp_rank``: contiguous, sizes differing by at most one (earlier stages get
+    the extra layers; the first stage also runs the vision tower, the last the head)."""
+    if num_layers < pp:
+        raise ValueError(f"{num_layers} decoder layers cannot fill {pp} pipeline stages")
+    base, extra = divmod(num_layers, pp)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (pp_rank < extra))
+
+
 VISION_PARALLEL = ("auto", "tensor", "images")
 """How the vision tower uses the TP group: ``tensor`` shards its layers like the decoder's; ``images`` keeps full
 weights on every rank and, while the patch embedding and blocks are frozen, splits the images between the ranks;
@@ -27,12 +38,17 @@ class RewardModel(nn.Module):
     """
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype, tp_group: dist.ProcessGroup,
-                 self_group: dist.ProcessGroup, vision_parallel: str = "auto", sequence_parallel: bool = False) -> None:
+                 self_group: dist.ProcessGroup, vision_parallel: str = "auto", sequence_parallel: bool = False,
+                 pp_rank: int = 0, pp: int = 1) -> None:
         super().__init__()
         self.args = args
         self.tp = tp_group.size()
         self.tp_rank = tp_group.rank()
         self.tp_group = tp_group
+        self.pp, self.pp_rank = pp, pp_rank
+        self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp - 1
+        if pp > 1 and sequence_parallel:
+            raise NotImplementedError("sequence parallelism together with pipeline parallelism is not implemented")
         config = parallel_config(self.tp, dtype)
         if vision_parallel not in VISION_PARALLEL:
             raise ValueError(f"vision_parallel must be one of {VISION_PARALLEL}, got {vision_parallel!r}")
@@ -41,19 +57,23 @@ class RewardModel(nn.Module):
         if vision_parallel == "tensor" and not vision_splits_over(args.vision, self.tp):
             raise ValueError(f"vision widths of {args.vision} do not divide by tp={self.tp}; use vision_parallel="
                              "'images'")
-        if vision_parallel == "tensor":
+        # Pipeline stages: the vision tower and the embedding live on the first, the head on the last.
+        self.vision: VisionTower | None = None
+        if self.is_first_stage and vision_parallel == "tensor":
             self.vision = VisionTower(args.vision, config, tp_group)
-        else:
+        elif self.is_first_stage:
             self.vision = VisionTower(args.vision, config, self_group, image_split_group=tp_group)
         self.language = LanguageModel(args.text, parallel_config(self.tp, dtype, sequence_parallel and self.tp > 1),
-                                      tp_group)
-        self.head = nn.Linear(args.hidden_size, 1, bias=True)
+                                      tp_group, stage_layer_ids(args.text.num_layers, pp, pp_rank),
+                                      pre_process=self.is_first_stage, post_process=self.is_last_stage)
+        self.head = nn.Linear(args.hidden_size, 1, bias=True) if self.is_last_stage else None
 
     def set_recompute(self, *, llm: bool, vision: bool) -> None:
         """Activation checkpointing per decoder layer / vision block: memory of one layer's activations instead of
         all of them, for one extra forward of the recomputed layers in backward. Results are unchanged."""
         self.language.recompute = llm
-        self.vision.recompute = vision
+        if self.vision is not None:
+            self.vision.recompute = vision
 
     def shard_of(self, param_name: str) -> tuple[int, int]:
         """``(rank, size)`` of the group a parameter is sharded over (the vision tower may run replicated)."""
@@ -97,14 +117,27 @@ class RewardModel(nn.Module):
         rows = torch.repeat_interleave(image_start[image_index], group_sizes) + offset
         return embeds.index_put((image_pos,), image_embeds[rows.to(image_embeds.device)].to(embeds.dtype))
 
-    def hidden_local(self, batch: PackedBatch) -> torch.Tensor:
+    def hidden_local(self, batch: PackedBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder output as this rank holds it: ``[T, H]``, or ``[T_pad / tp, H]`` with sequence parallelism
-        (see :meth:`LanguageModel.forward`)."""
-        return self.language(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
-                             batch.prefix_lens, batch.split_lens)
+        (see :meth:`LanguageModel.forward`). ``hidden_in [T, H]``: the previous pipeline stage's output (every stage
+        but the first)."""
+        if self.is_first_stage != (hidden_in is None):
+            raise ValueError("hidden_in must be given exactly on the pipeline stages after the first")
+        x = self.embed(batch) if self.is_first_stage else hidden_in
+        return self.language(x, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.prefix_lens,
+                             batch.split_lens)
+
+    def stage_forward(self, batch: PackedBatch, hidden_in: torch.Tensor | None = None, center_coef: float = 0.0):
+        """One pipeline stage: ``[T, H]`` hidden states for the next stage, or on the last stage ``(loss, rewards,
+        accuracy)`` as :meth:`loss`. Driven by :func:`vlr_runtime.parallel.pipeline.forward_backward`."""
+        if not self.is_last_stage:
+            return self.hidden_local(batch, hidden_in)
+        return self.loss(batch, center_coef, hidden_in)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Final-layer hidden states ``[T, H]`` BEFORE the final RMSNorm (the same on every TP rank)."""
+        """Final-layer hidden states ``[T, H]`` BEFORE the final RMSNorm (the same on every TP rank); pp = 1 only."""
+        if self.pp > 1:
+            raise RuntimeError("with pipeline stages use vlr_runtime.parallel.pipeline.forward_backward")
         hidden = self.hidden_local(batch)
         if not self.language.sequence_parallel:
             return hidden
@@ -112,10 +145,10 @@ class RewardModel(nn.Module):
         full = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=self.tp_group)
         return full[: batch.num_tokens]
 
-    def _scored_rows(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scored_rows(self, batch: PackedBatch, hidden_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden, scored_index)`` for the head: the full hidden states and the batch's index, or, with sequence
         parallelism, only the ``[S, H]`` scored rows gathered from their ranks and ``arange(S)``."""
-        hidden = self.hidden_local(batch)
+        hidden = self.hidden_local(batch, hidden_in)
         if not self.language.sequence_parallel:
             return hidden, batch.scored_index
         rows = gather_scored_rows(hidden, batch.scored_index, self.tp_rank * hidden.shape[0], self.tp_group)
@@ -127,24 +160,32 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def rewards(self, batch: PackedBatch) -> torch.Tensor:
-        """``[S]`` float32 rewards at ``batch.scored_index`` (final norm + head); no autograd graph is built."""
+        """``[S]`` float32 rewards at ``batch.scored_index`` (final norm + head); no autograd graph is built; pp = 1
+        (with stages: ``forward_backward(..., forward_only=True)``)."""
+        if self.pp > 1:
+            raise RuntimeError("with pipeline stages use vlr_runtime.parallel.pipeline.forward_backward")
         return reward_scores(*self._scored_rows(batch), **self._head_args())
 
-    def loss(self, batch: PackedBatch, center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(self, batch: PackedBatch, center_coef: float = 0.0, hidden_in: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bradley-Terry loss over ``batch.pair_index`` (with ``batch.margin``): ``(loss 0-d, rewards [S] float32,
-        accuracy 0-d)`` via ``vlr_kernels.fused_reward_loss``; differentiable w.r.t. every trainable parameter."""
-        hidden, scored_index = self._scored_rows(batch)
+        accuracy 0-d)`` via ``vlr_kernels.fused_reward_loss``; differentiable w.r.t. every trainable parameter.
+        Last pipeline stage only (``hidden_in``: the previous stage's output when pp > 1)."""
+        if not self.is_last_stage:
+            raise RuntimeError("the loss is computed on the last pipeline stage")
+        hidden, scored_index = self._scored_rows(batch, hidden_in)
         return fused_reward_loss(hidden, scored_index, batch.pair_index, margin=batch.margin, center_coef=center_coef,
                                  **self._head_args())
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part, for freezing and per-group learning rates: ``vision`` (patch embed + blocks),
         ``merger``, ``llm`` (embedding, decoder layers, final norm), ``head``."""
+        vision = self.vision
         return {
-            "vision": [self.vision.patch_embed, *self.vision.blocks.parameters()],
-            "merger": list(self.vision.merger.parameters()),
+            "vision": [] if vision is None else [vision.patch_embed, *vision.blocks.parameters()],
+            "merger": [] if vision is None else list(vision.merger.parameters()),
             "llm": list(self.language.parameters()),
-            "head": list(self.head.parameters()),
+            "head": [] if self.head is None else list(self.head.parameters()),
         }
 
 
@@ -163,17 +204,17 @@ def build_reward_model(
     a checkpoint load that follows. On the meta device nothing is allocated or initialised. ``vision_parallel``:
     see :data:`VISION_PARALLEL`. ``sequence_parallel`` (TP > 1): the decoder's residual stream, norms and activations
     between the linears hold ``T/tp`` tokens per rank (megatron sequence parallelism; the vision tower is not
-    sequence-parallel); the head reads only the gathered scored rows. Pipeline parallelism is not implemented (``pp > 1`` raises).
+    sequence-parallel); the head reads only the gathered scored rows. With ``pp > 1`` this rank builds its pipeline
+    stage only (see :func:`stage_layer_ids`; run it with :func:`vlr_runtime.parallel.pipeline.forward_backward`).
     """
     from vlr_runtime.model.hf_names import init_random_weights
     from vlr_runtime.parallel import get_context
 
     ctx = get_context()
-    if ctx.pp != 1:
-        raise NotImplementedError(f"pipeline parallelism (pp={ctx.pp}) is not implemented for the reward model")
     device = torch.device(device)
     with torch.device(device):
-        model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group, vision_parallel, sequence_parallel)
+        model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group, vision_parallel, sequence_parallel,
+                            ctx.pp_rank, ctx.pp)
     model.to(dtype=dtype)
     if seed is not None and device.type != "meta":
         init_random_weights(model, seed)
