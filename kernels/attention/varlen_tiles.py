@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def head_dim_chunks(head_dim: int) -> tuple[int, int]:
@@ -49,7 +49,8 @@ def allowed(rows, cols, len_k, diff, prefix, split, CAUSAL: tl.constexpr, SHARED
 def _rows_ptrs_mask(base, rows, row_ok, stride_t, D_START: tl.constexpr, WIDTH: tl.constexpr,
                     HEAD_DIM: tl.constexpr):
     offs_d = D_START + tl.arange(0, WIDTH)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
+    # rows are segment-local (the 64-bit segment offset is in ``base``): 32-bit offsets keep registers free
+    ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
     mask = row_ok[:, None]
     if D_START + WIDTH > HEAD_DIM:  # only a padded chunk pays for a column mask
         mask = mask & (offs_d[None, :] < HEAD_DIM)

@@ -138,11 +138,14 @@ def _delta_kernel(Out, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, 
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """``delta[h, t] = sum_d O[t, h, d] * dO[t, h, d]`` in fp32."""
     h = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = rows < total_q
-    o = load_rows(Out + h * stride_oh, rows, ok, stride_ot, 0, BLOCK_D, HEAD_DIM).to(tl.float32)
-    do = load_rows(DO + h * stride_doh, rows, ok, stride_dot, 0, BLOCK_D, HEAD_DIM).to(tl.float32)
-    tl.store(DELTA + h.to(tl.int64) * total_q + rows, tl.sum(o * do, 1), mask=ok)
+    start = tl.program_id(0) * BLOCK_T
+    rows = tl.arange(0, BLOCK_T)
+    ok = rows < total_q - start
+    o_base = Out + start.to(tl.int64) * stride_ot + h * stride_oh
+    do_base = DO + start.to(tl.int64) * stride_dot + h * stride_doh
+    o = load_rows(o_base, rows, ok, stride_ot, 0, BLOCK_D, HEAD_DIM).to(tl.float32)
+    do = load_rows(do_base, rows, ok, stride_dot, 0, BLOCK_D, HEAD_DIM).to(tl.float32)
+    tl.store(DELTA + h.to(tl.int64) * total_q + start + rows, tl.sum(o * do, 1), mask=ok)
 
 
 @triton.jit
@@ -349,6 +352,30 @@ def _varlen_attn_dq_kernel(
             store_rows(dq_base, offs_m, row_ok, stride_dqt, dq1 * sm_scale, D0, D1, HEAD_DIM)
 
 
+def launch_configs(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, block_m: int | None = None,
+                   block_n: int | None = None) -> dict[str, dict[str, int]]:
+    """Tiles and warps of each kernel (``fwd``, ``dkdv``, ``dq``): ``BLOCK_M`` q rows, ``BLOCK_N`` kv rows.
+
+    Chosen so that ptxas (sm_90a, triton 3.9) reports no register spills for bf16 at head_dim 80, 128 and 256
+    (see tests/kernels/test_attention_compile.py); tiles shrink to the longest segment for short windows.
+    ``block_m``/``block_n`` override every kernel's tiles (tests use them to exercise multi-tile paths).
+    """
+    if head_dim <= 96:
+        table = {"fwd": (128, 64, 8), "dkdv": (64, 64, 4), "dq": (64, 64, 4)}
+    elif head_dim <= 128:
+        table = {"fwd": (128, 64, 8), "dkdv": (16, 64, 8), "dq": (64, 32, 8)}
+    else:
+        table = {"fwd": (64, 32, 8), "dkdv": (16, 32, 8), "dq": (32, 32, 8)}
+    out = {}
+    for name, (full_m, full_n, warps) in table.items():
+        bm = block_m or pick_block(max_seqlen_q, full_m)
+        bn = block_n or pick_block(max_seqlen_k, full_n)
+        # tiles shrunk to short segments hold fewer registers: 4 warps are enough there
+        out[name] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps if (bm, bn) == (full_m, full_n) else 4,
+                         num_stages=3 if name == "fwd" and head_dim <= 128 else 2)
+    return out
+
+
 def varlen_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -372,8 +399,8 @@ def varlen_attention_fwd(
     tq, hq, d = q.shape
     n_seg = cu_seqlens_q.numel() - 1
     d0, d1 = head_dim_chunks(d)
-    bm = block_m or pick_block(max_seqlen_q, 128)
-    bn = block_n or pick_block(max_seqlen_k, 64 if d <= 128 else 32)
+    cfg = launch_configs(d, max_seqlen_q, max_seqlen_k, block_m, block_n)["fwd"]
+    bm = cfg["BLOCK_M"]
     out = torch.empty_like(q)
     lse = torch.full((hq, tq), float("-inf"), device=q.device, dtype=torch.float32)
     n_tiles = grid_tiles(tq, n_seg, max_seqlen_q, bm)
@@ -384,10 +411,9 @@ def varlen_attention_fwd(
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_prefix(cu_seqlens_q, bm),
         prefix_lens if shared else cu_seqlens_q, split_lens if shared else cu_seqlens_q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-        out.stride(1), n_seg, tq, softmax_scale * LOG2E,
-        GROUP=hq // k.shape[1], CAUSAL=causal, SHARED=shared, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1,
-        HEAD_DIM=d, PREC=dot_precision(q.dtype), num_warps=8 if bm >= 128 else 4,
-        num_stages=3 if d <= 128 else 2,
+        out.stride(1), n_seg, tq, softmax_scale * LOG2E.value,
+        GROUP=hq // k.shape[1], CAUSAL=causal, SHARED=shared, D0=d0, D1=d1, HEAD_DIM=d,
+        PREC=dot_precision(q.dtype), **cfg,
     )
     return out, lse
 
@@ -418,40 +444,41 @@ def varlen_attention_bwd(
     tk, hkv = k.shape[0], k.shape[1]
     n_seg = cu_seqlens_q.numel() - 1
     d0, d1 = head_dim_chunks(d)
-    bm = block_m or pick_block(max_seqlen_q, 64)
-    bn = block_n or pick_block(max_seqlen_k, 64)
+    cfg = launch_configs(d, max_seqlen_q, max_seqlen_k, block_m, block_n)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if tq == 0 or tk == 0 or hq == 0 or n_seg == 0:
         return dq, dk, dv
     delta = torch.empty((hq, tq), device=q.device, dtype=torch.float32)
-    block_t = 64
+    block_t = 32
     _delta_kernel[(triton.cdiv(tq, block_t), hq)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
     )
     shared = prefix_lens is not None
     # every segment within one kv tile (vision windows): the dK/dV programs also write dQ, no second pass
-    fuse_dq = max_seqlen_k <= bn
-    meta = dict(GROUP=hq // hkv, CAUSAL=causal, SHARED=shared, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1,
-                HEAD_DIM=d, PREC=dot_precision(q.dtype), num_warps=4, num_stages=2)
+    fuse_dq = max_seqlen_k <= cfg["dkdv"]["BLOCK_N"]
+    meta = dict(GROUP=hq // hkv, CAUSAL=causal, SHARED=shared, D0=d0, D1=d1, HEAD_DIM=d,
+                PREC=dot_precision(q.dtype))
     seg_meta = (cu_seqlens_q, cu_seqlens_k)
     pair_meta = (prefix_lens, split_lens) if shared else (cu_seqlens_q, cu_seqlens_q)
     common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       dout.stride(0), dout.stride(1))
+    bn = cfg["dkdv"]["BLOCK_N"]
     kv_tiles = grid_tiles(tk, n_seg, max_seqlen_k, bn)
     if kv_tiles > 0:
         _varlen_attn_dkdv_kernel[(kv_tiles, hkv)](
             q, k, v, dout, lse, delta, dk, dv, dq, *seg_meta, tile_prefix(cu_seqlens_k, bn), *pair_meta,
             *common_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0),
-            dq.stride(1),
-            n_seg, tq, softmax_scale * LOG2E, softmax_scale, FUSE_DQ=fuse_dq, **meta,
+            dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value, softmax_scale, FUSE_DQ=fuse_dq, **meta,
+            **cfg["dkdv"],
         )
+    bm = cfg["dq"]["BLOCK_M"]
     q_tiles = grid_tiles(tq, n_seg, max_seqlen_q, bm)
     if q_tiles > 0 and not fuse_dq:
         _varlen_attn_dq_kernel[(q_tiles, hq)](
             q, k, v, dout, lse, delta, dq, *seg_meta, tile_prefix(cu_seqlens_q, bm), *pair_meta,
-            *common_strides, dq.stride(0), dq.stride(1),
-            n_seg, tq, softmax_scale * LOG2E, softmax_scale, **meta,
+            *common_strides, dq.stride(0), dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value,
+            softmax_scale, **meta, **cfg["dq"],
         )
     return dq, dk, dv
 
