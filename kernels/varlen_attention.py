@@ -264,26 +264,16 @@ def _varlen_attention_sdpa(
                 "rows see no key, which SDPA turns into NaN. Use backend='torch' or 'triton'."
             )
         mask = None
-        if causal:
+        # a plain causal square segment keeps is_causal (SDPA's flash kernel takes no explicit mask)
+        plain_causal = causal and prefix is None and lq == lk
+        if causal and not plain_causal:
             pos_q = torch.arange(lq, device=q.device)[:, None]
             pos_k = torch.arange(lk, device=q.device)[None, :]
-            mask = segment_mask(
-                pos_q,
-                pos_k,
-                lq,
-                lk,
-                True,
-                None if prefix is None else prefix[i],
-                None if split is None else split[i],
-            )
+            mask = segment_mask(pos_q, pos_k, lq, lk, True, None if prefix is None else prefix[i],
+                                None if split is None else split[i])
         out = F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1),
-            k[c:e].transpose(0, 1),
-            v[c:e].transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+            q[a:b].transpose(0, 1), k[c:e].transpose(0, 1), v[c:e].transpose(0, 1), attn_mask=mask,
+            is_causal=plain_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         outs.append(out.transpose(0, 1))
     if not outs:
         return q.new_zeros(q.shape) + 0.0 * (q.sum() + k.sum() + v.sum())

@@ -88,6 +88,11 @@ def test_reference_cross_lengths_and_rows_without_keys():
         torch.testing.assert_close(out, exp_out)
         torch.testing.assert_close(lse, exp_lse)
     assert torch.isinf(lse).sum() > 0 and (out[-4:] == 0).all()
+    # the SDPA loop: q shorter than k (end-aligned causal mask), and its clear error when q is longer
+    sdpa = varlen_attention(q[:3], k[:7], v[:7], cu([3]), cu([7]), 3, 7, True, backend="sdpa")
+    torch.testing.assert_close(sdpa, dense_reference(q[:3], k[:7], v[:7], [3], [7], True, 8**-0.5)[0])
+    with pytest.raises(ValueError, match="more queries"):
+        varlen_attention(q, k, v, cu(lens_q), cu(lens_k), 9, 7, True, backend="sdpa")
 
 
 def test_shared_prompt_rows_equal_separate_sequences():
