@@ -6,15 +6,16 @@ binary search. The grid is therefore ``min(cdiv(T + N*(BLOCK-1), BLOCK), N*cdiv(
 per head: tight for 545 windows of <= 64 tokens as for one 16k-token image, and ``max_seqlen`` only bounds it.
 
 Forward: one program per (q tile, q head); online softmax in the exp2 domain; saves ``lse [Hq, Tq]`` (natural
-log, ``-inf`` for rows that see no key). Backward (recompute, no atomics, deterministic): ``delta = rowsum(dO
-* O)``; one program per (kv tile, kv head) accumulates dK/dV over all q heads of its GQA group; one program
-per (q tile, q head) accumulates dQ. The KV (or Q) range of a tile is split into blocks that need no mask
-(bulk of the work) and boundary blocks that do (segment end, causal diagonal, the chosen part of a
-shared-prompt pair). Blocks that a rejected-only q tile cannot see (the chosen part) are skipped, which is
-where shared-prompt pairs save their work.
+log, ``-inf`` for rows that see no key). Backward (recompute, no atomics, deterministic):
+``delta = rowsum(dO * O)``; one program per (kv tile, kv head) accumulates dK/dV over all q heads of its GQA
+group; one program per (q tile, q head) accumulates dQ, except when every segment fits one kv tile (vision
+windows): then the dK/dV program is the only contributor to its rows' dQ and writes it directly, and the dQ
+pass is skipped. The KV (or Q) range of a tile is split into blocks that need no mask (bulk of the work) and
+boundary blocks that do (segment end, causal diagonal, the chosen part of a shared-prompt pair). Blocks that a
+rejected-only q tile cannot see (the chosen part) are skipped, which is where shared-prompt pairs save work.
 
 head_dim is covered by two power-of-two chunks ``D0 + D1`` (80 = 64 + 16, 96 = 64 + 32) instead of padding to
-the next power of two (80 -> 128 would waste 37% of the matmul work).
+the next power of two (80 -> 128 would waste 37% of the matmul work). Tile sizes: :func:`launch_configs`.
 """
 
 from __future__ import annotations
