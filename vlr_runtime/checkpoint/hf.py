@@ -1,7 +1,8 @@
 """Hugging Face Qwen2.5-VL directories in and out of the (tensor-parallel) reward model.
 
 Import: ``model.safetensors`` or sharded ``model-*.safetensors`` + ``model.safetensors.index.json``; each TP rank
-reads only its slices (safetensors slices are memory-mapped, so a rank never materialises a full tensor it shards).
+reads only its slices (safetensors slices are memory-mapped, so a rank never materialises a full tensor it shards)
+and each pipeline stage only its own layers.
 Reward head, first found of: ``value_head.safetensors`` (``v_head.summary.weight [1, H]``, ``v_head.summary.bias
 [1]``: Skywork-VL-Reward / LLaMA-Factory), ``score.weight [1, H]`` (+ optional ``score.bias``) in the main weights
 (sequence classification), else a freshly initialised head (logged, and reported as ``head="initialised"``).
@@ -9,7 +10,7 @@ Reward head, first found of: ``value_head.safetensors`` (``v_head.summary.weight
 Export writes format (a) of design.md: HF Qwen2.5-VL safetensors in the released naming (``model.*``, ``visual.*``),
 ``config.json`` (``tie_word_embeddings: true``: the reward model has no LM head, so ``lm_head`` is the embedding and
 nothing is missing when stock transformers loads it), ``value_head.safetensors``, and the tokenizer/processor files
-copied from ``source_dir``. TP shards are gathered; rank 0 writes.
+copied from ``source_dir``. TP shards are gathered, pipeline stages send their tensors to rank 0, which writes.
 """
 
 from __future__ import annotations
