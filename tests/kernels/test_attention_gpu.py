@@ -94,3 +94,17 @@ def test_matches_flash_attn(case):
                  v.double(), dout.double())
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, fa, exact):
         assert_bf16_rule(a, b, c, f"{case} {name} vs flash_attn", floor=2e-3)
+
+
+def test_flash_attn_backend_errors():
+    """Absent package: a clear error naming it; present: no shared-prompt mask, said so instead of ignoring it."""
+    from vlr_kernels import BackendUnavailable
+
+    lens, hq, hkv, d, causal, shared = CASES["pairs"]
+    (q, k, v, _), cu, meta = _inputs(lens, hq, hkv, d, shared, torch.bfloat16)
+    m = max(lens)
+    if not has_module("flash_attn"):
+        with pytest.raises(BackendUnavailable, match="flash_attn.*not installed"):
+            varlen_attention(q, k, v, cu, cu, m, m, causal, backend="flash_attn")
+    with pytest.raises(BackendUnavailable, match="flash_attn"):
+        varlen_attention(q, k, v, cu, cu, m, m, causal, backend="flash_attn", **meta)
