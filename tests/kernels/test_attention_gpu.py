@@ -97,7 +97,7 @@ def test_matches_flash_attn(case):
 
 
 def test_flash_attn_backend_errors():
-    """Absent package: a clear error naming it; present: no shared-prompt mask, said so instead of ignoring it."""
+    """Absent package: a clear error naming it; present: no shared-prompt mask, said so, never ignored."""
     from vlr_kernels import BackendUnavailable
 
     lens, hq, hkv, d, causal, shared = CASES["pairs"]
