@@ -268,6 +268,27 @@ def summary(rec: Recorder) -> str:
     return "\n".join(lines)
 
 
+def acceptance(rec: Recorder) -> str:
+    """Issue 5's fwd+bwd targets, evaluated on this run's medians (a missing provider leaves its line out)."""
+    def ms(provider, x):
+        return p50_ms(rec, provider, "fwd+bwd", x)
+
+    lines = []
+    win, win_flex = ms("ours", "windows"), ms("flex", "windows")
+    if win:
+        lines.append(f"windows: ours {win:.3f} ms (target <= 0.35)"
+                     + (f", {win_flex / win:.1f}x flex (target >= 5)" if win_flex else ""))
+    for x in ("full", "llm"):
+        ours_ms, loop_ms, flex_ms = ms("ours", x), ms("sdpa_loop", x), ms("flex", x)
+        if ours_ms and loop_ms:
+            lines.append(f"{x}: ours {ours_ms:.3f} ms, {loop_ms / ours_ms:.2f}x sdpa_loop (target >= 1)"
+                         + (f", {flex_ms / ours_ms:.2f}x flex (target > 1)" if flex_ms else ""))
+    shared_ms, dup_ms = ms("ours_shared", "pairs"), ms("ours_duplicated", "pairs")
+    if shared_ms and dup_ms:
+        lines.append(f"pairs: shared {dup_ms / shared_ms:.2f}x the tokens/s of duplicated (target >= 1.3)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--workloads", default="windows,full,llm,pairs", help="comma-separated subset")
@@ -294,11 +315,8 @@ def main(argv: list[str] | None = None) -> str:
         for name, factory in providers(dup, device, args.providers).items():
             if name != "flash_attn" or has_module("flash_attn"):
                 bench(rec, dup, name + "_duplicated", factory, device, dtype, warmup, rep, rows, dup.tokens)
-        shared_ms = p50_ms(rec, "ours_shared", "fwd+bwd", "pairs")
-        dup_ms = p50_ms(rec, "ours_duplicated", "fwd+bwd", "pairs")
-        if shared_ms and dup_ms:
-            print(f"[pairs] ours shared/duplicated tokens/s, fwd+bwd: {dup_ms / shared_ms:.2f}x", flush=True)
     print(summary(rec), flush=True)
+    print(acceptance(rec), flush=True)
     return rec.finish()
 
 
