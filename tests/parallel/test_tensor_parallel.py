@@ -65,6 +65,11 @@ def run_model(model_dir, batch: PackedBatch, out_dir=None, sequence_parallel: bo
     load_hf_checkpoint(model, model_dir)
     vision_width = model.args.vision.intermediate_size
     assert model.vision.tp == (model.tp if vision_width % model.tp == 0 else 1)
+    params = dict(model.named_parameters())
+    split = model.tp > 1
+    assert params["language.layers.0.attn.qkv.weight"].tensor_model_parallel is split
+    assert params["language.final_norm.weight"].tensor_model_parallel is False
+    assert params["vision.blocks.0.attn.qkv.bias"].tensor_model_parallel is (split and model.vision.tp > 1)
     rewards = model.rewards(batch)
     loss, _, _ = model.loss(batch, center_coef=0.1)
     loss.backward()

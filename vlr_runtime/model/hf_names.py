@@ -147,6 +147,23 @@ def fill_parameters(model: nn.Module, read: Reader, skip: frozenset[str] = froze
             param.copy_(value.reshape(param.shape))
 
 
+def mark_tensor_parallel(model: nn.Module) -> None:
+    """Set megatron's ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride`` on every parameter from
+    this table: True exactly for the parameters holding a 1/tp slice. (Megatron sets them only when it initialises
+    weights itself, and flags column-parallel biases even inside a one-rank group such as a replicated vision
+    tower; gradient-norm and optimizer code counts a flagged parameter on every TP rank.)"""
+    params = dict(model.named_parameters())
+    for spec in hf_param_specs(model.args):
+        if spec.param not in params:
+            continue
+        _, size = model.shard_of(spec.param)
+        sharded = spec.split_dim is not None and size > 1
+        param = params[spec.param]
+        param.tensor_model_parallel = sharded
+        param.partition_dim = spec.split_dim if sharded else -1
+        param.partition_stride = 1
+
+
 def _random_tensor(name: str, shape: tuple[int, ...], seed: int, hidden: int) -> torch.Tensor:
     """Deterministic HF-shaped init for ``name``: norms 1, biases 0, head ~N(0, 1/(H+1)), others ~N(0, 0.02)."""
     if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):

@@ -207,7 +207,7 @@ def build_reward_model(
     sequence-parallel); the head reads only the gathered scored rows. With ``pp > 1`` this rank builds its pipeline
     stage only (see :func:`stage_layer_ids`; run it with :func:`vlr_runtime.parallel.pipeline.forward_backward`).
     """
-    from vlr_runtime.model.hf_names import init_random_weights
+    from vlr_runtime.model.hf_names import init_random_weights, mark_tensor_parallel
     from vlr_runtime.parallel import get_context
 
     ctx = get_context()
@@ -216,6 +216,7 @@ def build_reward_model(
         model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group, vision_parallel, sequence_parallel,
                             ctx.pp_rank, ctx.pp)
     model.to(dtype=dtype)
+    mark_tensor_parallel(model)
     if seed is not None and device.type != "meta":
         init_random_weights(model, seed)
     return model
