@@ -173,6 +173,8 @@ def test_triton_windows_fused_dq(causal):
     lens = [1, 7, 64, 0, 20, 33]
     check_triton(lens, lens, 4, 2, 80, causal)
     check_triton([3, 9, 5], [7, 4, 0], 2, 2, 16, causal)
+    if causal:
+        check_triton([30, 12], [30, 12], 4, 2, 32, True, shared=([10, 0], [20, 12]), dense=True)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
