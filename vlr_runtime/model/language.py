@@ -7,7 +7,7 @@ import torch
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from torch import nn
-from vlr_kernels.rotary import apply_rotary, mrope_cos_sin, rope_inv_freq
+from vlr_kernels.rotary import apply_rotary_qk, mrope_cos_sin, rope_inv_freq
 
 from vlr_runtime.model.args import TextArgs
 from vlr_runtime.model.layers import (
@@ -45,8 +45,7 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)[0]
         t = qkv.shape[0]  # all tokens: with sequence parallelism x holds T/tp of them and qkv gathered them
         q, k, v = qkv.split([self.q_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = apply_rotary(q.view(t, self.q_heads, d), cos, sin)
-        k = apply_rotary(k.view(t, self.kv_heads, d), cos, sin)
+        q, k = apply_rotary_qk(q.view(t, self.q_heads, d), k.view(t, self.kv_heads, d), cos, sin)
         out = self.core(q, k, v.view(t, self.kv_heads, d), cu_seqlens, max_seqlen, prefix_lens, split_lens)
         return self.o_proj(out.reshape(t, self.q_heads * d))[0]
 

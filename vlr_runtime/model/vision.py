@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from vlr_kernels.rotary import apply_rotary, rope_inv_freq, vision_rope_cos_sin
+from vlr_kernels.rotary import apply_rotary_qk, rope_inv_freq, vision_rope_cos_sin
 
 from vlr_runtime.data.windows import vision_windows
 from vlr_runtime.model.args import VisionArgs
@@ -44,7 +44,7 @@ class VisionAttention(nn.Module):
         """``x [N, C]``, ``cos/sin [N, head_dim]`` -> ``[N, C]``."""
         n = x.shape[0]
         q, k, v = self.qkv(x)[0].view(n, 3, self.local_heads, self.head_dim).unbind(1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_qk(q, k, cos, sin)
         out = self.core(q, k, v, cu_seqlens, max_seqlen)
         return self.proj(out.reshape(n, self.local_heads * self.head_dim))[0]
 
