@@ -125,10 +125,13 @@ def check_triton(
     block_m=None,
     block_n=None,
     dense=False,
+    max_slack=0,
 ):
+    """Triton fwd (out, lse) and bwd (dq, dk, dv) vs float64 (``dense``: the token-by-token mask reference);
+    ``max_slack`` over-states max_seqlen."""
     q, k, v = (t.to(DEVICE) for t in make(lens_q, lens_k, hq, hkv, d, dtype))
     cq, ck = cu(lens_q).to(DEVICE), cu(lens_k).to(DEVICE)
-    mq, mk = max(lens_q, default=0), max(lens_k, default=0)
+    mq, mk = max(lens_q, default=0) + max_slack, max(lens_k, default=0) + max_slack
     scale = d**-0.5
     pre = spl = None
     if shared is not None:
@@ -209,6 +212,11 @@ def test_triton_cross_lengths_causal_rows_without_keys():
     lens_q, lens_k = [3, 9, 40, 5, 20], [7, 4, 33, 0, 34]
     check_triton(lens_q, lens_k, 2, 2, 16, True, block_m=16, block_n=16)
     check_triton(lens_q, lens_k, 2, 2, 16, False, block_m=16, block_n=16)
+
+
+def test_triton_max_seqlen_only_bounds_the_grid():
+    """An over-stated max_seqlen adds programs past the last tile; they must find no segment and exit."""
+    check_triton([5, 17, 1], [5, 17, 1], 2, 1, 16, True, block_m=16, block_n=16, max_slack=50)
 
 
 def test_triton_empty_batches():
