@@ -64,8 +64,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int, prefix_lens: torch.Tensor | None, split_lens: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
-        return x + self.mlp(self.post_attn_norm(x))
+        attn = self.attn(self.input_norm(x), cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
+        normed, x = self.post_attn_norm(attn, residual=x)
+        return x + self.mlp(normed)
 
 
 class LanguageModel(nn.Module):

@@ -82,12 +82,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.sequence_parallel_group = sequence_parallel_group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [T, H]`` -> ``[T, H]``."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``x [T, H]`` -> ``[T, H]``; with ``residual [T, H]``: ``(norm(x + residual), x + residual)`` in one pass
+        (the residual add of a pre-norm block fused into the next norm)."""
         weight = self.weight
         if self.sequence_parallel_group is not None:
             weight = copy_to_tensor_model_parallel_region(weight, group=self.sequence_parallel_group)
-        return rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps, residual=residual)
 
 
 class SwiGLUMLP(nn.Module):

@@ -59,8 +59,8 @@ class VisionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.norm2(x))
+        normed, x = self.norm2(self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen), residual=x)
+        return x + self.mlp(normed)
 
 
 class PatchMerger(nn.Module):
