@@ -1,1 +1,1 @@
-"""Triton kernels behind :func:`vlr_kernels.varlen_attention` (varlen_triton) and their tile helpers (varlen_tiles)."""
+"""Triton kernels behind :func:`vlr_kernels.varlen_attention`: varlen_triton (kernels) and varlen_tiles."""
