@@ -20,6 +20,8 @@ import os
 import torch
 
 _DEFAULT: str | None = None
+# Backends implemented with stock PyTorch ops only: they run on every device.
+_TORCH_NATIVE = frozenset({"torch", "sdpa"})
 
 
 class BackendUnavailable(RuntimeError):
@@ -66,7 +68,7 @@ def resolve_backend(op: str, device: torch.device, backend: str | None, supporte
 
 def check_backend(op: str, name: str, device: torch.device) -> None:
     """Raise BackendUnavailable with a clear reason if ``name`` cannot run on ``device``."""
-    if name == "torch":
+    if name in _TORCH_NATIVE:
         return
     if name == "triton":
         if not has_module("triton"):

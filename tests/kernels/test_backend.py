@@ -1,0 +1,40 @@
+"""Backend resolution: explicit argument > per-op env var > global env var > default; clear errors."""
+
+import pytest
+import torch
+from vlr_kernels._backend import BackendUnavailable, resolve_backend, set_default_backend
+
+CPU = torch.device("cpu")
+
+
+def test_precedence(monkeypatch):
+    monkeypatch.delenv("VLR_KERNEL_BACKEND", raising=False)
+    monkeypatch.setenv("VLR_MY_OP_BACKEND", "sdpa")
+    assert resolve_backend("my_op", CPU, None, ("torch", "sdpa")) == "sdpa"
+    assert resolve_backend("my_op", CPU, "torch", ("torch", "sdpa")) == "torch"
+    monkeypatch.delenv("VLR_MY_OP_BACKEND")
+    monkeypatch.setenv("VLR_KERNEL_BACKEND", "torch")
+    assert resolve_backend("my_op", CPU, None, ("torch", "sdpa")) == "torch"
+
+
+def test_default_and_automatic(monkeypatch):
+    monkeypatch.delenv("VLR_KERNEL_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend("my_op", CPU, None, ("triton", "torch")) == "torch"
+    set_default_backend("sdpa")
+    try:
+        assert resolve_backend("my_op", CPU, None, ("torch", "sdpa")) == "sdpa"
+    finally:
+        set_default_backend(None)
+
+
+def test_clear_errors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="not one of"):
+        resolve_backend("my_op", CPU, "nope", ("torch",))
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
+        resolve_backend("my_op", CPU, "triton", ("triton", "torch"))
+    with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
+        resolve_backend("my_op", CPU, "cuda", ("cuda", "torch"))
+    with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
+        resolve_backend("my_op", CPU, "flash_attn", ("flash_attn", "torch"))
