@@ -112,6 +112,15 @@ def test_model_dir_loads(synthetic):
     assert args.text.num_heads % 2 == 0 and args.text.num_kv_heads % 2 == 0
     text = tok.apply_chat_template(_rows(synthetic.train)[0]["prompt"], tokenize=False)
     assert "<|vision_start|><|image_pad|><|vision_end|>" in text and "You are a helpful assistant." in text
+    from safetensors.torch import load_file
+
+    from vlr_runtime.model.hf_names import HEAD_BIAS, HEAD_WEIGHT, hf_tensor_shapes
+
+    weights = load_file(str(synthetic.model_dir / "model.safetensors"))
+    expected = {k: v for k, v in hf_tensor_shapes(args).items() if k not in (HEAD_WEIGHT, HEAD_BIAS)}
+    assert {k: tuple(v.shape) for k, v in weights.items()} == expected  # a base model: no value head
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert abs(float(q.std()) - 1 / (3 * q.shape[1]) ** 0.5) < 0.01  # PyTorch's default scale, not 0.02
     img_cfg = ImageProcessorConfig.from_model_dir(synthetic.model_dir)
     t, h, w = image_grid(160, 56, img_cfg)
     assert h * w <= MAX_PIXELS // 14**2 and h * w // 4 <= 16

@@ -72,6 +72,9 @@ class DataConfig:
     shared_prompt: bool = True
     """Pack each training pair as one segment ``[prompt | chosen | rejected]`` (the prompt and its image tokens
     once; rejected attends to the prompt and itself) instead of two full sequences."""
+    validate: bool = True
+    """Before step 1, rank 0 runs the validation pass (``vlr_runtime.data.validate``) over the training files and
+    prints the row outcomes by reason; a run with no usable pair stops there."""
     num_workers: int = 0
     """Loader worker processes per rank building whole steps ahead (0: in the training process)."""
     max_length: int = 1024
@@ -89,7 +92,7 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 5e-4
     """Peak learning rate of AdamW."""
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine decay, as a fraction of ``lr``."""
@@ -108,7 +111,7 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 0
     """Optimizer steps. 0: ``epochs`` passes over the training set."""
-    epochs: float = 1.0
+    epochs: float = 6.0
     """Passes over the training set when ``max_steps`` is 0."""
     seed: int = 0
     """Seed of parameter init, data order and synthetic data generation."""
@@ -119,7 +122,7 @@ class TrainConfig:
     """Use the per-pair ``margin`` of the data in the loss ``-log sigmoid(r_c - r_r - margin)``."""
     center_coef: float = 0.0
     """Reward-centering coefficient ``c`` of the loss term ``c * mean(r**2)``."""
-    eval_interval: int = 100
+    eval_interval: int = 250
     """Evaluate on the held-out split every this many optimizer steps (and at the end); 0: only at the end."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from vlr_runtime.config import ConfigError, parse_args
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    # megatron-core announces at import that Transformer Engine / Apex / FSDP extras are absent and suggests CUDA
+    # settings; none of it is actionable for this runtime, and it buries the run's own output.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     # Imported after the config is checked so that a typo fails in a fraction of a second.
     from vlr_runtime.parallel import teardown
     from vlr_runtime.training import Trainer

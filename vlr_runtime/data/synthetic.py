@@ -18,9 +18,9 @@ scores 0.5 in expectation. Text-only pairs (copying a word, naming an opposite) 
 Files (pair JSONL of design.md, image paths relative to the file) under ``<cache>/synthetic-<version>-<hash>/``:
 ``train.jsonl``, ``eval.jsonl`` (held-out image + text pairs), ``eval_noise.jsonl`` (the held-out image pairs with
 every image replaced by uniform noise of the same size), ``img/``, and ``model/``: a tokenizer built from the set's
-texts with :func:`~vlr_runtime.data.tokenizer_builder.build_tokenizer` plus a tiny Qwen2.5-VL ``config.json`` and a
-``preprocessor_config.json`` with small min/max pixels (config only: the trainer initialises the weights from its
-seed). Generation is deterministic; concurrent generators (several ranks) each write a private temporary directory and
+texts with :func:`~vlr_runtime.data.tokenizer_builder.build_tokenizer`, a tiny Qwen2.5-VL ``config.json``, a
+``preprocessor_config.json`` with small min/max pixels and initial weights ``model.safetensors`` (no value head: the
+trainer initialises the head). Generation is deterministic; concurrent generators (several ranks) each write a private temporary directory and
 the first atomic rename wins.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -37,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 from vlr_runtime.data.tokenizer_builder import DEFAULT_SYSTEM_PROMPT, build_tokenizer, special_token_ids
 
-VERSION = "v4"
+VERSION = "v7"
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 160, 40),
@@ -52,7 +54,10 @@ SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("One", "Two", "Three")
 POSITIONS = {"left": "On the left.", "right": "On the right.", "top": "At the top.", "bottom": "At the bottom."}
 OPPOSITE_SIDE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-KIND_WEIGHTS = {"color": 0.35, "shape": 0.3, "position": 0.2, "count": 0.15}
+KIND_WEIGHTS = {"color": 0.8, "shape": 0.08, "position": 0.07, "count": 0.05}
+"""Share of each question kind among image pairs. Colour dominates because it is what the tiny model learns from
+scratch within a 10-minute CPU run (measured: colour 1.0 held-out accuracy after 200 steps of 16 pairs while shape
+and position were still at chance after 1000); the other kinds keep the images' layout in play."""
 WORDS = ("apple", "river", "candle", "tiger", "pencil", "garden", "rocket", "violin", "bridge", "cloud",
          "marble", "forest", "anchor", "lemon", "castle", "mirror")
 OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "light": "dark", "old": "new",
@@ -337,3 +342,35 @@ def _generate(root: Path, spec: SyntheticSpec) -> None:
     vocab = -(-vocab // 64) * 64  # a multiple of 64 so the vocabulary splits evenly over TP ranks
     (model_dir / "config.json").write_text(json.dumps(tiny_model_config(tokens, vocab), indent=2))
     (model_dir / "preprocessor_config.json").write_text(json.dumps(tiny_preprocessor_config(), indent=2))
+    save_file(tiny_initial_weights(model_dir, spec.seed), str(model_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def tiny_initial_weights(model_dir: Path, seed: int) -> dict:
+    """Initial weights of the tiny model in HF names, with PyTorch's default scales: linear weights
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, embeddings ``N(0, 1)``, norms 1, biases 0; no value head.
+
+    Why not the HF/megatron ``N(0, 0.02)``: that scale suits widths in the thousands; at width 128 it leaves the
+    attention logits ~0 and the reward flat for hundreds of steps (measured: the held-out accuracy stayed at chance
+    for ~300 steps of 16 pairs), which a 10-minute CPU run cannot afford.
+    """
+    import torch
+
+    from vlr_runtime.model.args import ModelArgs
+    from vlr_runtime.model.hf_names import HEAD_BIAS, HEAD_WEIGHT, hf_tensor_shapes
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in sorted(hf_tensor_shapes(ModelArgs.from_hf_config(model_dir)).items()):
+        if name in (HEAD_WEIGHT, HEAD_BIAS):
+            continue
+        if name.endswith("embed_tokens.weight"):
+            out[name] = torch.randn(shape, generator=gen)
+        elif len(shape) >= 2:
+            bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+            out[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        elif name.endswith(".bias"):
+            out[name] = torch.zeros(shape)
+        else:
+            out[name] = torch.ones(shape)
+    return out

@@ -71,9 +71,9 @@ class MasterAdamW:
         for m in self.masters:
             m.grad = None
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(),
-                "masters": [m.detach() for m, p in zip(self.masters, self.params) if m is not p]}
+    def master_copies(self) -> list[torch.Tensor]:
+        """The fp32 masters of the 16-bit parameters (what a checkpoint must hold besides the parameters)."""
+        return [m for m, p in zip(self.masters, self.params) if m is not p]
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

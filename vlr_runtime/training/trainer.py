@@ -24,6 +24,8 @@ from vlr_runtime.config import Config, ConfigError, dump_config
 from vlr_runtime.data.collate import Preprocessor
 from vlr_runtime.data.loader import LoaderConfig, PairLoader
 from vlr_runtime.data.types import PackedBatch
+from vlr_runtime.data.validate import format_report
+from vlr_runtime.data.validate import validate as validate_data
 from vlr_runtime.model import ModelArgs, RewardModel, build_reward_model
 from vlr_runtime.model.hf_names import hf_param_specs
 from vlr_runtime.parallel import ParallelContext, setup_distributed
@@ -106,8 +108,11 @@ class Trainer:
 
         self.preprocessor = Preprocessor(self.model_dir, max_length=cfg.data.max_length)
         cache = cfg.data.cache_prepared == "always" or (cfg.data.cache_prepared == "auto" and not cfg.data.train)
+        train_preprocessor = CachedPreprocessor(self.preprocessor) if cache else self.preprocessor
+        if cfg.data.validate:
+            self._validate(sources.train, train_preprocessor)
         self.loader = PairLoader(
-            sources.train, CachedPreprocessor(self.preprocessor) if cache else self.preprocessor,
+            sources.train, train_preprocessor,
             LoaderConfig(pairs_per_step=cfg.train.pairs_per_step, token_budget=cfg.data.micro_batch_tokens,
                          seed=cfg.train.seed, shared_prompt=cfg.data.shared_prompt,
                          num_workers=cfg.data.num_workers),
@@ -127,6 +132,23 @@ class Trainer:
             f"{cfg.train.pairs_per_step} pairs, "
             f"tp={ctx.tp} dp={ctx.dp} on {ctx.device} ({ctx.backend}), {self.dtype}, "
             f"{sum(p.numel() for p in self.trainable)} trainable parameters on this rank, run dir {self.run_dir}")
+
+    def _validate(self, files: list[str], preprocessor) -> None:
+        """Rank 0 runs the data package's validation pass over the training files and prints the outcome counts by
+        reason (with the caching preprocessor this also prepares rank 0's pairs); the other ranks wait."""
+        if self.ctx.rank == 0:
+            budget = None if self.cfg.data.shared_prompt else self.cfg.data.micro_batch_tokens
+            report = validate_data(files, preprocessor, token_budget=budget)
+            print(f"vlr_runtime.train: training data {files}\n{format_report(report)}", flush=True)
+            failed = report.ok == 0
+        else:
+            failed = False
+        if self.ctx.world_size > 1:
+            flag = [failed]
+            dist.broadcast_object_list(flag, src=0)
+            failed = flag[0]
+        if failed:
+            raise ValueError(f"no usable training pair in {files} (see the validation report)")
 
     # ----------------------------------------------------------------------------------------------- one step
     def compute_gradients(self, batches: list[tuple[PackedBatch, int]], global_pairs: int) -> dict:
@@ -219,7 +241,7 @@ class Trainer:
         opt_state = self.optimizer.optimizer.state_dict()
         for idx, st in opt_state["state"].items():
             tensors.update({f"optim.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()})
-        tensors.update({f"master.{i}": m for i, m in enumerate(self.optimizer.state_dict()["masters"])})
+        tensors.update({f"master.{i}": m for i, m in enumerate(self.optimizer.master_copies())})
         rng_tensors, rng_json = capture_rng_state()
         tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
         state = {"step": self.step, "rng": rng_json, "param_groups": opt_state["param_groups"],
@@ -239,8 +261,9 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(t[f"model.{n}"])
-        for i, m in enumerate(self.optimizer.state_dict()["masters"]):
-            m.copy_(t[f"master.{i}"])
+        with torch.no_grad():
+            for i, m in enumerate(self.optimizer.master_copies()):
+                m.copy_(t[f"master.{i}"])
         opt_state: dict = {"state": {}, "param_groups": ckpt.state["param_groups"]}
         for key, value in t.items():
             if key.startswith("optim."):
@@ -253,7 +276,7 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt.path, self.step)
 
     # -------------------------------------------------------------------------------------------- the loop
-    def train(self) -> dict[str, float]:
+    def train(self) -> dict:
         """Run the remaining steps; returns the final held-out metrics (``{}`` without an evaluation set)."""
         cfg = self.cfg
         try:
