@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer import TransformerConfig
 from torch import nn
 from vlr_kernels.rmsnorm import rms_norm
 from vlr_kernels.swiglu import swiglu
@@ -37,6 +38,31 @@ def parallel_config(tp: int, dtype: torch.dtype, sequence_parallel: bool = False
         tensor_model_parallel_size=tp,
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def training_config(args, tp: int, pp: int, dtype: torch.dtype, vpp: int | None = None) -> TransformerConfig:
+    """The config megatron's DDP and pipeline schedules read from the model (``model.config``): sizes of the decoder
+    (``args: TextArgs``), parallel sizes, dtypes, and packed microbatches of varying length (p2p exchanges shapes).
+    The layers themselves are built with :func:`parallel_config`."""
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_heads,
+        num_query_groups=args.num_kv_heads,
+        ffn_hidden_size=args.intermediate_size,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        variable_seq_lengths=True,
+        # There are no experts; megatron refuses variable_seq_lengths with its default (allgather) dispatcher.
+        moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=True,
         perform_initialization=False,
         gradient_accumulation_fusion=False,

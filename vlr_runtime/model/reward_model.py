@@ -11,7 +11,7 @@ from vlr_kernels.reward_loss import fused_reward_loss, gather_scored_rows, rewar
 from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.model.args import ModelArgs
 from vlr_runtime.model.language import LanguageModel
-from vlr_runtime.model.layers import parallel_config
+from vlr_runtime.model.layers import parallel_config, training_config
 from vlr_runtime.model.vision import VisionTower, vision_splits_over
 
 
@@ -50,6 +50,8 @@ class RewardModel(nn.Module):
         if pp > 1 and sequence_parallel:
             raise NotImplementedError("sequence parallelism together with pipeline parallelism is not implemented")
         config = parallel_config(self.tp, dtype)
+        self.config = training_config(args.text, self.tp, pp, dtype)
+        """What megatron's DDP and pipeline schedules read (``get_model_config``)."""
         if vision_parallel not in VISION_PARALLEL:
             raise ValueError(f"vision_parallel must be one of {VISION_PARALLEL}, got {vision_parallel!r}")
         if vision_parallel == "auto":

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel
 
 from vlr_runtime.data.types import PackedBatch
 
@@ -39,6 +40,8 @@ def forward_backward(model, microbatches: list[PackedBatch], *, center_coef: flo
     gradients of ``mean(loss over microbatches)`` are accumulated into the parameters' ``.grad``."""
     if not microbatches:
         raise ValueError("forward_backward needs at least one microbatch")
+    # megatron's DDP wrapper: gradients flow through hooks on the parameters, so the inner model runs as is.
+    model = model.module if isinstance(model, DistributedDataParallel) else model
     n = len(microbatches)
     if model.pp == 1:
         results = []
