@@ -122,7 +122,7 @@ def test_model_dir_loads(synthetic):
     q = weights["model.layers.0.self_attn.q_proj.weight"]
     assert abs(float(q.std()) - 1 / (3 * q.shape[1]) ** 0.5) < 0.01  # PyTorch's default scale, not 0.02
     img_cfg = ImageProcessorConfig.from_model_dir(synthetic.model_dir)
-    t, h, w = image_grid(160, 56, img_cfg)
+    _, h, w = image_grid(160, 56, img_cfg)
     assert h * w <= MAX_PIXELS // 14**2 and h * w // 4 <= 16
 
 

@@ -111,7 +111,7 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 0
     """Optimizer steps. 0: ``epochs`` passes over the training set."""
-    epochs: float = 6.0
+    epochs: float = 5.0
     """Passes over the training set when ``max_steps`` is 0."""
     seed: int = 0
     """Seed of parameter init, data order and synthetic data generation."""

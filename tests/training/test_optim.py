@@ -1,6 +1,7 @@
 """Optimizer pieces without processes: freezing, fp32 masters for 16-bit parameters, the schedule, clipping and the
 tensor-parallel-aware gradient norm (single process: the TP=2 case is covered by test_parallel_equivalence)."""
 
+import itertools
 import math
 
 import pytest
@@ -11,15 +12,15 @@ from vlr_runtime.config import OptimConfig
 from vlr_runtime.training.optim import MasterAdamW, clip_gradients, freeze_groups, global_grad_norm, lr_at
 
 
-def _groups(dtype=torch.float32):
+def _groups(dtype=torch.float32) -> dict[str, list[nn.Parameter]]:
     torch.manual_seed(0)
     vision, merger, llm, head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1)
-    mods = nn.ModuleDict(dict(vision=vision, merger=merger, llm=llm, head=head)).to(dtype)
-    return mods, {k: list(m.parameters()) for k, m in mods.items()}
+    mods = nn.ModuleDict({"vision": vision, "merger": merger, "llm": llm, "head": head}).to(dtype)
+    return {k: list(m.parameters()) for k, m in mods.items()}
 
 
 def test_freeze_removes_groups_from_training():
-    mods, groups = _groups()
+    groups = _groups()
     trainable = freeze_groups(groups, ["vision", "head"])
     assert {id(p) for p in trainable} == {id(p) for k in ("merger", "llm") for p in groups[k]}
     assert all(not p.requires_grad for k in ("vision", "head") for p in groups[k])
@@ -29,11 +30,11 @@ def test_freeze_removes_groups_from_training():
     with pytest.raises(ValueError, match="unknown parameter group"):
         freeze_groups(groups, ["eyes"])
     with pytest.raises(ValueError, match="nothing to train"):
-        freeze_groups(_groups()[1], ["vision", "merger", "llm", "head"])
+        freeze_groups(_groups(), ["vision", "merger", "llm", "head"])
 
 
 def test_weight_decay_only_on_matrices():
-    _, groups = _groups()
+    groups = _groups()
     opt = MasterAdamW(freeze_groups(groups, []), OptimConfig(weight_decay=0.1))
     decay, no_decay = opt.optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
@@ -65,7 +66,7 @@ def test_warmup_then_cosine():
     assert lr_at(60, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert lr_at(110, 110, cfg) == pytest.approx(0.1) and lr_at(500, 110, cfg) == pytest.approx(0.1)
     lrs = [lr_at(s, 110, cfg) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
     assert lr_at(1, 5, OptimConfig(lr=2.0, warmup_steps=0, min_lr_ratio=0.0)) == pytest.approx(
         2.0 * 0.5 * (1 + math.cos(math.pi / 5)))
 

@@ -15,6 +15,7 @@ from vlr_runtime.config import parse_args
 @pytest.fixture
 def single_process(monkeypatch):
     from vlr_kernels import set_default_backend
+
     from vlr_runtime.parallel import teardown
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

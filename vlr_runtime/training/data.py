@@ -22,7 +22,6 @@ from vlr_runtime.data.synthetic import SyntheticSpec, ensure_synthetic
 from vlr_runtime.data.types import PackedBatch, PairExample
 
 
-
 @dataclass(kw_only=True)
 class DataSources:
     """Resolved inputs of a run."""

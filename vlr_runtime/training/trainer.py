@@ -32,8 +32,14 @@ from vlr_runtime.parallel import ParallelContext, setup_distributed
 from vlr_runtime.training.data import CachedPreprocessor, load_eval_set, resolve_sources
 from vlr_runtime.training.evaluate import evaluate
 from vlr_runtime.training.metrics import MetricsLog
-from vlr_runtime.training.optim import (MasterAdamW, average_dp_gradients, clip_gradients, freeze_groups,
-                                        global_grad_norm, lr_at)
+from vlr_runtime.training.optim import (
+    MasterAdamW,
+    average_dp_gradients,
+    clip_gradients,
+    freeze_groups,
+    global_grad_norm,
+    lr_at,
+)
 
 log = logging.getLogger(__name__)
 
