@@ -1,4 +1,5 @@
-"""Shared pieces of the multi-process parallel tests: tiny packed pair batches built without transformers, and a
+"""Shared pieces of the multi-process parallel tests: tiny packed pair batches built without transformers, the
+training recipe compared across layouts (megatron DDP + optimizer vs a single-process torch AdamW reference), and a
 spawn-and-join runner that can never hang (every worker has a deadline; a worker's traceback fails the test)."""
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from safetensors.torch import load_file, save_file
 
 from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.model import ModelArgs
+
+STEPS, MICROBATCHES = 3, 4
+ADAMW = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-6}
+"""eps 1e-6, not 1e-8: the attention key bias has an exactly-zero gradient (softmax ignores a per-row constant), so
+its computed gradient is round-off (~1e-9) whose sign and size depend on the reduction order; with eps 1e-8 AdamW
+turns that noise into lr-sized, order-dependent updates (1e-4 relative between two correct runs)."""
+CLIP = 0.5
+"""Below the tiny model's gradient norm (the tests assert it), so clipping is active on every step."""
 
 GRID = (1, 4, 6)
 """One image of 4x6 patches (6 merged tokens) per pair, shared by chosen and rejected."""
@@ -60,6 +69,76 @@ def freeze_vision_encoder(model) -> None:
     """Freeze the patch embedding and blocks (the usual recipe; the merger stays trainable)."""
     for p in model.param_groups()["vision"]:
         p.requires_grad_(False)
+
+
+def build(args: ModelArgs, *, freeze_vision: bool = True, vp_stage: int | None = None):
+    """The reward model (this rank's stage/chunk) with the seeded init shared by every layout, eager kernels."""
+    from vlr_kernels import set_default_backend
+
+    from vlr_runtime.model import build_reward_model
+
+    set_default_backend("torch")
+    model = build_reward_model(args, seed=0, vp_stage=vp_stage)
+    if freeze_vision and model.vision is not None:
+        freeze_vision_encoder(model)
+    return model
+
+
+def train_megatron(model, batches_of_step, *, distributed_optimizer: bool) -> tuple[list[float], list[float]]:
+    """:data:`STEPS` steps through megatron DDP + optimizer (:data:`ADAMW`, :data:`CLIP`); ``batches_of_step(step)``
+    gives this rank's microbatches. Returns (loss averaged over microbatches and DP ranks, grad norm) per step."""
+    import torch.distributed as dist
+
+    from vlr_runtime.parallel import forward_backward, get_context
+    from vlr_runtime.parallel.optimizer import wrap_ddp_and_optimizer
+
+    ddp, optimizer = wrap_ddp_and_optimizer(model, clip_grad=CLIP, distributed_optimizer=distributed_optimizer,
+                                            **ADAMW)
+    ctx = get_context()
+    losses, norms = [], []
+    for step in range(STEPS):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        results = forward_backward(ddp, batches_of_step(step))
+        ddp.finish_grad_sync()
+        ok, grad_norm, _ = optimizer.step()
+        assert ok
+        loss = torch.stack([r.loss for r in results]).mean()
+        dist.all_reduce(loss, group=ctx.dp_group)
+        losses.append(float(loss) / ctx.dp)
+        norms.append(float(grad_norm))
+    return losses, norms
+
+
+def reference_run(args: ModelArgs, collect) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The same training at TP=1, PP=1 in this process with plain ``torch.optim.AdamW`` (decay on matrices only) and
+    torch's norm clipping over all :data:`MICROBATCHES`: ``(losses [STEPS], grad norms [STEPS], collect(model))``."""
+    from vlr_runtime.parallel import forward_backward, setup_distributed, teardown
+
+    setup_distributed(1)
+    try:
+        model = build(args)
+        params = [p for p in model.parameters() if p.requires_grad]
+        wd = ADAMW["weight_decay"]
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+                                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                                lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"])
+        losses, norms = [], []
+        for step in range(STEPS):
+            opt.zero_grad()
+            results = forward_backward(model, global_batch(args, MICROBATCHES, step))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, CLIP)))
+            opt.step()
+            losses.append(float(torch.stack([r.loss for r in results]).mean()))
+        return torch.tensor(losses), torch.tensor(norms), collect(model)
+    finally:
+        teardown()
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||got - ref|| / ||ref||`` (0 when both are zero). Per tensor, not per element: entries whose gradient is a
+    near-cancelling sum carry fp32 round-off of the reduction order into AdamW's normalised update."""
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

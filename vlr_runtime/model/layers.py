@@ -46,8 +46,8 @@ def parallel_config(tp: int, dtype: torch.dtype, sequence_parallel: bool = False
 
 def training_config(args, tp: int, pp: int, dtype: torch.dtype, vpp: int | None = None) -> TransformerConfig:
     """The config megatron's DDP and pipeline schedules read from the model (``model.config``): sizes of the decoder
-    (``args: TextArgs``), parallel sizes, dtypes, and packed microbatches of varying length (p2p exchanges shapes).
-    The layers themselves are built with :func:`parallel_config`."""
+    (``args: TextArgs``), parallel sizes, dtypes, and unbatched pipeline p2p (see
+    :mod:`vlr_runtime.parallel.pipeline` for why). The layers themselves are built with :func:`parallel_config`."""
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -60,9 +60,7 @@ def training_config(args, tp: int, pp: int, dtype: torch.dtype, vpp: int | None 
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        variable_seq_lengths=True,
-        # There are no experts; megatron refuses variable_seq_lengths with its default (allgather) dispatcher.
-        moe_token_dispatcher_type="alltoall",
+        batch_p2p_comm=False,
         use_cpu_initialization=True,
         perform_initialization=False,
         gradient_accumulation_fusion=False,

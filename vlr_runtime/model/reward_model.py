@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from torch import nn
 from vlr_kernels.reward_loss import fused_reward_loss, gather_scored_rows, reward_scores
@@ -37,20 +38,30 @@ class RewardModel(nn.Module):
     Built by :func:`build_reward_model`; see the package docstring for the parameter tree and the HF names.
     """
 
+    model_type = ModelType.encoder_or_decoder
+    """Read by megatron's pipeline schedules."""
+
     def __init__(self, args: ModelArgs, dtype: torch.dtype, tp_group: dist.ProcessGroup,
                  self_group: dist.ProcessGroup, vision_parallel: str = "auto", sequence_parallel: bool = False,
-                 pp_rank: int = 0, pp: int = 1) -> None:
+                 pp_rank: int = 0, pp: int = 1, vp_stage: int = 0, vpp: int = 1) -> None:
         super().__init__()
         self.args = args
         self.tp = tp_group.size()
         self.tp_rank = tp_group.rank()
         self.tp_group = tp_group
         self.pp, self.pp_rank = pp, pp_rank
-        self.is_first_stage, self.is_last_stage = pp_rank == 0, pp_rank == pp - 1
+        if vpp > 1 and pp == 1 or not 0 <= vp_stage < vpp:
+            raise ValueError(f"virtual stage {vp_stage} of {vpp} (needs pp > 1), pp={pp}")
+        self.vpp, self.vp_stage = vpp, vp_stage
+        # Virtual stage v of pipeline rank r is global stage v * pp + r (megatron's interleaved order).
+        stage, stages = vp_stage * pp + pp_rank, pp * vpp
+        self.is_first_stage, self.is_last_stage = stage == 0, stage == stages - 1
+        self.input_tensor: torch.Tensor | None = None
+        """``[T, 1, H]`` hidden states received from the previous stage (set by the pipeline schedule)."""
         if pp > 1 and sequence_parallel:
             raise NotImplementedError("sequence parallelism together with pipeline parallelism is not implemented")
         config = parallel_config(self.tp, dtype)
-        self.config = training_config(args.text, self.tp, pp, dtype)
+        self.config = training_config(args.text, self.tp, pp, dtype, vpp if vpp > 1 else None)
         """What megatron's DDP and pipeline schedules read (``get_model_config``)."""
         if vision_parallel not in VISION_PARALLEL:
             raise ValueError(f"vision_parallel must be one of {VISION_PARALLEL}, got {vision_parallel!r}")
@@ -66,9 +77,13 @@ class RewardModel(nn.Module):
         elif self.is_first_stage:
             self.vision = VisionTower(args.vision, config, self_group, image_split_group=tp_group)
         self.language = LanguageModel(args.text, parallel_config(self.tp, dtype, sequence_parallel and self.tp > 1),
-                                      tp_group, stage_layer_ids(args.text.num_layers, pp, pp_rank),
+                                      tp_group, stage_layer_ids(args.text.num_layers, stages, stage),
                                       pre_process=self.is_first_stage, post_process=self.is_last_stage)
         self.head = nn.Linear(args.hidden_size, 1, bias=True) if self.is_last_stage else None
+
+    def set_input_tensor(self, input_tensor: list[torch.Tensor | None]) -> None:
+        """megatron's pipeline hook: the previous stage's output for the next :meth:`stage_forward`."""
+        self.input_tensor = input_tensor[0]
 
     def set_recompute(self, *, llm: bool, vision: bool) -> None:
         """Activation checkpointing per decoder layer / vision block: memory of one layer's activations instead of
@@ -199,6 +214,7 @@ def build_reward_model(
     seed: int | None = 0,
     vision_parallel: str = "auto",
     sequence_parallel: bool = False,
+    vp_stage: int | None = None,
 ) -> RewardModel:
     """Build the model on ``device`` with parameters in ``dtype``, sharded over the tensor-parallel group of
     :func:`vlr_runtime.parallel.setup_distributed` (which must have been called). ``seed``: deterministic random init, identical for any TP size
@@ -208,15 +224,20 @@ def build_reward_model(
     between the linears hold ``T/tp`` tokens per rank (megatron sequence parallelism; the vision tower is not
     sequence-parallel); the head reads only the gathered scored rows. With ``pp > 1`` this rank builds its pipeline
     stage only (see :func:`stage_layer_ids`; run it with :func:`vlr_runtime.parallel.pipeline.forward_backward`).
+    With virtual stages (``setup_distributed(..., vpp=V)``) it builds chunk ``vp_stage`` (0..V-1) of this rank:
+    global stage ``vp_stage * pp + pp_rank`` of ``pp * V``; pass the list of all V chunks to ``forward_backward``.
     """
     from vlr_runtime.model.hf_names import init_random_weights, mark_tensor_parallel
     from vlr_runtime.parallel import get_context
 
     ctx = get_context()
+    if (vp_stage is None) != (ctx.vpp == 1):
+        raise ValueError(f"vp_stage={vp_stage} with {ctx.vpp} virtual pipeline stages per rank: pass vp_stage "
+                         "exactly when setup_distributed(vpp=...) was called with vpp > 1")
     device = torch.device(device)
     with torch.device(device):
         model = RewardModel(args, dtype, ctx.tp_group, ctx.self_group, vision_parallel, sequence_parallel,
-                            ctx.pp_rank, ctx.pp)
+                            ctx.pp_rank, ctx.pp, vp_stage or 0, ctx.vpp)
     model.to(dtype=dtype)
     mark_tensor_parallel(model)
     if seed is not None and device.type != "meta":

@@ -34,6 +34,8 @@ class ParallelContext:
     device: torch.device
     backend: str
     """``"nccl"`` on CUDA, ``"gloo"`` on CPU."""
+    vpp: int = 1
+    """Virtual pipeline stages (model chunks) per pipeline rank: > 1 selects the interleaved schedule."""
 
     @property
     def tp_group(self) -> dist.ProcessGroup:
@@ -73,21 +75,26 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
-def setup_distributed(tp: int = 1, pp: int = 1, *, device: str | None = None, timeout_s: int = 1800) -> ParallelContext:
+def setup_distributed(tp: int = 1, pp: int = 1, *, vpp: int = 1, device: str | None = None,
+                      timeout_s: int = 1800) -> ParallelContext:
     """Initialise torch.distributed (torchrun env or a single process), pick the device and backend, and create
     megatron-core's model-parallel groups.
 
     Device: ``cuda:LOCAL_RANK`` when CUDA is available (backend NCCL), else the CPU (backend gloo, megatron CPU
     compatibility activated). ``device="cpu"`` forces the CPU path on a CUDA machine (no compat patches there).
+    ``vpp > 1`` (needs ``pp > 1``): each pipeline rank holds ``vpp`` model chunks (megatron's virtual pipeline).
     Calling it again with the same sizes returns the existing context; other sizes raise.
     """
     global _CONTEXT, _SELF_GROUP
     if _CONTEXT is not None:
-        if (_CONTEXT.tp, _CONTEXT.pp) != (tp, pp):
-            raise RuntimeError(f"already set up with tp={_CONTEXT.tp}, pp={_CONTEXT.pp}; call teardown() first")
+        if (_CONTEXT.tp, _CONTEXT.pp, _CONTEXT.vpp) != (tp, pp, vpp):
+            raise RuntimeError(f"already set up with tp={_CONTEXT.tp}, pp={_CONTEXT.pp}, vpp={_CONTEXT.vpp}; call "
+                               "teardown() first")
         return _CONTEXT
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1, got tp={tp}, pp={pp}")
+    if vpp < 1 or vpp > 1 and pp == 1:
+        raise ValueError(f"vpp must be >= 1, and > 1 only with pp > 1; got vpp={vpp}, pp={pp}")
     rank, world, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
@@ -113,6 +120,7 @@ def setup_distributed(tp: int = 1, pp: int = 1, *, device: str | None = None, ti
             _SELF_GROUP = group
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         create_gloo_process_groups=backend == "gloo",
     )
     _CONTEXT = ParallelContext(
@@ -120,7 +128,7 @@ def setup_distributed(tp: int = 1, pp: int = 1, *, device: str | None = None, ti
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
-        device=dev, backend=backend,
+        device=dev, backend=backend, vpp=vpp,
     )
     log.info("distributed: %s", _CONTEXT)
     return _CONTEXT
