@@ -85,8 +85,8 @@ def build(args: ModelArgs, *, freeze_vision: bool = True, vp_stage: int | None =
 
 
 def train_megatron(model, batches_of_step, *, distributed_optimizer: bool) -> tuple[list[float], list[float]]:
-    """:data:`STEPS` steps through megatron DDP + optimizer (:data:`ADAMW`, :data:`CLIP`); ``batches_of_step(step)``
-    gives this rank's microbatches. Returns (loss averaged over microbatches and DP ranks, grad norm) per step."""
+    """:data:`STEPS` steps through megatron DDP + optimizer (:data:`ADAMW`, :data:`CLIP`) of ``model`` (a stage or
+    the list of virtual stage chunks); ``batches_of_step(step)`` gives this rank's microbatches. Returns (loss averaged over microbatches and DP ranks, grad norm) per step."""
     import torch.distributed as dist
 
     from vlr_runtime.parallel import forward_backward, get_context
@@ -94,13 +94,16 @@ def train_megatron(model, batches_of_step, *, distributed_optimizer: bool) -> tu
 
     ddp, optimizer = wrap_ddp_and_optimizer(model, clip_grad=CLIP, distributed_optimizer=distributed_optimizer,
                                             **ADAMW)
+    chunks = ddp if isinstance(ddp, list) else [ddp]
     ctx = get_context()
     losses, norms = [], []
     for step in range(STEPS):
-        ddp.zero_grad_buffer()
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
         optimizer.zero_grad()
         results = forward_backward(ddp, batches_of_step(step))
-        ddp.finish_grad_sync()
+        for chunk in chunks:
+            chunk.finish_grad_sync()
         ok, grad_norm, _ = optimizer.step()
         assert ok
         loss = torch.stack([r.loss for r in results]).mean()

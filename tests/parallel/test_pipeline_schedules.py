@@ -1,6 +1,7 @@
 """megatron-core's pipeline schedules over packed variable-length microbatches (gloo, CPU): 1F1B at pp=2 and the
-interleaved schedule at pp=2 x 2 virtual stages give pp=1's losses, rewards and every gradient; TP2 x PP2 (4
-processes) with megatron DDP + distributed optimizer gives TP1's losses and parameters after 3 AdamW steps."""
+interleaved schedule at pp=2 x 2 virtual stages give pp=1's losses, rewards and every gradient (and forward_only its
+losses without touching gradients); with megatron DDP + distributed optimizer, pp=2 x 2 virtual stages and TP2 x PP2
+(4 processes) give TP1's losses and parameters after 3 AdamW steps."""
 
 from __future__ import annotations
 
@@ -62,7 +63,39 @@ def _schedules_worker(rank: int, root: Path) -> None:
     assert [c.vision is not None for c in chunks] == [rank == 0, False]
     assert [c.head is not None for c in chunks] == [False, rank == 1]
     _run_and_save(chunks, root, "interleaved", rank)
+    _check_forward_only(chunks, root)
+    chunks = [build(args, vp_stage=v) for v in range(2)]
+    _train_and_save(chunks, root, f"interleaved_{rank}")
     teardown()
+
+
+def _check_forward_only(chunks, root: Path) -> None:
+    """Eval through the interleaved schedule: the losses of the training pass, no gradient written."""
+    from vlr_runtime.parallel import forward_backward, get_context
+
+    before = {n: p.grad.clone() for c in chunks for n, p in c.named_parameters()}
+    results = forward_backward(chunks, global_batch(four_layer_args(), MICROBATCHES), center_coef=0.1,
+                               forward_only=True)
+    trained = load_tensors(root / f"interleaved_result_{get_context().rank}.safetensors")
+    for i, r in enumerate(results):
+        assert torch.allclose(r.loss.reshape(1), trained[f"loss_{i}"], rtol=1e-6), i
+    for c in chunks:
+        for n, p in c.named_parameters():
+            assert torch.equal(p.grad, before[n]), n
+
+
+def _train_and_save(model, root: Path, tag: str) -> None:
+    """3 steps of megatron DDP + distributed optimizer; losses from every rank, parameters from TP rank 0."""
+    from vlr_runtime.parallel import get_context
+
+    args = four_layer_args()
+    losses, norms = train_megatron(model, lambda step: global_batch(args, MICROBATCHES, step),
+                                   distributed_optimizer=True)
+    chunks = model if isinstance(model, list) else [model]
+    full = {name: t for chunk in chunks for name, t in stage_full_tensors(chunk).items()}
+    if get_context().tp_rank == 0:
+        save_tensors(full, root / f"params_{tag}.safetensors")
+    save_tensors({"loss": torch.tensor(losses), "norm": torch.tensor(norms)}, root / f"losses_{tag}.safetensors")
 
 
 def reference_step(args: ModelArgs) -> tuple[list, dict[str, torch.Tensor]]:
@@ -77,8 +110,15 @@ def reference_step(args: ModelArgs) -> tuple[list, dict[str, torch.Tensor]]:
         teardown()
 
 
-def test_1f1b_and_interleaved_match_pp1(tmp_path):
-    spawn(_schedules_worker, 2, tmp_path)
+@pytest.fixture(scope="module")
+def schedules_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("schedules")
+    spawn(_schedules_worker, 2, root)
+    return root
+
+
+def test_1f1b_and_interleaved_match_pp1(schedules_run):
+    tmp_path = schedules_run
     results, grads = reference_step(four_layer_args())
     for tag in ("1f1b", "interleaved"):
         stage_grads = {}
@@ -112,31 +152,41 @@ def stage_full_tensors(model) -> dict[str, torch.Tensor]:
 def _tp2_pp2_worker(rank: int, root: Path) -> None:
     from vlr_runtime.parallel import setup_distributed, teardown
 
-    args = four_layer_args()
     ctx = setup_distributed(tp=2, pp=2)
     assert (ctx.tp, ctx.pp, ctx.dp) == (2, 2, 1)
-    model = build(args)
-    losses, norms = train_megatron(model, lambda step: global_batch(args, MICROBATCHES, step),
-                                   distributed_optimizer=True)
-    full = stage_full_tensors(model)
-    if ctx.tp_rank == 0:
-        save_tensors(full, root / f"params_stage{ctx.pp_rank}.safetensors")
-    save_tensors({"loss": torch.tensor(losses), "norm": torch.tensor(norms)}, root / f"losses_{rank}.safetensors")
+    _train_and_save(build(four_layer_args()), root, f"stage{ctx.pp_rank}_tp{ctx.tp_rank}")
     teardown()
 
 
-def test_tp2_pp2_training_matches_tp1(tmp_path):
-    spawn(_tp2_pp2_worker, 4, tmp_path, timeout_s=300)
-    losses, norms, params = reference_run(four_layer_args(), stage_full_tensors)
+def check_training(root: Path, loss_tags: list[str], param_tags: list[str], reference) -> None:
+    """Losses and grad norms of every rank, and the parameters gathered from the stages, against the TP1 run."""
+    losses, norms, params = reference
     assert (norms > CLIP).all(), norms
-    for rank in range(4):
-        got = load_tensors(tmp_path / f"losses_{rank}.safetensors")
-        assert torch.allclose(got["loss"], losses, rtol=1e-5, atol=0), (rank, got["loss"], losses)
-        assert torch.allclose(got["norm"], norms, rtol=1e-5, atol=0), (rank, got["norm"], norms)
-    got_params = load_tensors(tmp_path / "params_stage0.safetensors")
-    stage1 = load_tensors(tmp_path / "params_stage1.safetensors")
-    assert not got_params.keys() & stage1.keys()
-    got_params.update(stage1)
+    for tag in loss_tags:
+        got = load_tensors(root / f"losses_{tag}.safetensors")
+        assert torch.allclose(got["loss"], losses, rtol=1e-5, atol=0), (tag, got["loss"], losses)
+        assert torch.allclose(got["norm"], norms, rtol=1e-5, atol=0), (tag, got["norm"], norms)
+    got_params: dict[str, torch.Tensor] = {}
+    for tag in param_tags:
+        stage = load_tensors(root / f"params_{tag}.safetensors")
+        assert not got_params.keys() & stage.keys()
+        got_params.update(stage)
     assert got_params.keys() == params.keys()
     for name, ref in params.items():
         assert rel_err(got_params[name], ref) <= 1e-5, (name, rel_err(got_params[name], ref))
+
+
+@pytest.fixture(scope="module")
+def tp1_training():
+    return reference_run(four_layer_args(), stage_full_tensors)
+
+
+def test_interleaved_training_matches_tp1(schedules_run, tp1_training):
+    check_training(schedules_run, ["interleaved_0", "interleaved_1"], ["interleaved_0", "interleaved_1"],
+                   tp1_training)
+
+
+def test_tp2_pp2_training_matches_tp1(tmp_path, tp1_training):
+    spawn(_tp2_pp2_worker, 4, tmp_path, timeout_s=300)
+    tags = [f"stage{s}_tp{t}" for s in range(2) for t in range(2)]
+    check_training(tmp_path, tags, ["stage0_tp0", "stage1_tp0"], tp1_training)

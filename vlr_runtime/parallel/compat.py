@@ -94,10 +94,6 @@ class _CudaOnCpu:
         return getattr(torch.cuda, name)
 
     @staticmethod
-    def current_device() -> torch.device:
-        return torch.device("cpu")
-
-    @staticmethod
     def Stream(*_args, **_kwargs) -> _NoStream:  # noqa: N802 (torch.cuda's name)
         return _NoStream()
 

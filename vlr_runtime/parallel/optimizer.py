@@ -22,7 +22,7 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 
 
 def wrap_ddp_and_optimizer(
-    model: torch.nn.Module,
+    model: torch.nn.Module | list[torch.nn.Module],
     *,
     lr: float,
     weight_decay: float = 0.0,
@@ -31,9 +31,10 @@ def wrap_ddp_and_optimizer(
     clip_grad: float = 0.0,
     distributed_optimizer: bool = False,
     grad_reduce_in_fp32: bool = True,
-) -> tuple[DistributedDataParallel, MegatronOptimizer]:
-    """Wrap one pipeline stage of the reward model (:func:`vlr_runtime.model.build_reward_model`) in megatron's
-    DDP and build megatron's AdamW (decoupled weight decay) for its trainable parameters.
+) -> tuple[DistributedDataParallel | list[DistributedDataParallel], MegatronOptimizer]:
+    """Wrap this rank's pipeline stage of the reward model (:func:`vlr_runtime.model.build_reward_model`), or the
+    list of its virtual stage chunks, in megatron's DDP (one per chunk) and build one megatron AdamW (decoupled
+    weight decay) over their trainable parameters.
 
     Frozen parameters (``requires_grad`` False) get no gradient buffer and no optimizer state. Weight decay applies
     to matrices only (megatron's default: no decay for biases and 1-d parameters); ``lr`` is the constant rate
@@ -42,15 +43,16 @@ def wrap_ddp_and_optimizer(
     copies (megatron's mixed-precision optimizer); fp32 parameters are updated in place. ``grad_reduce_in_fp32``:
     the DDP gradient buffer (and its collectives) in fp32 whatever the parameter dtype.
 
-    Returns ``(ddp_model, optimizer)``; ``ddp_model.module`` is ``model``, and the parameters' gradients live in
-    ``param.main_grad`` (``param.grad`` stays ``None``).
+    Returns ``(ddp_model, optimizer)`` (``ddp_model`` a list when ``model`` is); ``ddp_model.module`` is ``model``,
+    and the parameters' gradients live in ``param.main_grad`` (``param.grad`` stays ``None``).
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if weight_decay < 0 or eps <= 0 or clip_grad < 0 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"bad AdamW settings: weight_decay={weight_decay}, betas={betas}, eps={eps}, "
                          f"clip_grad={clip_grad}")
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    trainable = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     dtypes = {p.dtype for p in trainable}
@@ -64,7 +66,7 @@ def wrap_ddp_and_optimizer(
         use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,  # the trainer checks loss and grad norm on every rank itself
     )
-    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    ddps = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -78,10 +80,10 @@ def wrap_ddp_and_optimizer(
         use_distributed_optimizer=distributed_optimizer,
         decoupled_weight_decay=True,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    optimizer = get_megatron_optimizer(opt_config, ddps)
     # megatron leaves lr and the per-group decay multiplier to its scheduler; apply them once here so the
     # optimizer is correct on its own.
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
-    return ddp, optimizer
+    return (ddps if isinstance(model, (list, tuple)) else ddps[0]), optimizer
