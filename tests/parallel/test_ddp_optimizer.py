@@ -1,5 +1,6 @@
 """megatron DDP + (distributed) optimizer on CPU: DP=2 over gloo gives the losses and parameters of a single-process
-run with plain ``torch.optim.AdamW`` on the same global batch, after 3 clipped AdamW steps."""
+run with plain ``torch.optim.AdamW`` on the same global batch, after 3 clipped AdamW steps; bad settings and layouts
+raise; the CPU compatibility items 3-4 change only what they say. On a GPU: the bf16 path (fp32 main params)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tests.parallel.helpers import (
     CLIP,
     MICROBATCHES,
     build,
+    freeze_vision_encoder,
     global_batch,
     load_tensors,
     reference_run,
@@ -21,9 +23,6 @@ from tests.parallel.helpers import (
     train_megatron,
 )
 from vlr_runtime.model import ModelArgs
-
-pytestmark = pytest.mark.slow
-
 
 def _worker(rank: int, root: Path) -> None:
     from vlr_runtime.parallel import setup_distributed, teardown
@@ -49,6 +48,7 @@ def _worker(rank: int, root: Path) -> None:
     teardown()
 
 
+@pytest.mark.slow
 def test_dp2_ddp_and_distributed_optimizer_match_single_process(tmp_path):
     spawn(_worker, 2, tmp_path)
     losses, norms, params = reference_run(
@@ -64,3 +64,87 @@ def test_dp2_ddp_and_distributed_optimizer_match_single_process(tmp_path):
             assert got_params.keys() == params.keys()
             for name, ref in params.items():
                 assert rel_err(got_params[name], ref) <= 1e-5, (tag, name, rel_err(got_params[name], ref))
+
+
+@pytest.fixture
+def tp1():
+    from vlr_runtime.parallel import setup_distributed, teardown
+
+    yield setup_distributed(1)
+    teardown()
+
+
+def test_bad_settings_and_layouts_raise(tp1):
+    from vlr_runtime.model import build_reward_model
+    from vlr_runtime.parallel import forward_backward, setup_distributed
+    from vlr_runtime.parallel.optimizer import wrap_ddp_and_optimizer
+
+    args = ModelArgs.tiny()
+    model = build(args)
+    for bad in ({"lr": 0.0}, {"lr": 1e-3, "eps": 0.0}, {"lr": 1e-3, "betas": (0.9, 1.0)}, {"lr": 1e-3, "clip_grad": -1}):
+        with pytest.raises(ValueError, match="lr|AdamW"):
+            wrap_ddp_and_optimizer(model, **bad)
+    with pytest.raises(ValueError, match="fp32 or all bf16"):
+        wrap_ddp_and_optimizer(build(args).half(), lr=1e-3)
+    frozen = build(args)
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        wrap_ddp_and_optimizer(frozen, lr=1e-3)
+    with pytest.raises(ValueError, match="virtual pipeline"):
+        forward_backward([model, model], global_batch(args, 1))
+    with pytest.raises(ValueError, match="at least one microbatch"):
+        forward_backward(model, [])
+    with pytest.raises(ValueError, match="vp_stage"):
+        build_reward_model(args, vp_stage=0)
+    with pytest.raises(RuntimeError, match="already set up"):
+        setup_distributed(1, vpp=2)
+
+
+def test_vpp_needs_pipeline_stages():
+    from vlr_runtime.parallel import setup_distributed
+
+    with pytest.raises(ValueError, match="vpp"):
+        setup_distributed(1, 1, vpp=2)
+
+
+def test_cpu_compat_items_3_and_4(tp1):
+    """Only calls that would fail without CUDA change: megatron's ``device="cuda"`` factories land on the CPU,
+    megatron's ``Tensor.type()`` checks see CUDA names, everyone else sees torch's own answers."""
+    if torch.cuda.is_available():
+        pytest.skip("the compatibility layer is only active without CUDA")
+    from megatron.core.optimizer import clip_grads
+
+    from vlr_runtime.parallel.compat import CUDA_LITERAL_MODULES
+
+    made = clip_grads.torch.zeros(2, dtype=torch.int, device="cuda")
+    assert made.device.type == "cpu" and made.dtype == torch.int
+    assert clip_grads.torch.float32 is torch.float32 and clip_grads.torch.distributed is torch.distributed
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")  # torch itself is untouched
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    assert torch.ones(1).type(torch.float64).dtype == torch.float64
+    seen = {}
+    exec("seen['t'] = x.type()", {"__name__": "megatron.core.fake", "x": torch.ones(1, dtype=torch.bfloat16),
+                                  "seen": seen})
+    assert seen["t"] == "torch.cuda.BFloat16Tensor"
+    assert len(CUDA_LITERAL_MODULES) == len(set(CUDA_LITERAL_MODULES))
+
+
+@pytest.mark.gpu
+def test_bf16_distributed_optimizer_keeps_fp32_main_params(tp1):
+    """bf16 parameters with fp32 main copies and Adam state in megatron's distributed optimizer: 3 steps track
+    the fp32 run's losses within bf16 accuracy, and the parameters stay bf16."""
+    from vlr_runtime.model import build_reward_model
+
+    args = ModelArgs.tiny()
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_reward_model(args, dtype=dtype, device=tp1.device, seed=0)
+        freeze_vision_encoder(model)
+        losses[dtype], _ = train_megatron(
+            model, lambda step: [b.to(tp1.device) for b in global_batch(args, MICROBATCHES, step)],
+            distributed_optimizer=True)
+        if dtype == torch.bfloat16:
+            assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ref, got = torch.tensor(losses[torch.float32]), torch.tensor(losses[torch.bfloat16])
+    assert torch.allclose(got, ref, rtol=2e-2), (got, ref)

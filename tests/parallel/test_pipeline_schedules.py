@@ -35,6 +35,19 @@ def four_layer_args() -> ModelArgs:
     return ModelArgs.tiny(text=dataclasses.replace(tiny.text, num_layers=4))
 
 
+def stage_full_tensors(model) -> dict[str, torch.Tensor]:
+    """HF-named full tensors of this pipeline stage's parameters (TP shards all-gathered: collective over TP).
+
+    Not ``iter_full_tensors``: at TP > 1 with PP > 1 it makes every TP rank of the first stage wait for tensors that
+    only TP rank 0 of the other stages sends (it hangs at TP2 x PP2)."""
+    from vlr_runtime.checkpoint.hf import _full_tensors_of
+    from vlr_runtime.model.hf_names import hf_param_specs
+
+    owned = {name for name, _ in model.named_parameters()}
+    return {name: t for spec in hf_param_specs(model.args) if spec.param in owned
+            for name, t in _full_tensors_of(model, spec, None)}
+
+
 def _run_and_save(model, root: Path, tag: str, rank: int) -> None:
     from vlr_runtime.parallel import forward_backward
 
@@ -118,35 +131,21 @@ def schedules_run(tmp_path_factory) -> Path:
 
 
 def test_1f1b_and_interleaved_match_pp1(schedules_run):
-    tmp_path = schedules_run
     results, grads = reference_step(four_layer_args())
     for tag in ("1f1b", "interleaved"):
         stage_grads = {}
         for rank in range(2):
-            got = load_tensors(tmp_path / f"{tag}_result_{rank}.safetensors")  # broadcast: the same on every stage
+            got = load_tensors(schedules_run / f"{tag}_result_{rank}.safetensors")  # broadcast: the same on every stage
             for i, r in enumerate(results):
                 assert torch.allclose(got[f"loss_{i}"], r.loss.reshape(1), rtol=1e-5, atol=0), (tag, rank, i)
                 assert torch.allclose(got[f"rewards_{i}"], r.rewards, rtol=1e-5, atol=1e-6), (tag, rank, i)
-            rank_grads = load_tensors(tmp_path / f"{tag}_grads_{rank}.safetensors")
+            rank_grads = load_tensors(schedules_run / f"{tag}_grads_{rank}.safetensors")
             assert not rank_grads.keys() & stage_grads.keys()
             stage_grads.update(rank_grads)
         assert stage_grads.keys() == grads.keys(), tag
         for name, g in grads.items():
             assert float(g.abs().max()) > 0, name
             assert rel_err(stage_grads[name], g) <= 1e-5, (tag, name, rel_err(stage_grads[name], g))
-
-
-def stage_full_tensors(model) -> dict[str, torch.Tensor]:
-    """HF-named full tensors of this pipeline stage's parameters (TP shards all-gathered: collective over TP).
-
-    Not ``iter_full_tensors``: at TP > 1 with PP > 1 it makes every TP rank of the first stage wait for tensors that
-    only TP rank 0 of the other stages sends (it hangs at TP2 x PP2)."""
-    from vlr_runtime.checkpoint.hf import _full_tensors_of
-    from vlr_runtime.model.hf_names import hf_param_specs
-
-    owned = {name for name, _ in model.named_parameters()}
-    return {name: t for spec in hf_param_specs(model.args) if spec.param in owned
-            for name, t in _full_tensors_of(model, spec, None)}
 
 
 def _tp2_pp2_worker(rank: int, root: Path) -> None:

@@ -54,7 +54,11 @@ Pipeline parallelism (``setup_distributed(tp, pp)`` with pp > 1): each rank buil
 (:func:`~vlr_runtime.model.reward_model.stage_layer_ids`: contiguous decoder layers; vision tower + embedding on
 the first stage, final norm + head on the last; parameter names stay global, e.g. ``language.layers.17.*``), loads
 only its tensors, and runs through :func:`vlr_runtime.parallel.pipeline.forward_backward` (which is also the pp = 1
-training step). Export sends every stage's tensors to rank 0. Not combinable with sequence parallelism (yet).
+training step; megatron-core's 1F1B schedule). Virtual stages (``setup_distributed(tp, pp, vpp=V)``): each rank
+builds V chunks, ``build_reward_model(..., vp_stage=v)``, chunk v being global stage ``v * pp + pp_rank`` of
+``pp * V``; ``forward_backward`` runs the list with megatron's interleaved schedule. ``model.config`` is the megatron
+``TransformerConfig`` that megatron's DDP and schedules read. Export sends every stage's tensors to rank 0 (not yet
+for virtual chunks). Not combinable with sequence parallelism (yet).
 
 ``param_groups()`` keys: ``vision`` (patch_embed + blocks), ``merger``, ``llm`` (language.*), ``head``.
 

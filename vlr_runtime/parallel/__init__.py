@@ -1,11 +1,15 @@
 """Process groups, device/backend selection and the CPU compatibility layer for megatron-core.
 
-``setup_distributed(tp, pp)`` is the only entry point that creates groups; everything else reads the returned
+``setup_distributed(tp, pp, vpp=1)`` is the only entry point that creates groups; everything else reads the returned
 :class:`ParallelContext` (or :func:`get_context`). ``forward_backward(model, microbatches)`` is one training (or,
-``forward_only``, eval) step for any pipeline size.
+``forward_only``, eval) step for any pipeline size (megatron-core's 1F1B / interleaved schedules when pp > 1).
+``wrap_ddp_and_optimizer(model, lr=...)`` wraps a stage (or its virtual chunks) in megatron's DDP and builds
+megatron's (distributed) AdamW.
 """
 
 from vlr_runtime.parallel.context import ParallelContext, get_context, setup_distributed, teardown
+from vlr_runtime.parallel.optimizer import wrap_ddp_and_optimizer
 from vlr_runtime.parallel.pipeline import MicrobatchResult, forward_backward
 
-__all__ = ["MicrobatchResult", "ParallelContext", "forward_backward", "get_context", "setup_distributed", "teardown"]
+__all__ = ["MicrobatchResult", "ParallelContext", "forward_backward", "get_context", "setup_distributed", "teardown",
+           "wrap_ddp_and_optimizer"]
