@@ -4,6 +4,7 @@ raise; the CPU compatibility items 3-4 change only what they say. On a GPU: the 
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.parallel.helpers import (
     train_megatron,
 )
 from vlr_runtime.model import ModelArgs
+
 
 def _worker(rank: int, root: Path) -> None:
     from vlr_runtime.parallel import setup_distributed, teardown
@@ -107,6 +109,10 @@ def test_vpp_needs_pipeline_stages():
         setup_distributed(1, 1, vpp=2)
 
 
+def _type_name(x: torch.Tensor) -> str:
+    return x.type()
+
+
 def test_cpu_compat_items_3_and_4(tp1):
     """Only calls that would fail without CUDA change: megatron's ``device="cuda"`` factories land on the CPU,
     megatron's ``Tensor.type()`` checks see CUDA names, everyone else sees torch's own answers."""
@@ -123,10 +129,10 @@ def test_cpu_compat_items_3_and_4(tp1):
         torch.zeros(1, device="cuda")  # torch itself is untouched
     assert torch.ones(1).type() == "torch.FloatTensor"
     assert torch.ones(1).type(torch.float64).dtype == torch.float64
-    seen = {}
-    exec("seen['t'] = x.type()", {"__name__": "megatron.core.fake", "x": torch.ones(1, dtype=torch.bfloat16),
-                                  "seen": seen})
-    assert seen["t"] == "torch.cuda.BFloat16Tensor"
+    # The same call made from code whose module is a megatron.core one:
+    type_in_megatron = types.FunctionType(_type_name.__code__, {"__name__": "megatron.core.fake"})
+    assert type_in_megatron(torch.ones(1, dtype=torch.bfloat16)) == "torch.cuda.BFloat16Tensor"
+    assert _type_name(torch.ones(1, dtype=torch.bfloat16)) == "torch.BFloat16Tensor"
     assert len(CUDA_LITERAL_MODULES) == len(set(CUDA_LITERAL_MODULES))
 
 

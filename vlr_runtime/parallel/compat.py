@@ -77,7 +77,7 @@ class _NoStream:
     def wait_event(self, _event) -> None:
         pass
 
-    def record_event(self, _event=None) -> "_NoStream":
+    def record_event(self, _event=None) -> _NoStream:
         return self
 
     def record(self, _stream=None) -> None:
@@ -94,7 +94,7 @@ class _CudaOnCpu:
         return getattr(torch.cuda, name)
 
     @staticmethod
-    def Stream(*_args, **_kwargs) -> _NoStream:  # noqa: N802 (torch.cuda's name)
+    def Stream(*_args, **_kwargs) -> _NoStream:
         return _NoStream()
 
     Event = Stream
