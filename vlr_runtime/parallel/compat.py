@@ -11,7 +11,6 @@ run's device is the CPU. It never runs on a CUDA machine, so GPU runs use megatr
 2. The CUDA RNG tracker (``tensor_parallel.random``): ``model_parallel_cuda_manual_seed`` and
    ``get_cuda_rng_tracker().fork()`` save/restore the CUDA generator. On CPU the tracker keeps CPU generator states
    instead (same seeds, same fork semantics), so dropout regions and initialisation forks work.
-
 3. ``device="cuda"`` literals and ``torch.cuda`` stream/sync calls in the modules of :data:`CUDA_LITERAL_MODULES`
    (megatron DDP's grad buffers, the (distributed) optimizer, grad-norm clipping, ``local_multi_tensor_l2norm``, the
    pipeline schedules and their p2p layer): each of those modules gets a ``torch`` of its own

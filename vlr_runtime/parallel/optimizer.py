@@ -20,6 +20,8 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 
+from vlr_runtime.parallel.context import get_context
+
 
 def wrap_ddp_and_optimizer(
     model: torch.nn.Module | list[torch.nn.Module],
@@ -80,7 +82,8 @@ def wrap_ddp_and_optimizer(
         use_distributed_optimizer=distributed_optimizer,
         decoupled_weight_decay=True,
     )
-    optimizer = get_megatron_optimizer(opt_config, ddps)
+    # setup_distributed creates megatron's gloo copies of the groups only on the CPU (where they are the groups).
+    optimizer = get_megatron_optimizer(opt_config, ddps, use_gloo_process_groups=get_context().backend == "gloo")
     # megatron leaves lr and the per-group decay multiplier to its scheduler; apply them once here so the
     # optimizer is correct on its own.
     for group in optimizer.param_groups:
