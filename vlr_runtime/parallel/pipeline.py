@@ -119,14 +119,12 @@ def _pipelined(chunks, microbatches, center_coef, forward_only) -> list[Microbat
     on_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     if on_last and len(reduced) != len(microbatches):
         raise RuntimeError(f"the schedule returned {len(reduced)} results for {len(microbatches)} microbatches")
-    results = []
-    for i, batch in enumerate(microbatches):
-        if on_last:
-            loss, rewards, accuracy = (reduced[i][k].reshape(-1).to(device) for k in ("loss", "rewards", "accuracy"))
-        else:
-            loss, accuracy = torch.empty(1, device=device), torch.empty(1, device=device)
-            rewards = torch.empty(batch.scored_index.numel(), device=device)
-        for t in (loss, rewards, accuracy):
-            dist.broadcast(t, last, group=group)
-        results.append(MicrobatchResult(loss.reshape(()), rewards, accuracy.reshape(())))
-    return results
+    # One broadcast for the whole step: per microbatch [loss, accuracy, rewards...].
+    sizes = [2 + b.scored_index.numel() for b in microbatches]
+    if on_last:
+        flat = torch.cat([torch.cat([r["loss"].reshape(1), r["accuracy"].reshape(1), r["rewards"].reshape(-1)])
+                          for r in reduced]).to(device)
+    else:
+        flat = torch.empty(sum(sizes), device=device)
+    dist.broadcast(flat, last, group=group)
+    return [MicrobatchResult(part[0], part[2:], part[1]) for part in flat.split(sizes)]
