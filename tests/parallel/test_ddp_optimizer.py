@@ -115,12 +115,12 @@ def _type_name(x: torch.Tensor) -> str:
 
 def test_cpu_compat_items_3_and_4(tp1):
     """Only calls that would fail without CUDA change: megatron's ``device="cuda"`` factories land on the CPU,
-    megatron's ``Tensor.type()`` checks see CUDA names, everyone else sees torch's own answers."""
+    the optimizer modules' ``Tensor.type()`` checks see CUDA names, everyone else sees torch's own answers."""
     if torch.cuda.is_available():
         pytest.skip("the compatibility layer is only active without CUDA")
     from megatron.core.optimizer import clip_grads
 
-    from vlr_runtime.parallel.compat import CUDA_LITERAL_MODULES
+    from vlr_runtime.parallel.compat import CUDA_LITERAL_MODULES, TYPE_CHECK_MODULES
 
     made = clip_grads.torch.zeros(2, dtype=torch.int, device="cuda")
     assert made.device.type == "cpu" and made.dtype == torch.int
@@ -129,10 +129,12 @@ def test_cpu_compat_items_3_and_4(tp1):
         torch.zeros(1, device="cuda")  # torch itself is untouched
     assert torch.ones(1).type() == "torch.FloatTensor"
     assert torch.ones(1).type(torch.float64).dtype == torch.float64
-    # The same call made from code whose module is a megatron.core one:
-    type_in_megatron = types.FunctionType(_type_name.__code__, {"__name__": "megatron.core.fake"})
-    assert type_in_megatron(torch.ones(1, dtype=torch.bfloat16)) == "torch.cuda.BFloat16Tensor"
-    assert _type_name(torch.ones(1, dtype=torch.bfloat16)) == "torch.BFloat16Tensor"
+    # The same call made from code in megatron's optimizer modules, and in another megatron module:
+    x = torch.ones(1, dtype=torch.bfloat16)
+    for module in TYPE_CHECK_MODULES:
+        assert types.FunctionType(_type_name.__code__, {"__name__": module})(x) == "torch.cuda.BFloat16Tensor"
+    assert types.FunctionType(_type_name.__code__, {"__name__": "megatron.core.utils"})(x) == "torch.BFloat16Tensor"
+    assert _type_name(x) == "torch.BFloat16Tensor"
     assert len(CUDA_LITERAL_MODULES) == len(set(CUDA_LITERAL_MODULES))
 
 

@@ -19,9 +19,10 @@ run's device is the CPU. It never runs on a CUDA machine, so GPU runs use megatr
    it changes would raise on a machine without CUDA; everything else is forwarded to ``torch`` unchanged.
 4. Dtype checks by type name (``param.type() == "torch.cuda.FloatTensor"`` in the distributed optimizer,
    ``Float16OptimizerWithFloat16Params`` and ``clip_grad_by_total_norm_fp32``): ``Tensor.type()`` without
-   arguments, called from a ``megatron.core`` module on a CPU tensor, returns the CUDA name of the same dtype
-   (``torch.cuda.FloatTensor``), so those branches classify fp32/bf16 parameters as they would on a GPU. Calls
-   from any other module, and every call with arguments, are unchanged.
+   arguments, called on a CPU tensor from one of :data:`TYPE_CHECK_MODULES` (the only megatron-core 0.16 modules
+   that call it), returns the CUDA name of the same dtype (``torch.cuda.FloatTensor``), so those branches classify
+   fp32/bf16 parameters as they would on a GPU. Calls from any other module, and every call with arguments, are
+   unchanged.
 
 Model construction needs no patch: layers are built with ``use_cpu_initialization=True`` inside a
 ``torch.device(...)`` context (see :mod:`vlr_runtime.model.layers`), which megatron honours on every device.
@@ -48,6 +49,13 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
 )
 """megatron-core modules whose ``device="cuda"`` literals and ``torch.cuda`` calls are redirected (item 3)."""
+
+TYPE_CHECK_MODULES = frozenset({
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+})
+"""megatron-core modules whose ``Tensor.type()`` dtype checks see CUDA type names (item 4)."""
 
 
 def _on_cpu(device):
@@ -142,7 +150,7 @@ def _megatron_tensor_type(self, *args, **kwargs):
     if args or kwargs or self.device.type != "cpu":
         return name
     caller = sys._getframe(1).f_globals.get("__name__", "")
-    if caller.startswith("megatron.core.") and name.startswith("torch.") and not name.startswith("torch.cuda."):
+    if caller in TYPE_CHECK_MODULES and name.startswith("torch.") and not name.startswith("torch.cuda."):
         return "torch.cuda." + name[len("torch."):]
     return name
 
