@@ -36,9 +36,10 @@ def _worker(rank: int, world: int, tp: int, port: int, tmp: str, tag: str) -> No
         cfg = parse_args(run_args(Path(tmp), "--parallel.tp", str(tp), "--run.dir", str(out / "run"),
                                   "--train.center_coef", "0.05"))
         trainer = Trainer(cfg)
-        index, pre = RowIndex(str(next((Path(tmp) / "cache").glob("synthetic-*")) / "train.jsonl")), trainer.preprocessor
+        pre = trainer.preprocessor
+        index = RowIndex(str(next((Path(tmp) / "cache").glob("synthetic-*")) / "train.jsonl"))
         rows = [example_from_row(index, i) for i in range(len(index))]
-        # 6 image pairs and 2 text-only pairs, so the vision tower, the merger and the text path all get gradients.
+        # 6 image pairs and 2 text-only pairs: the vision tower, the merger and the text path all get gradients.
         chosen = [r for r in rows if r.images][:6] + [r for r in rows if not r.images][:2]
         micro = [collate([pre(r) for r in chosen[k::2]], image_token_id=pre.image_token_id) for k in range(2)]
         ctx = trainer.ctx
@@ -73,7 +74,7 @@ def _launch(tmp: Path, world: int, tp: int, tag: str) -> tuple[dict, dict]:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-wise relative error ||a - b|| / ||b|| (element-wise ratios of fp32 sums in different orders are noise)."""
+    """Norm-wise relative error ||a - b|| / ||b|| (element-wise ratios of fp32 sums in other orders are noise)."""
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
@@ -90,6 +91,12 @@ def test_tp2_and_dp2_match_tp1(tmp_path):
         assert abs(stats["margin"] - ref_stats["margin"]) <= 1e-5 * scale, tag
         assert stats["accuracy"] == ref_stats["accuracy"]
         assert grads.keys() == ref_grads.keys()
-        for name, g in ref_grads.items():
+        names = sorted(ref_grads)
+        whole = _rel(torch.cat([grads[n].reshape(-1) for n in names]),
+                     torch.cat([ref_grads[n].reshape(-1) for n in names]))
+        assert whole <= 1e-5, (tag, whole)
+        for name in names:
+            g = ref_grads[name]
             assert g.abs().max() > 0, name  # every parameter took part (a zero gradient would hide a bug)
-            assert _rel(grads[name], g) <= 1e-5, (tag, name, _rel(grads[name], g))
+            # per tensor, small tensors (norm weights) sit closer to fp32 noise than the whole gradient
+            assert _rel(grads[name], g) <= 5e-5, (tag, name, _rel(grads[name], g))

@@ -138,6 +138,10 @@ class Trainer:
             f"{cfg.train.pairs_per_step} pairs, "
             f"tp={ctx.tp} dp={ctx.dp} on {ctx.device} ({ctx.backend}), {self.dtype}, "
             f"{sum(p.numel() for p in self.trainable)} trainable parameters on this rank, run dir {self.run_dir}")
+        for es in self.eval_sets:
+            if es.dropped:
+                self.metrics.message(f"evaluation set {es.name!r}: unusable rows skipped, by reason: "
+                                     f"{dict(es.dropped)}")
 
     def _validate(self, files: list[str], preprocessor) -> None:
         """Rank 0 runs the data package's validation pass over the training files and prints the outcome counts by
