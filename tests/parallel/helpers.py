@@ -57,10 +57,10 @@ def tiny_pair_batch(args: ModelArgs, seed: int, text_lens: list[tuple[int, int]]
 
 
 def global_batch(args: ModelArgs, microbatches: int, step: int = 0) -> list[PackedBatch]:
-    """``microbatches`` batches of 1-2 pairs with odd, differing lengths (a different set for every step)."""
+    """``microbatches`` batches of 1-2 pairs of differing lengths, odd and even totals (new tokens every step)."""
     out = []
     for i in range(microbatches):
-        lens = [(3 + i, 6 + 2 * i)] if i % 2 else [(5, 4 + i), (7, 2 + i)]
+        lens = [(3 + i, 5 + 2 * i)] if i % 2 else [(5, 4 + i), (7, 2 + i)]
         out.append(tiny_pair_batch(args, 100 * step + i, lens))
     return out
 
@@ -71,14 +71,15 @@ def freeze_vision_encoder(model) -> None:
         p.requires_grad_(False)
 
 
-def build(args: ModelArgs, *, freeze_vision: bool = True, vp_stage: int | None = None):
+def build(args: ModelArgs, *, freeze_vision: bool = True, vp_stage: int | None = None,
+          sequence_parallel: bool = False):
     """The reward model (this rank's stage/chunk) with the seeded init shared by every layout, eager kernels."""
     from vlr_kernels import set_default_backend
 
     from vlr_runtime.model import build_reward_model
 
     set_default_backend("torch")
-    model = build_reward_model(args, seed=0, vp_stage=vp_stage)
+    model = build_reward_model(args, seed=0, vp_stage=vp_stage, sequence_parallel=sequence_parallel)
     if freeze_vision and model.vision is not None:
         freeze_vision_encoder(model)
     return model

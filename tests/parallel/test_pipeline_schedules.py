@@ -1,7 +1,7 @@
 """megatron-core's pipeline schedules over packed variable-length microbatches (gloo, CPU): 1F1B at pp=2 and the
 interleaved schedule at pp=2 x 2 virtual stages give pp=1's losses, rewards and every gradient (and forward_only its
 losses without touching gradients); with megatron DDP + distributed optimizer, pp=2 x 2 virtual stages and TP2 x PP2
-(4 processes) give TP1's losses and parameters after 3 AdamW steps."""
+(4 processes, with and without sequence parallelism) give TP1's losses and parameters after 3 AdamW steps."""
 
 from __future__ import annotations
 
@@ -154,6 +154,9 @@ def _tp2_pp2_worker(rank: int, root: Path) -> None:
     ctx = setup_distributed(tp=2, pp=2)
     assert (ctx.tp, ctx.pp, ctx.dp) == (2, 2, 1)
     _train_and_save(build(four_layer_args()), root, f"stage{ctx.pp_rank}_tp{ctx.tp_rank}")
+    model = build(four_layer_args(), sequence_parallel=True)
+    assert model.language.sequence_parallel
+    _train_and_save(model, root, f"sp_stage{ctx.pp_rank}_tp{ctx.tp_rank}")
     teardown()
 
 
@@ -187,5 +190,6 @@ def test_interleaved_training_matches_tp1(schedules_run, tp1_training):
 
 def test_tp2_pp2_training_matches_tp1(tmp_path, tp1_training):
     spawn(_tp2_pp2_worker, 4, tmp_path, timeout_s=300)
-    tags = [f"stage{s}_tp{t}" for s in range(2) for t in range(2)]
-    check_training(tmp_path, tags, ["stage0_tp0", "stage1_tp0"], tp1_training)
+    for sp in ("", "sp_"):  # without and with sequence parallelism (odd token counts: the padding path runs)
+        tags = [f"{sp}stage{s}_tp{t}" for s in range(2) for t in range(2)]
+        check_training(tmp_path, tags, [f"{sp}stage0_tp0", f"{sp}stage1_tp0"], tp1_training)

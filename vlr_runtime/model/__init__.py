@@ -58,7 +58,7 @@ training step; megatron-core's 1F1B schedule). Virtual stages (``setup_distribut
 builds V chunks, ``build_reward_model(..., vp_stage=v)``, chunk v being global stage ``v * pp + pp_rank`` of
 ``pp * V``; ``forward_backward`` runs the list with megatron's interleaved schedule. ``model.config`` is the megatron
 ``TransformerConfig`` that megatron's DDP and schedules read. Export sends every stage's tensors to rank 0 (not yet
-for virtual chunks). Not combinable with sequence parallelism (yet).
+for virtual chunks). With sequence parallelism each TP rank passes its ``T_pad / tp`` rows to the next stage.
 
 ``param_groups()`` keys: ``vision`` (patch_embed + blocks), ``merger``, ``llm`` (language.*), ``head``.
 

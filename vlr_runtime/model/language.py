@@ -95,33 +95,37 @@ class LanguageModel(nn.Module):
         self.recompute = False
         """Activation checkpointing of every decoder layer (set by :meth:`RewardModel.set_recompute`)."""
 
-    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 prefix_lens: torch.Tensor | None = None, split_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """``embeds [T, H]``, ``position_ids [3, T]`` (M-RoPE t/h/w streams) -> hidden before the final norm:
-        ``[T, H]``, or with sequence parallelism this rank's ``[T_pad / tp, H]`` rows ``[rank * T_pad / tp, ...)``
-        of the tokens padded to ``T_pad`` (a multiple of tp; the padding is one extra segment)."""
+        """``x``: the token embeddings ``[T, H]`` on the first pipeline stage, else the previous stage's output as
+        this rank holds it (like the return value); ``position_ids [3, T]`` (M-RoPE t/h/w streams). Returns the
+        hidden states before the final norm: ``[T, H]``, or with sequence parallelism this rank's ``[T_pad / tp, H]``
+        rows ``[rank * T_pad / tp, ...)`` of the tokens padded to ``T_pad`` (a multiple of tp; the padding is one
+        extra segment of zero embeddings)."""
         if self.sequence_parallel:
-            embeds, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens = self._pad_for_sequence_parallel(
-                embeds, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens)
-        inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta).to(embeds.device)
+            pad = -position_ids.shape[1] % self.group.size()
+            position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens = self._pad_segments(
+                pad, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens)
+            if self.embed is not None:
+                x = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
+                x = scatter_to_sequence_parallel_region(x, group=self.group)
+        inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta).to(x.device)
         cos, sin = mrope_cos_sin(position_ids, inv_freq, self.args.mrope_section)
         # transformers casts the rotary tables to the activation dtype before rotating; do the same for parity.
-        cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
-        x = scatter_to_sequence_parallel_region(embeds, group=self.group) if self.sequence_parallel else embeds
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers.values():
             x = run_layer(layer, self.recompute, x, cos, sin, cu_seqlens, max_seqlen, prefix_lens, split_lens)
         return x
 
-    def _pad_for_sequence_parallel(self, embeds, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens):
-        """Pad the token axis to a multiple of tp with one extra segment of zero embeddings at position 0."""
-        tp, t = self.group.size(), embeds.shape[0]
-        pad = -t % tp
+    @staticmethod
+    def _pad_segments(pad, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens):
+        """Segment metadata for ``pad`` extra tokens: one more segment at position 0."""
         if pad == 0:
-            return embeds, position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens
-        embeds = torch.cat([embeds, embeds.new_zeros(pad, embeds.shape[1])])
+            return position_ids, cu_seqlens, max_seqlen, prefix_lens, split_lens
+        t = position_ids.shape[1]
         position_ids = torch.cat([position_ids, position_ids.new_zeros(3, pad)], dim=1)
         cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), t + pad)])
         if prefix_lens is not None:
             prefix_lens = torch.cat([prefix_lens, prefix_lens.new_zeros(1)])
             split_lens = torch.cat([split_lens, split_lens.new_full((1,), pad)])
-        return embeds, position_ids, cu_seqlens, max(max_seqlen, pad), prefix_lens, split_lens
+        return position_ids, cu_seqlens, max(max_seqlen, pad), prefix_lens, split_lens

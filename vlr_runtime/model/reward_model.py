@@ -58,8 +58,6 @@ class RewardModel(nn.Module):
         self.is_first_stage, self.is_last_stage = stage == 0, stage == stages - 1
         self.input_tensor: torch.Tensor | None = None
         """``[T, 1, H]`` hidden states received from the previous stage (set by the pipeline schedule)."""
-        if pp > 1 and sequence_parallel:
-            raise NotImplementedError("sequence parallelism together with pipeline parallelism is not implemented")
         config = parallel_config(self.tp, dtype)
         self.config = training_config(args.text, self.tp, pp, dtype, vpp if vpp > 1 else None)
         """What megatron's DDP and pipeline schedules read (``get_model_config``)."""
@@ -134,10 +132,17 @@ class RewardModel(nn.Module):
         rows = torch.repeat_interleave(image_start[image_index], group_sizes) + offset
         return embeds.index_put((image_pos,), image_embeds[rows.to(image_embeds.device)].to(embeds.dtype))
 
+    def stage_tokens(self, batch: PackedBatch) -> int:
+        """Rows of the hidden states this rank holds between layers (and passes between pipeline stages): ``T``, or
+        ``T_pad / tp`` with sequence parallelism."""
+        if not self.language.sequence_parallel:
+            return batch.num_tokens
+        return -(-batch.num_tokens // self.tp)
+
     def hidden_local(self, batch: PackedBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder output as this rank holds it: ``[T, H]``, or ``[T_pad / tp, H]`` with sequence parallelism
-        (see :meth:`LanguageModel.forward`). ``hidden_in [T, H]``: the previous pipeline stage's output (every stage
-        but the first)."""
+        """The decoder output as this rank holds it: ``[stage_tokens(batch), H]`` (see
+        :meth:`LanguageModel.forward`). ``hidden_in``: the previous pipeline stage's output as this rank holds it
+        (every stage but the first)."""
         if self.is_first_stage != (hidden_in is None):
             raise ValueError("hidden_in must be given exactly on the pipeline stages after the first")
         x = self.embed(batch) if self.is_first_stage else hidden_in

@@ -4,8 +4,9 @@ With ``pp == 1`` it is a loop of ``model.loss`` + backward. With pipeline stages
 (``get_forward_backward_func``): 1F1B, or the interleaved 1F1B when the model is a list of virtual stage chunks
 (``build_reward_model(..., vp_stage=v)`` for every ``v``, after ``setup_distributed(tp, pp, vpp=...)``). Every stage
 holds every microbatch (positions, ``cu_seqlens`` and the scored rows are needed on all of them), so only hidden
-states travel: ``[T_max, 1, H]`` (megatron's ``[s, b, h]`` with one packed sequence), zero-padded to the step's
-longest microbatch and cut back to the microbatch's ``T`` on arrival. One fixed shape per step instead of megatron's
+states travel: ``[T_max, 1, H]`` (megatron's ``[s, b, h]`` with one packed sequence; with sequence parallelism each
+TP rank sends its ``T_pad / tp`` rows to the same TP rank of the next stage), zero-padded to the step's longest
+microbatch and cut back to the microbatch's length on arrival. One fixed shape per step instead of megatron's
 ``variable_seq_lengths`` saves a shape exchange before every message, and is required for correctness at pp = 2 with
 virtual stages: there the previous and next stage are the same process, and megatron's shape exchange (always a
 batched send/recv in the pipeline group) pairs the forward and backward messages by posting order, which crosses
@@ -86,7 +87,7 @@ def _stage_step(center_coef: float, padded_tokens: int, data_iterator, chunk):
     ``[padded_tokens, 1, H]``)."""
     batch = next(data_iterator)
     stage = _unwrap(chunk)
-    hidden_in = None if stage.is_first_stage else stage.input_tensor[: batch.num_tokens, 0]
+    hidden_in = None if stage.is_first_stage else stage.input_tensor[: stage.stage_tokens(batch), 0]
     out = stage.stage_forward(batch, hidden_in, center_coef)
     if not stage.is_last_stage:
         return torch.nn.functional.pad(out, (0, 0, 0, padded_tokens - out.shape[0])).unsqueeze(1), None
@@ -101,7 +102,7 @@ def _pipelined(chunks, microbatches, center_coef, forward_only) -> list[Microbat
     from vlr_runtime.parallel import get_context
 
     schedule = get_forward_backward_func()
-    padded_tokens = max(b.num_tokens for b in microbatches)
+    padded_tokens = max(_unwrap(chunks[0]).stage_tokens(b) for b in microbatches)
     with torch.set_grad_enabled(not forward_only):
         reduced = schedule(
             forward_step_func=partial(_stage_step, center_coef, padded_tokens),
