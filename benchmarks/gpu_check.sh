@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU acceptance run for the kernels. Installs nothing. From the repository root on a CUDA machine:
+# GPU acceptance run. Installs nothing (megatron-core must already be importable: carry its wheel to a bare GPU
+# image). From the repository root on a CUDA machine:
 #   bash benchmarks/gpu_check.sh [--quick]
 # 1. builds the optional CUDA extension in place when nvcc is present (compiles our own sources, no downloads),
-# 2. runs the GPU-marked kernel tests (bf16 tolerance rule, CUDA backend, torch.compile tracing),
-# 3. runs every kernel benchmark and prints their tables last.
+# 2. runs every GPU-marked test (kernels: bf16 tolerance rule, CUDA backend, torch.compile tracing; model and
+#    scoring parity with the automatic kernels),
+# 3. runs the end-to-end model benchmark, then every kernel benchmark, and prints their tables last.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -19,8 +21,11 @@ else
   echo "=== nvcc absent: the cuda backend tests will skip"
 fi
 
-echo "=== GPU kernel tests"
-"$PY" -m pytest -q -m gpu tests/kernels -p no:cacheprovider -rs || status=1
+echo "=== GPU tests"
+"$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rs || status=1
+
+echo "=== end-to-end model benchmark"
+"$PY" benchmarks/bench_model.py "$@" || status=1
 
 echo "=== kernel benchmarks"
 "$PY" benchmarks/run_all.py "$@" || status=1
