@@ -91,7 +91,7 @@ def train_megatron(model, batches_of_step, *, distributed_optimizer: bool) -> tu
     import torch.distributed as dist
 
     from vlr_runtime.parallel import forward_backward, get_context
-    from vlr_runtime.parallel.optimizer import wrap_ddp_and_optimizer
+    from vlr_runtime.parallel.optimizer import step_if_finite, wrap_ddp_and_optimizer
 
     ddp, optimizer = wrap_ddp_and_optimizer(model, clip_grad=CLIP, distributed_optimizer=distributed_optimizer,
                                             **ADAMW)
@@ -105,8 +105,8 @@ def train_megatron(model, batches_of_step, *, distributed_optimizer: bool) -> tu
         results = forward_backward(ddp, batches_of_step(step))
         for chunk in chunks:
             chunk.finish_grad_sync()
-        ok, grad_norm, _ = optimizer.step()
-        assert ok
+        stepped, grad_norm = step_if_finite(optimizer)
+        assert stepped
         loss = torch.stack([r.loss for r in results]).mean()
         dist.all_reduce(loss, group=ctx.dp_group)
         losses.append(float(loss) / ctx.dp)

@@ -1,9 +1,11 @@
 """megatron DDP + (distributed) optimizer on CPU: DP=2 over gloo gives the losses and parameters of a single-process
 run with plain ``torch.optim.AdamW`` on the same global batch, after 3 clipped AdamW steps; bad settings and layouts
-raise; the CPU compatibility items 3-4 change only what they say. On a GPU: the bf16 path (fp32 main params)."""
+raise; a NaN gradient on one rank makes every rank skip the step; the CPU compatibility items 3-4 change only what
+they say. On a GPU: the bf16 path (fp32 main params)."""
 
 from __future__ import annotations
 
+import math
 import types
 from pathlib import Path
 
@@ -47,7 +49,26 @@ def _worker(rank: int, root: Path) -> None:
         tag = f"{int(distributed_optimizer)}_{rank}"
         save_tensors(dict(model.named_parameters()), root / f"params_{tag}.safetensors")
         save_tensors({"loss": torch.tensor(losses), "norm": torch.tensor(norms)}, root / f"losses_{tag}.safetensors")
+    _check_nan_on_one_rank_skips_everywhere(args, rank)
     teardown()
+
+
+def _check_nan_on_one_rank_skips_everywhere(args: ModelArgs, rank: int) -> None:
+    """A NaN in rank 1's local gradient (before the reduce-scatter) makes every rank skip the step."""
+    from vlr_runtime.parallel import forward_backward
+    from vlr_runtime.parallel.optimizer import step_if_finite, wrap_ddp_and_optimizer
+
+    model = build(args)
+    ddp, optimizer = wrap_ddp_and_optimizer(model, lr=1e-3, distributed_optimizer=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    forward_backward(ddp, global_batch(args, MICROBATCHES)[rank::2])
+    if rank == 1:
+        model.head.weight.main_grad[0, 0] = float("nan")
+    ddp.finish_grad_sync()
+    stepped, grad_norm = step_if_finite(optimizer)
+    assert not stepped and math.isnan(grad_norm), (rank, stepped, grad_norm)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 @pytest.mark.slow

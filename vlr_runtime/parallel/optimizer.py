@@ -7,7 +7,7 @@ One training step with the pair returned by :func:`wrap_ddp_and_optimizer`::
     ddp.zero_grad_buffer(); optimizer.zero_grad()
     results = forward_backward(ddp, microbatches)     # grads accumulate into the DDP buffer (param.main_grad)
     ddp.finish_grad_sync()                            # all-reduce, or reduce-scatter with the distributed optimizer
-    ok, grad_norm, _ = optimizer.step()               # clip, AdamW, (all-gather the updated parameters)
+    stepped, grad_norm = step_if_finite(optimizer)    # clip, AdamW, (all-gather the updated parameters)
 
 Each DP rank averages its own microbatches (``forward_backward`` scales by ``1/len(microbatches)``) and DDP
 averages over the DP ranks, so with the same number of microbatches per rank the update is that of the mean over
@@ -15,6 +15,8 @@ the global batch. On the CPU this path runs through :mod:`vlr_runtime.parallel.c
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -90,3 +92,19 @@ def wrap_ddp_and_optimizer(
         group["lr"] = lr * group.get("lr_mult", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
     return (ddps if isinstance(model, (list, tuple)) else ddps[0]), optimizer
+
+
+def step_if_finite(optimizer: MegatronOptimizer) -> tuple[bool, float]:
+    """Clip and step only when the global gradient norm is finite: ``(stepped, grad_norm)``.
+
+    The norm is all-reduced by megatron over every rank holding part of the gradients (TP, PP and, with the
+    distributed optimizer, DP shards; without it DP replicas hold identical reduced gradients), so a NaN/Inf
+    gradient on any rank makes every rank skip the same step. megatron's own ``step()`` would apply it.
+    """
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    # step() prepares and norms the unchanged gradients again: a local copy and one scalar all-reduce.
+    stepped, grad_norm, _ = optimizer.step()
+    return bool(stepped), float(grad_norm)
