@@ -12,6 +12,10 @@ One training step with the pair returned by :func:`wrap_ddp_and_optimizer`::
 Each DP rank averages its own microbatches (``forward_backward`` scales by ``1/len(microbatches)``) and DDP
 averages over the DP ranks, so with the same number of microbatches per rank the update is that of the mean over
 the global batch. On the CPU this path runs through :mod:`vlr_runtime.parallel.compat` (items 3-4).
+
+The gradient reduction runs after the backward passes, not overlapped with them: megatron's overlapped buckets
+launch when every parameter's gradient hook has fired, and a microbatch without images gives the vision merger no
+gradient at all, so its bucket would never be ready.
 """
 
 from __future__ import annotations
