@@ -47,7 +47,9 @@ def parallel_config(tp: int, dtype: torch.dtype, sequence_parallel: bool = False
 def training_config(args, tp: int, pp: int, dtype: torch.dtype, vpp: int | None = None) -> TransformerConfig:
     """The config megatron's DDP and pipeline schedules read from the model (``model.config``): sizes of the decoder
     (``args: TextArgs``), parallel sizes, dtypes, and unbatched pipeline p2p (see
-    :mod:`vlr_runtime.parallel.pipeline` for why). The layers themselves are built with :func:`parallel_config`."""
+    :mod:`vlr_runtime.parallel.pipeline` for why). The layers themselves are built with :func:`parallel_config`.
+    ``sequence_parallel`` stays off here even when the layers use it: the schedules are given per-rank token counts
+    already, and the sequence-parallel norm gradients are reduced inside autograd (see :class:`RMSNorm`)."""
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
