@@ -45,6 +45,9 @@ class ModelConfig:
     """Parameter/compute dtype. ``auto``: bfloat16 on CUDA, float32 on CPU."""
     freeze: list[str] = field(default_factory=list)
     """Module groups whose parameters are frozen (not in the optimizer): any of vision, merger, llm, head."""
+    recompute: list[str] = field(default_factory=list)
+    """Activation recomputation (checkpointing) per module group: any of ``llm`` (every decoder layer), ``vision``
+    (every vision block). Results are unchanged; activation memory drops for one extra forward of those layers."""
     kernel_backend: str = "auto"
     """Default backend of every vlr_kernels op (``auto``, ``triton``, ``cuda``, ``torch``); see vlr_kernels._backend."""
 
@@ -87,7 +90,17 @@ class ParallelConfig:
     tp: int = 2
     """Tensor-parallel size (megatron-core). Data parallelism spans world_size / (tp * pp) ranks."""
     pp: int = 1
-    """Pipeline-parallel size."""
+    """Pipeline-parallel size: the decoder layers are split over ``pp`` stages (vision tower on the first, head and
+    loss on the last), run with megatron-core's 1F1B schedule over the step's micro-batches."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (TP > 1): the decoder's residual stream and norms hold ``T/tp`` tokens per rank."""
+    distributed_optimizer: bool = False
+    """Use megatron-core's DDP (contiguous gradient buffers) and distributed optimizer (gradient reduce-scatter,
+    Adam state and fp32 main parameters sharded over DP, parameter all-gather). False: torch AdamW with fp32 masters
+    and one flat DP all-reduce (the only path that writes resumable checkpoints so far)."""
+    timeout_s: int = 1800
+    """Timeout of every collective (``init_process_group(timeout=...)``): a rank that hangs longer ends the job
+    with an error naming the collective instead of blocking forever."""
 
 
 @dataclass(kw_only=True)
@@ -122,6 +135,8 @@ class TrainConfig:
     """Use the per-pair ``margin`` of the data in the loss ``-log sigmoid(r_c - r_r - margin)``."""
     center_coef: float = 0.0
     """Reward-centering coefficient ``c`` of the loss term ``c * mean(r**2)``."""
+    spike_factor: float = 5.0
+    """Log a warning when a step's loss exceeds this multiple of the median of the last 50 steps' losses (0: off)."""
     eval_interval: int = 250
     """Evaluate on the held-out split every this many optimizer steps (and at the end); 0: only at the end."""
 
@@ -161,6 +176,14 @@ class Config:
         checks = [
             ("parallel.tp", self.parallel.tp >= 1, "must be >= 1"),
             ("parallel.pp", self.parallel.pp >= 1, "must be >= 1"),
+            ("parallel.timeout_s", self.parallel.timeout_s >= 1, "must be >= 1"),
+            ("parallel.sequence_parallel", not self.parallel.sequence_parallel or self.parallel.tp > 1,
+             "needs parallel.tp > 1"),
+            ("train.spike_factor", self.train.spike_factor == 0 or self.train.spike_factor > 1,
+             "must be 0 (off) or > 1"),
+            ("checkpoint.interval", not (self.checkpoint.interval and self.parallel.distributed_optimizer),
+             ("resumable checkpoints of the distributed optimizer are not implemented; use "
+             "parallel.distributed_optimizer false")),
             ("optim.lr", self.optim.lr > 0, "must be > 0"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
@@ -187,6 +210,9 @@ class Config:
         bad = [g for g in self.model.freeze if g not in FREEZE_GROUPS]
         if bad:
             raise ConfigError(f"model.freeze: unknown group(s) {bad}; valid groups are {list(FREEZE_GROUPS)}")
+        bad = [g for g in self.model.recompute if g not in ("llm", "vision")]
+        if bad:
+            raise ConfigError(f"model.recompute: unknown group(s) {bad}; valid groups are ['llm', 'vision']")
         if set(self.model.freeze) == set(FREEZE_GROUPS):
             raise ConfigError("model.freeze: every group is frozen, nothing would be trained")
         if self.data.eval and not self.data.train:

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vlr_runtime.model import RewardModel
+from vlr_runtime.parallel import forward_backward
 from vlr_runtime.training.data import EvalSet
 
 
@@ -24,7 +25,8 @@ def evaluate(model: RewardModel, sets: list[EvalSet], *, device: torch.device, d
 
     Returns for the set named ``eval``: ``accuracy``, ``loss``, ``margin``, ``pairs``, ``accuracy_image`` /
     ``accuracy_text`` (when it holds such pairs) and ``accuracy_by_category`` (rows with a ``category``);
-    for any other set ``s``: ``accuracy_<s>``. Collective over the DP group (same sets on every rank).
+    for any other set ``s``: ``accuracy_<s>``. Collective over the DP group (same sets on every rank) and, with
+    pipeline stages, over the pipeline (every stage runs every batch; the last stage's rewards are broadcast).
     """
     out: dict = {}
     for es in sets:
@@ -34,7 +36,7 @@ def evaluate(model: RewardModel, sets: list[EvalSet], *, device: torch.device, d
         acc = torch.zeros(8 + 2 * len(categories), dtype=torch.float64)
         for b in range(dp_rank, len(es.batches), dp):
             batch, has_image, cats = es.batches[b]
-            rewards = model.rewards(batch.to(device)).float().cpu()
+            rewards = forward_backward(model, [batch.to(device)], forward_only=True)[0].rewards.float().cpu()
             margin = rewards[batch.pair_index[:, 0]] - rewards[batch.pair_index[:, 1]]
             correct = margin > 0
             acc[:8] += torch.tensor([

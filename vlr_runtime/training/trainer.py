@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import statistics
 import time
+from collections import deque
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core.optimizer import MegatronOptimizer
 
 from vlr_runtime.checkpoint.hf import VALUE_HEAD_FILE, export_hf_checkpoint, load_hf_checkpoint
 from vlr_runtime.checkpoint.manager import CheckpointManager, capture_rng_state, restore_rng_state
@@ -27,8 +32,7 @@ from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.data.validate import format_report
 from vlr_runtime.data.validate import validate as validate_data
 from vlr_runtime.model import ModelArgs, RewardModel, build_reward_model
-from vlr_runtime.model.hf_names import hf_param_specs
-from vlr_runtime.parallel import ParallelContext, setup_distributed
+from vlr_runtime.parallel import ParallelContext, forward_backward, setup_distributed, wrap_ddp_and_optimizer
 from vlr_runtime.training.data import CachedPreprocessor, load_eval_set, resolve_sources
 from vlr_runtime.training.evaluate import evaluate
 from vlr_runtime.training.metrics import MetricsLog
@@ -56,20 +60,35 @@ def _shared_run_dir(requested: str, ctx: ParallelContext) -> Path:
     return Path(name[0])
 
 
-def mark_tensor_parallel_params(model: RewardModel) -> None:
-    """Set megatron's ``tensor_model_parallel`` flag on every parameter that holds a TP slice (the model builds its
-    megatron layers with ``perform_initialization=False``, which leaves the flag unset on weights), so that the
-    gradient norm counts shards on every rank and replicated parameters once. A parameter is a slice when its
-    length along the split dimension of the HF mapping table is ``1/tp`` of the full tensors'."""
-    params = dict(model.named_parameters())
-    for spec in hf_param_specs(model.args):
-        if spec.split_dim is None:
-            continue
-        full = sum(part.length if part.length is not None else part.shape[spec.split_dim] for part in spec.parts)
-        p = params[spec.param]
-        sharded = model.tp > 1 and p.shape[spec.split_dim] * model.tp == full
-        p.tensor_model_parallel = sharded
-        p.partition_dim = spec.split_dim
+def _nan_injection() -> tuple[int, int] | None:
+    """Fault-injection hook for tests: ``VLR_INJECT_NAN=RANK:STEP`` makes global rank RANK's loss NaN at optimizer
+    step STEP (a last-stage rank when pp > 1: only those compute the loss)."""
+    spec = os.environ.get("VLR_INJECT_NAN", "")
+    if not spec:
+        return None
+    try:
+        rank, step = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ConfigError(f"VLR_INJECT_NAN={spec!r}: expected RANK:STEP") from None
+    return rank, step
+
+
+@contextmanager
+def _weighted_loss(model: RewardModel, weights: dict[int, float]):
+    """Within the block, ``model.loss`` (which :func:`forward_backward` calls on the last stage) returns the loss
+    of micro-batch ``b`` times ``weights[id(b)]``, so micro-batches holding different numbers of pairs weigh by
+    their pairs although the schedule averages micro-batches with equal weights."""
+    inner = model.loss
+
+    def loss(batch: PackedBatch, center_coef: float = 0.0, hidden_in: torch.Tensor | None = None):
+        value, rewards, accuracy = inner(batch, center_coef, hidden_in)
+        return value * weights[id(batch)], rewards, accuracy
+
+    model.loss = loss
+    try:
+        yield
+    finally:
+        del model.loss
 
 
 def _has_weights(model_dir: Path) -> bool:
@@ -84,9 +103,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        if cfg.parallel.pp != 1:
-            raise ConfigError(f"parallel.pp={cfg.parallel.pp}: the reward model has no pipeline stages yet; use pp=1")
-        self.ctx = ctx = setup_distributed(cfg.parallel.tp, cfg.parallel.pp)
+        self.ctx = ctx = setup_distributed(cfg.parallel.tp, cfg.parallel.pp, timeout_s=cfg.parallel.timeout_s)
         torch.manual_seed(cfg.train.seed)
         if cfg.model.kernel_backend != "auto":
             from vlr_kernels import set_default_backend
@@ -102,15 +119,25 @@ class Trainer:
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                       "auto": torch.bfloat16 if ctx.device.type == "cuda" else torch.float32}[cfg.model.dtype]
         self.args = ModelArgs.from_hf_config(self.model_dir)
+        build = {"dtype": self.dtype, "device": ctx.device, "sequence_parallel": cfg.parallel.sequence_parallel}
         if _has_weights(self.model_dir):
-            self.model = build_reward_model(self.args, dtype=self.dtype, device=ctx.device, seed=None)
+            self.model = build_reward_model(self.args, seed=None, **build)
             load_hf_checkpoint(self.model, self.model_dir, head_seed=cfg.train.seed)
         else:
             log.info("%s holds no weights: random init with seed %d", self.model_dir, cfg.train.seed)
-            self.model = build_reward_model(self.args, dtype=self.dtype, device=ctx.device, seed=cfg.train.seed)
-        mark_tensor_parallel_params(self.model)
+            self.model = build_reward_model(self.args, seed=cfg.train.seed, **build)
+        self.model.set_recompute(llm="llm" in cfg.model.recompute, vision="vision" in cfg.model.recompute)
         self.trainable = freeze_groups(self.model.param_groups(), cfg.model.freeze)
-        self.optimizer = MasterAdamW(self.trainable, cfg.optim)
+        self.optimizer: MasterAdamW | MegatronOptimizer
+        if cfg.parallel.distributed_optimizer:
+            o = cfg.optim
+            self.ddp, self.optimizer = wrap_ddp_and_optimizer(
+                self.model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
+                clip_grad=o.grad_clip, distributed_optimizer=True)
+        else:
+            self.ddp, self.optimizer = None, MasterAdamW(self.trainable, cfg.optim)
+        self.fault = _nan_injection()
+        self.recent_losses: deque[float] = deque(maxlen=50)
 
         self.preprocessor = Preprocessor(self.model_dir, max_length=cfg.data.max_length)
         cache = cfg.data.cache_prepared == "always" or (cfg.data.cache_prepared == "auto" and not cfg.data.train)
@@ -136,7 +163,8 @@ class Trainer:
         self.metrics.message(
             f"vlr_runtime.train: {self.loader.num_rows} training rows, {self.total_steps} steps of "
             f"{cfg.train.pairs_per_step} pairs, "
-            f"tp={ctx.tp} dp={ctx.dp} on {ctx.device} ({ctx.backend}), {self.dtype}, "
+            f"tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}{' (megatron distributed optimizer)' if self.ddp else ''} "
+            f"on {ctx.device} ({ctx.backend}), {self.dtype}, "
             f"{sum(p.numel() for p in self.trainable)} trainable parameters on this rank, run dir {self.run_dir}")
         for es in self.eval_sets:
             if es.dropped:
@@ -164,42 +192,91 @@ class Trainer:
     def compute_gradients(self, batches: list[tuple[PackedBatch, int]], global_pairs: int) -> dict:
         """Forward + backward over this rank's micro-batches ``(batch, pairs in it)`` of a step holding
         ``global_pairs`` pairs over all DP ranks, so that the gradient is that of the mean loss over the step's
-        pairs; gradients averaged over DP. Returns the step's statistics reduced over DP and the global gradient
-        norm (identical on every rank). Collective: every rank must call it once per step."""
+        pairs (whatever the micro-batch sizes, TP/PP/DP layout); gradients reduced over DP. Returns the step's
+        statistics reduced over DP and the global gradient norm (identical on every rank; ``None`` with the megatron
+        optimizer, which computes it in its step). Raises :class:`TrainingDiverged` on every rank, before any
+        optimizer touches anything, when a loss or a gradient is not finite on any rank. Collective: every rank
+        must call it once per step."""
         ctx = self.ctx
-        # [loss_sum, correct, pairs, margin_sum, chosen_sum, rejected_sum, tokens, images]
-        stats = torch.zeros(8, dtype=torch.float64)
+        self._zero_grad()
+        microbatches, weights = [], {}
         for batch, pairs in batches:
             if not self.cfg.train.use_margin:
                 batch.margin = None
             batch = batch.to(ctx.device)
-            loss, rewards, _ = self.model.loss(batch, center_coef=self.cfg.train.center_coef)
-            # The DP average of the gradients divides by dp; each rank's share of the step's mean multiplies it back.
-            (loss * (pairs * ctx.dp / global_pairs)).backward()
-            with torch.no_grad():
-                chosen = rewards[batch.pair_index[:, 0]].double().cpu()
-                rejected = rewards[batch.pair_index[:, 1]].double().cpu()
-                stats += torch.tensor([float(loss) * pairs, (chosen > rejected).sum(), chosen.numel(),
-                                       (chosen - rejected).sum(), chosen.sum(), rejected.sum(),
+            # forward_backward averages over this rank's micro-batches and DP over the ranks; this factor turns
+            # both into the mean over the step's pairs.
+            weights[id(batch)] = len(batches) * ctx.dp * pairs / global_pairs
+            microbatches.append((batch, pairs))
+        if self.fault == (ctx.rank, self.step + 1):
+            weights = dict.fromkeys(weights, math.nan)
+        # [loss_sum, correct, pairs, margin_sum, chosen_sum, rejected_sum, tokens, images]
+        stats = torch.zeros(8, dtype=torch.float64)
+        if microbatches:  # every stage of a pipeline holds the same batches, so all of them skip together
+            with _weighted_loss(self.model, weights):
+                results = forward_backward(self.ddp or self.model, [b for b, _ in microbatches],
+                                           center_coef=self.cfg.train.center_coef)
+            for (batch, pairs), res in zip(microbatches, results):
+                rewards = res.rewards.double().cpu()
+                chosen, rejected = rewards[batch.pair_index[:, 0].cpu()], rewards[batch.pair_index[:, 1].cpu()]
+                stats += torch.tensor([float(res.loss) / weights[id(batch)] * pairs, (chosen > rejected).sum(),
+                                       chosen.numel(), (chosen - rejected).sum(), chosen.sum(), rejected.sum(),
                                        batch.num_tokens, batch.num_images], dtype=torch.float64)
-        average_dp_gradients(self.trainable, ctx.dp, ctx.dp_group)
-        from megatron.core import parallel_state
+        self._stop_if_not_finite(stats[0], [b for b, _ in microbatches])
+        if self.ddp is not None:
+            self.ddp.finish_grad_sync()
+            grad_norm = None
+        else:
+            from megatron.core import parallel_state
 
-        grad_norm = global_grad_norm(self.trainable, ctx.tp_rank, parallel_state.get_model_parallel_group())
+            average_dp_gradients(self.trainable, ctx.dp, ctx.dp_group)
+            grad_norm = global_grad_norm(self.trainable, ctx.tp_rank, parallel_state.get_model_parallel_group())
         if ctx.dp > 1:
             stats = stats.to(ctx.device)
             dist.all_reduce(stats, group=ctx.dp_group)
             stats = stats.cpu()
         loss_sum, correct, pairs, margin, chosen_sum, rejected_sum, tokens, images = stats.tolist()
-        # tokens/images are counted once per DP replica: TP peers process the same batch.
+        # tokens/images are counted once per DP replica: TP peers and pipeline stages process the same batch.
         return {"loss": loss_sum / pairs, "accuracy": correct / pairs, "margin": margin / pairs,
                 "chosen_reward": chosen_sum / pairs, "rejected_reward": rejected_sum / pairs,
                 "grad_norm": grad_norm, "pairs": int(pairs), "tokens": tokens, "images": images}
 
+    def _zero_grad(self) -> None:
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _stop_if_not_finite(self, loss_sum: torch.Tensor, batches: list[PackedBatch]) -> None:
+        """Check this rank's loss and (not yet reduced) gradients; if any rank found a NaN/Inf, every rank raises
+        :class:`TrainingDiverged` naming the ranks, the step and the offending ranks' batch ids. One tiny all-gather
+        over the world per step; the ids are exchanged only on failure."""
+        grads = [getattr(p, "main_grad", None) if self.ddp is not None else p.grad for p in self.trainable]
+        grads = [g for g in grads if g is not None]
+        grad_sum = torch.stack([g.detach().float().sum() for g in grads]).sum() if grads else torch.zeros(())
+        mine = torch.tensor([not math.isfinite(float(loss_sum)), not math.isfinite(float(grad_sum))],
+                            dtype=torch.float32, device=self.ctx.device)
+        flags = [mine]
+        if self.ctx.world_size > 1:
+            flags = [torch.empty_like(mine) for _ in range(self.ctx.world_size)]
+            dist.all_gather(flags, mine)
+        bad_loss = [r for r, f in enumerate(flags) if f[0]]
+        bad_grad = [r for r, f in enumerate(flags) if f[1]]
+        if not bad_loss and not bad_grad:
+            return
+        ids = [[sid for b in batches for sid in b.sample_ids]]
+        if self.ctx.world_size > 1:
+            ids = [None] * self.ctx.world_size
+            dist.all_gather_object(ids, [sid for b in batches for sid in b.sample_ids])
+        self._zero_grad()
+        first = (bad_loss or bad_grad)[0]
+        raise TrainingDiverged(
+            f"step {self.step + 1}: non-finite loss on rank(s) {bad_loss}, non-finite gradients on rank(s) "
+            f"{bad_grad}; batch ids on rank {first}: {ids[first]}; stopped on every rank before the optimizer step "
+            "(parameters are those of the previous step)")
+
     def _train_step(self) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(self.step + 1, self.total_steps, self.cfg.optim)
-        self.optimizer.set_lr(lr)
         step_batch = next(self._batches)
         if step_batch.global_pairs == 0:
             raise RuntimeError(f"step {self.step + 1}: no usable pair in the step's rows "
@@ -208,19 +285,31 @@ class Trainer:
             [(mb, n) for mb, n in zip(step_batch.microbatches, step_batch.pairs) if mb is not None],
             step_batch.global_pairs)
         tokens, images = stats.pop("tokens"), stats.pop("images")
-        row = {"step": self.step + 1, **stats, "lr": lr}
-        if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
-            self.optimizer.zero_grad()
-            self.metrics.write(row)
-            raise TrainingDiverged(f"step {row['step']}: loss={row['loss']} grad_norm={row['grad_norm']}; stopped "
-                                   "before the optimizer step (parameters are those of the previous step)")
-        clip_gradients(self.trainable, row["grad_norm"], self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        if self.ddp is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_mult", 1.0)
+            _, stats["grad_norm"], _ = self.optimizer.step()  # clips to optim.grad_clip inside
+        else:
+            self.optimizer.set_lr(lr)
+            clip_gradients(self.trainable, stats["grad_norm"], self.cfg.optim.grad_clip)
+            self.optimizer.step()
+        self._zero_grad()
         self.step += 1
+        row = {"step": self.step, **stats, "lr": lr}
+        self._check_spike(row["loss"])
         elapsed = time.perf_counter() - t0
         row.update(tokens_per_s=tokens / elapsed, images_per_s=images / elapsed, step_time_s=elapsed)
         return row
+
+    def _check_spike(self, loss: float) -> None:
+        """Warn (rank 0's log) when ``loss`` exceeds ``train.spike_factor`` x the median of the recent losses."""
+        factor = self.cfg.train.spike_factor
+        if factor and len(self.recent_losses) >= 5:
+            median = statistics.median(self.recent_losses)
+            if median > 0 and loss > factor * median:
+                self.metrics.message(f"loss spike at step {self.step}: {loss:.4g} > {factor:g} x median "
+                                     f"{median:.4g} of the last {len(self.recent_losses)} steps")
+        self.recent_losses.append(loss)
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:

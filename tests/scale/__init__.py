@@ -1,0 +1,1 @@
+"""Scale tests: parallel layouts, faults and resharding of the trainer (gloo, tiny model)."""
