@@ -155,6 +155,8 @@ class LogConfig:
     """Show a progress bar on rank 0."""
     print_eval: bool = True
     """Print each evaluation's accuracies on rank 0."""
+    wandb: bool = False
+    """Also log every metrics line to Weights & Biases (needs the ``wandb`` package; its own env/login settings)."""
 
 
 @dataclass(kw_only=True)

@@ -75,6 +75,11 @@ def test_layouts_match_single_process(tmp_path):
     for name in LAYOUTS:
         train, evals = metrics(tmp_path / name)
         assert [r["step"] for r in train] == list(range(1, STEPS + 1)), name
+        assert all(r["data_wait_s"] >= 0 and r["peak_mem_gb"] > 0 for r in train), name
+        # 1F1B over m micro-batches: (pp - 1) / (m + pp - 1) of the step idle; absent without a pipeline
+        assert all(("pipeline_bubble" in r) == ("pp2" in name) for r in train), name
+        assert all(0 < r["pipeline_bubble"] < 1 for r in train if "pp2" in name), name
+        assert any((tmp_path / name / "tensorboard").iterdir()), name
         for got, ref in zip(train, ref_train):
             for key in ("loss", "grad_norm", "chosen_reward", "rejected_reward"):
                 assert rel(got[key], ref[key]) <= 1e-5, (name, got["step"], key, got[key], ref[key])

@@ -1,17 +1,21 @@
 """The training loop of a reward model: config in, metrics/checkpoints/export out.
 
 Order of one optimizer step (every rank runs the same collectives in the same order): the loader's step (this DP
-rank's share of ``train.pairs_per_step`` pairs, in token-budget micro-batches) -> per micro-batch
-``RewardModel.loss`` -> backward (gradients accumulate) -> average gradients over DP ->
-global gradient norm (TP/PP shards counted once) -> all-reduce the step's statistics over DP -> stop on every rank
-if the loss or the norm is not finite (before the optimizer touches anything) -> clip -> AdamW -> metrics line.
+rank's share of ``train.pairs_per_step`` pairs, in token-budget micro-batches) -> :func:`forward_backward` over the
+micro-batches (pp > 1: megatron's 1F1B schedule; each micro-batch's loss weighted by its share of the step's pairs)
+-> every rank checks its loss and local gradients, all stop if any rank found NaN/Inf (before the optimizer touches
+anything) -> gradients reduced over DP (flat all-reduce, or megatron DDP's reduce-scatter with
+``parallel.distributed_optimizer``) -> global gradient norm (TP/PP shards counted once), clip, AdamW -> statistics
+reduced over DP -> metrics line (JSONL, TensorBoard, optionally W&B).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import resource
 import statistics
 import time
 from collections import deque
@@ -25,12 +29,13 @@ from megatron.core.optimizer import MegatronOptimizer
 
 from vlr_runtime.checkpoint.hf import VALUE_HEAD_FILE, export_hf_checkpoint, load_hf_checkpoint
 from vlr_runtime.checkpoint.manager import CheckpointManager, capture_rng_state, restore_rng_state
-from vlr_runtime.config import Config, ConfigError, dump_config
+from vlr_runtime.config import Config, ConfigError, dump_config, to_dict
 from vlr_runtime.data.collate import Preprocessor
 from vlr_runtime.data.loader import LoaderConfig, PairLoader
 from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.data.validate import format_report
 from vlr_runtime.data.validate import validate as validate_data
+from vlr_runtime.flops import mfu, peak_flops_for, training_step_flops
 from vlr_runtime.model import ModelArgs, RewardModel, build_reward_model
 from vlr_runtime.parallel import ParallelContext, forward_backward, setup_distributed, wrap_ddp_and_optimizer
 from vlr_runtime.training.data import CachedPreprocessor, load_eval_set, resolve_sources
@@ -159,7 +164,11 @@ class Trainer:
         self._resume()
         self._batches = iter(self.loader)  # a generator: it reads the (resumed) loader position at its first step
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=ctx.rank == 0,
-                                  total_steps=self.total_steps, first_step=self.step, progress=cfg.log.progress)
+                                  total_steps=self.total_steps, first_step=self.step, progress=cfg.log.progress,
+                                  wandb_config=to_dict(cfg) if cfg.log.wandb else None)
+        self.hf_config = json.loads((self.model_dir / "config.json").read_text())
+        self.peak_flops = peak_flops_for(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" \
+            else None
         self.metrics.message(
             f"vlr_runtime.train: {self.loader.num_rows} training rows, {self.total_steps} steps of "
             f"{cfg.train.pairs_per_step} pairs, "
@@ -278,6 +287,7 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(self.step + 1, self.total_steps, self.cfg.optim)
         step_batch = next(self._batches)
+        data_wait = time.perf_counter() - t0
         if step_batch.global_pairs == 0:
             raise RuntimeError(f"step {self.step + 1}: no usable pair in the step's rows "
                                f"(rejected: {step_batch.rejected_global[:5]})")
@@ -298,8 +308,40 @@ class Trainer:
         row = {"step": self.step, **stats, "lr": lr}
         self._check_spike(row["loss"])
         elapsed = time.perf_counter() - t0
-        row.update(tokens_per_s=tokens / elapsed, images_per_s=images / elapsed, step_time_s=elapsed)
+        row.update(tokens_per_s=tokens / elapsed, images_per_s=images / elapsed, step_time_s=elapsed,
+                   **self._scale_metrics([mb for mb in step_batch.microbatches if mb is not None], elapsed,
+                                         data_wait))
         return row
+
+    def _scale_metrics(self, microbatches: list[PackedBatch], elapsed: float, data_wait: float) -> dict:
+        """``data_wait_s`` (waiting for the loader), ``peak_mem_gb`` (CUDA: peak allocated by torch on this device;
+        CPU: this process's peak RSS), ``pipeline_bubble`` (pp > 1: the 1F1B schedule's idle fraction
+        ``(pp - 1) / (m * vpp + pp - 1)`` for ``m`` micro-batches, from the schedule, not timed) and, on a device
+        with a known peak, ``mfu_llm`` / ``mfu_vision``: the model FLOPs (:mod:`vlr_runtime.flops`) of THIS rank's
+        DP replica over the peak of the ``tp * pp`` devices holding it (rank 0's replica is the one logged)."""
+        ctx = self.ctx
+        out = {"data_wait_s": data_wait}
+        if ctx.device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+        else:
+            out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+        if ctx.pp > 1:
+            m = len(microbatches)
+            out["pipeline_bubble"] = (ctx.pp - 1) / (m * ctx.vpp + ctx.pp - 1)
+        if self.peak_flops:
+            freeze = self.cfg.model.freeze
+            llm = vision = 0.0
+            for mb in microbatches:
+                grids = [] if mb.image_grid_thw is None else mb.image_grid_thw.tolist()
+                f = training_step_flops(self.hf_config, mb.cu_seqlens.diff().tolist(), grids,
+                                        vision_trained="vision" not in freeze, merger_trained="merger" not in freeze,
+                                        num_scored=mb.scored_index.numel())
+                llm += f.llm + f.head
+                vision += f.vision + f.merger
+            devices = ctx.tp * ctx.pp
+            out.update(mfu_llm=mfu(llm, elapsed, self.peak_flops, devices),
+                       mfu_vision=mfu(vision, elapsed, self.peak_flops, devices))
+        return out
 
     def _check_spike(self, loss: float) -> None:
         """Warn (rank 0's log) when ``loss`` exceeds ``train.spike_factor`` x the median of the recent losses."""
