@@ -107,10 +107,15 @@ def setup_distributed(tp: int = 1, pp: int = 1, *, vpp: int = 1, device: str | N
         if not torch.cuda.is_available():
             activate_cpu_compat()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port() if world == 1 else 29500))
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if world == 1 and "MASTER_PORT" not in os.environ:
+            # A lone process needs no rendezvous: an in-memory store cannot lose a race for a free TCP port
+            # against another job starting on the same machine.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     from megatron.core import parallel_state
 
     # new_group is collective over the world: every rank creates every one-rank group and keeps its own.
@@ -153,10 +158,3 @@ def teardown() -> None:
         dist.destroy_process_group()
     _CONTEXT = None
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
