@@ -7,6 +7,7 @@ relative; per parameter tensor see the test)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -27,7 +28,7 @@ LAYOUTS = {  # name: (processes, overrides)
     # also waits for the last stage's tensors, which only its TP rank 0 receives); its parameters are checked
     # through the held-out metrics after step 3, which depend on every one of them.
     "tp2pp2": (4, ["--parallel.tp", "2", "--parallel.pp", "2", "--parallel.sequence_parallel", "true",
-                   "--checkpoint.export", "false"]),
+                   "--checkpoint.export", "false", "--checkpoint.interval", "2"]),
     "dp2_distopt": (2, ["--parallel.tp", "1", "--parallel.distributed_optimizer", "true"]),
 }
 
@@ -102,3 +103,17 @@ def test_layouts_match_single_process(tmp_path):
         for key, ref in ref_params.items():
             err = float((params[key] - ref).norm() / ref.norm().clamp_min(1e-12))
             assert err <= (2e-3 if "k_proj.bias" in key else 1e-4), (name, key, err)
+
+    # Resharding resume: TP2xPP2's step-2 checkpoint continued at TP=1 finishes step 3 like the uninterrupted run.
+    resumed = tmp_path / "resharded"
+    shutil.copytree(tmp_path / "tp2pp2" / "checkpoints", resumed / "checkpoints")
+    proc = run_layout(tmp_path, "tp1", "--run.dir", str(resumed))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resharded from tp=2 pp=2 to tp=1 pp=1" in proc.stderr
+    (row,), evals = metrics(resumed)
+    assert row["step"] == 3 and rel(row["loss"], ref_train[2]["loss"]) <= 1e-5, (row, ref_train[2])
+    assert rel(row["grad_norm"], ref_train[2]["grad_norm"]) <= 1e-5, (row, ref_train[2])
+    params = exported(resumed)
+    num = sum(float((params[k] - ref).double().pow(2).sum()) for k, ref in ref_params.items())
+    den = sum(float(ref.double().pow(2).sum()) for ref in ref_params.values())
+    assert (num / den) ** 0.5 <= 1e-5, (num / den) ** 0.5

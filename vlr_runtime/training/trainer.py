@@ -26,9 +26,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core.optimizer import MegatronOptimizer
+from safetensors.torch import load_file
 
 from vlr_runtime.checkpoint.hf import VALUE_HEAD_FILE, export_hf_checkpoint, load_hf_checkpoint
-from vlr_runtime.checkpoint.manager import CheckpointManager, capture_rng_state, restore_rng_state
+from vlr_runtime.checkpoint.manager import (
+    COMPLETE,
+    CheckpointManager,
+    capture_rng_state,
+    latest_complete,
+    restore_rng_state,
+    step_dir,
+)
 from vlr_runtime.config import Config, ConfigError, dump_config, to_dict
 from vlr_runtime.data.collate import Preprocessor
 from vlr_runtime.data.loader import LoaderConfig, PairLoader
@@ -49,6 +57,7 @@ from vlr_runtime.training.optim import (
     global_grad_norm,
     lr_at,
 )
+from vlr_runtime.training.reshard import canonical_tensors, load_canonical
 
 log = logging.getLogger(__name__)
 
@@ -385,19 +394,26 @@ class Trainer:
         tensors.update({f"master.{i}": m for i, m in enumerate(self.optimizer.master_copies())})
         rng_tensors, rng_json = capture_rng_state()
         tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
+        ctx = self.ctx
+        tensors.update(canonical_tensors(self.model, self.optimizer, writer=ctx.tp_rank == 0 and ctx.dp_rank == 0))
+        adam_step = next((int(st["step"]) for st in opt_state["state"].values() if "step" in st), 0)
         state = {"step": self.step, "rng": rng_json, "param_groups": opt_state["param_groups"],
-                 "loader": self.loader.state_dict()}
+                 "loader": self.loader.state_dict(), "dp_rank": ctx.dp_rank, "adam_step": adam_step}
         self.checkpoints.save(self.step, tensors, state,
                               meta={"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp})
 
     def _resume(self) -> None:
-        """Continue from the newest complete checkpoint of the run directory (same world size and layout)."""
-        ckpt = self.checkpoints.load_latest()
-        if ckpt is None:
+        """Continue from the newest complete checkpoint of the run directory: same layout from this rank's own file;
+        another TP/PP layout (same DP size) from the full tensors of every rank's file (:mod:`reshard`)."""
+        step = latest_complete(self.checkpoints.root)
+        if step is None:
             return
-        if (ckpt.meta["tp"], ckpt.meta["pp"]) != (self.ctx.tp, self.ctx.pp):
-            raise ConfigError(f"{ckpt.path} was saved with tp={ckpt.meta['tp']} pp={ckpt.meta['pp']}; this run has "
-                              f"tp={self.ctx.tp} pp={self.ctx.pp} (resharding on resume is not supported yet)")
+        meta = json.loads((step_dir(self.checkpoints.root, step) / COMPLETE).read_text())
+        ctx = self.ctx
+        if (meta["tp"], meta["pp"]) != (ctx.tp, ctx.pp):
+            self._resume_resharded(meta)
+            return
+        ckpt = self.checkpoints.load_latest()
         t = ckpt.tensors
         with torch.no_grad():
             for n, p in self.model.named_parameters():
@@ -415,6 +431,24 @@ class Trainer:
         self.loader.load_state_dict(ckpt.state["loader"])
         self.step = ckpt.step
         log.info("resumed from %s at step %d", ckpt.path, self.step)
+
+    def _resume_resharded(self, meta: dict) -> None:
+        ctx = self.ctx
+        if meta["dp"] != ctx.dp:
+            raise ConfigError(f"the latest checkpoint was saved with dp={meta['dp']}; resharding "
+                              f"changes tp/pp only and this run has dp={ctx.dp} (the data position is per DP rank)")
+        ckpt = self.checkpoints.load_latest(all_ranks=True)
+        # This DP rank's loader position and RNG: those of a saved rank with the same DP rank.
+        source = next(r for r in range(meta["world_size"])
+                      if json.loads((ckpt.path / f"state-rank{r:05d}.json").read_text())["dp_rank"] == ctx.dp_rank)
+        state = json.loads((ckpt.path / f"state-rank{source:05d}.json").read_text())
+        load_canonical(self.model, self.optimizer, ckpt.tensors, state["adam_step"])
+        rng = load_file(str(ckpt.path / f"tensors-rank{source:05d}.safetensors"))
+        restore_rng_state({k[4:]: v for k, v in rng.items() if k.startswith("rng.")}, state["rng"])
+        self.loader.load_state_dict(state["loader"])
+        self.step = ckpt.step
+        log.info("resumed from %s at step %d, resharded from tp=%d pp=%d to tp=%d pp=%d", ckpt.path, self.step,
+                 meta["tp"], meta["pp"], ctx.tp, ctx.pp)
 
     # -------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
