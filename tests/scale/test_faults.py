@@ -1,5 +1,6 @@
 """Faults: a NaN loss injected on ONE data-parallel rank stops every rank before the optimizer step with a message
-naming the rank, the step and the batch ids; a loss spike is logged."""
+naming the rank, the step and the batch ids; a loss spike is logged; a hung rank ends the job after
+``parallel.timeout_s`` (5 s here) instead of blocking it."""
 
 from __future__ import annotations
 
@@ -50,3 +51,15 @@ def test_loss_spike_is_logged():
     fake.cfg.train.spike_factor = 0.0
     Trainer._check_spike(fake, 100.0)
     assert len(logged) == 1
+
+
+@pytest.mark.slow
+def test_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
+    args = run_args(tmp_path, "--run.dir", str(tmp_path / "run"), "--parallel.tp", "1", "--train.max_steps", "3",
+                    "--train.pairs_per_step", "4", "--data.validate", "false", "--checkpoint.export", "false",
+                    "--parallel.timeout_s", "5")
+    env = {**subprocess_env(), "VLR_INJECT_HANG": "1:2"}
+    proc = subprocess.run(torchrun(2) + args, capture_output=True, text=True, timeout=TIMEOUT_S, check=False, env=env)
+    assert proc.returncode != 0
+    # gloo: "[rank0]: RuntimeError: [...] Timed out waiting 5000ms for send operation to complete"
+    assert re.search(r"\[rank0\]: RuntimeError: .*Timed out waiting 5000ms", proc.stderr), proc.stderr[-3000:]

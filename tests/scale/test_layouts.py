@@ -2,7 +2,8 @@
 DP=2 with megatron DDP + the distributed optimizer reproduce the single-process run's per-step losses, gradient
 norms,
 rewards, held-out metrics and (whole-model) exported parameters after 3 clipped AdamW steps (fp32, <= 1e-5
-relative; per parameter tensor see the test)."""
+relative; per parameter tensor see the test); TP2xPP2's step-2 checkpoint resumed at TP=1 (resharding) finishes
+like the single-process run."""
 
 from __future__ import annotations
 

@@ -74,16 +74,17 @@ def _shared_run_dir(requested: str, ctx: ParallelContext) -> Path:
     return Path(name[0])
 
 
-def _nan_injection() -> tuple[int, int] | None:
-    """Fault-injection hook for tests: ``VLR_INJECT_NAN=RANK:STEP`` makes global rank RANK's loss NaN at optimizer
-    step STEP (a last-stage rank when pp > 1: only those compute the loss)."""
-    spec = os.environ.get("VLR_INJECT_NAN", "")
+def _fault_injection(name: str) -> tuple[int, int] | None:
+    """Fault-injection hooks for tests, ``NAME=RANK:STEP``: ``VLR_INJECT_NAN`` makes global rank RANK's loss NaN at
+    optimizer step STEP (a last-stage rank when pp > 1: only those compute the loss); ``VLR_INJECT_HANG`` makes that
+    rank sleep for an hour at the start of that step (a hung rank)."""
+    spec = os.environ.get(name, "")
     if not spec:
         return None
     try:
         rank, step = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise ConfigError(f"VLR_INJECT_NAN={spec!r}: expected RANK:STEP") from None
+        raise ConfigError(f"{name}={spec!r}: expected RANK:STEP") from None
     return rank, step
 
 
@@ -150,7 +151,8 @@ class Trainer:
                 clip_grad=o.grad_clip, distributed_optimizer=True)
         else:
             self.ddp, self.optimizer = None, MasterAdamW(self.trainable, cfg.optim)
-        self.fault = _nan_injection()
+        self.fault = _fault_injection("VLR_INJECT_NAN")
+        self.hang = _fault_injection("VLR_INJECT_HANG")
         self.recent_losses: deque[float] = deque(maxlen=50)
 
         self.preprocessor = Preprocessor(self.model_dir, max_length=cfg.data.max_length)
@@ -293,6 +295,8 @@ class Trainer:
             "(parameters are those of the previous step)")
 
     def _train_step(self) -> dict:
+        if self.hang == (self.ctx.rank, self.step + 1):
+            time.sleep(3600)
         t0 = time.perf_counter()
         lr = lr_at(self.step + 1, self.total_steps, self.cfg.optim)
         step_batch = next(self._batches)
