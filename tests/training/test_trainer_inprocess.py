@@ -102,3 +102,24 @@ def test_shared_prompt_layout_trains_like_the_plain_one(tmp_path, single_process
     for n, g in plain_grads.items():
         # a different attention layout sums in a different order: fp32 noise, not the 1e-5 of equal layouts
         assert float((shared_grads[n] - g).norm() / g.norm().clamp_min(1e-30)) <= 1e-4, n
+
+
+def test_export_hf_of_the_latest_checkpoint_without_training(tmp_path, single_process):
+    from safetensors.torch import load_file
+
+    from vlr_runtime.parallel import teardown
+    from vlr_runtime.train import main
+
+    run = tmp_path / "run"
+    common = ("--checkpoint.interval", "2", "--train.max_steps", "2")
+    _trainer(tmp_path, "--run.dir", str(run), *common).train()  # exports its final (= step-2) model to run/export
+    teardown()
+    assert main(["--export-hf", str(tmp_path / "out"), "--run.dir", str(run), "--log.progress", "false",
+                 "--data.validate", "false"]) == 0
+    for name in ("model.safetensors", "value_head.safetensors"):
+        got, ref = load_file(str(tmp_path / "out" / name)), load_file(str(run / "export" / name))
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), name
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if "split" not in x] == [1, 2]  # no training step was added
+    assert main(["--export-hf", str(tmp_path / "out2"), "--run.dir", str(tmp_path / "empty"),
+                 "--parallel.tp", "1"] + run_args(tmp_path)) == 2  # no checkpoint there: a clear config error
