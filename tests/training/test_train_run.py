@@ -111,7 +111,7 @@ def test_data_parallel_run_on_user_files_with_a_bad_row(tmp_path):
     proc = subprocess.run(torchrun(2) + args, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
                           env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "tp=1 dp=2" in proc.stdout
+    assert "tp=1 pp=1 dp=2" in proc.stdout
     assert re.search(r"rejected +1 +image_missing", proc.stdout)
     train_lines, evals = _lines(tmp_path / "run")
     assert [r["step"] for r in train_lines] == [1, 2, 3, 4] and all(r["pairs"] <= 8 for r in train_lines)
