@@ -186,6 +186,8 @@ def iter_full_tensors(model: RewardModel, dtype: torch.dtype | None = None) -> I
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     dst = dist.get_global_rank(pp_group, 0)
     rank = dist.get_rank()
+    # Only the TP-rank-0, DP-rank-0 pipeline (whose stage 0 is world rank 0) moves tensors between stages; the
+    # first-stage ranks of the other TP/DP ranks' pipelines must not wait for sends that never come.
     sender = model.tp_rank == 0 and parallel_state.get_data_parallel_rank() == 0
     dtype = dtype or next(model.parameters()).dtype
     owned = {name for name, _ in model.named_parameters()}
@@ -196,7 +198,7 @@ def iter_full_tensors(model: RewardModel, dtype: torch.dtype | None = None) -> I
                 if rank != dst and sender:
                     dist.send(tensor.to(_comm_device()).contiguous(), dst)
                 yield name, tensor
-        elif rank == dst:
+        elif rank == dst and sender:
             src = dist.get_global_rank(pp_group, _stage_of(spec.param, by_stage))
             for name, shape in _hf_names_of(spec):
                 buf = torch.empty(shape, dtype=dtype, device=_comm_device())
