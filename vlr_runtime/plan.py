@@ -177,6 +177,22 @@ def plan(cfg: Mapping, work: Workload, gpus: int, gpu_mem_gib: float) -> tuple[l
     return ests, best
 
 
+def _hf_config_of_run_config(path: Path) -> Path:
+    """The HF ``config.json`` a runtime YAML config trains: ``model.path``'s, or the built-in tiny model's."""
+    from vlr_runtime.config import ConfigError, parse_args
+
+    try:
+        run_cfg = parse_args(["--config", str(path)])
+    except ConfigError as exc:
+        raise OSError(str(exc)) from exc
+    if run_cfg.model.path:
+        return Path(run_cfg.model.path) / "config.json"
+    from vlr_runtime.data.synthetic import SyntheticSpec, ensure_synthetic
+
+    spec = SyntheticSpec(train_pairs=run_cfg.data.synthetic_train_pairs, eval_pairs=run_cfg.data.synthetic_eval_pairs)
+    return ensure_synthetic(run_cfg.data.cache_dir or None, spec).model_dir / "config.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlr_runtime.plan", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -190,16 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     p.add_argument("--json", action="store_true", help="print every estimate as JSON")
     args = p.parse_args(argv)
-    if args.config is not None:
-        from vlr_runtime.config import hf_config_path_for  # the runtime config owns how model.path resolves
-
-        hf_path = hf_config_path_for(args.config)
-    else:
-        hf_path = args.hf_config
     try:
+        hf_path = _hf_config_of_run_config(args.config) if args.config is not None else args.hf_config
         cfg = json.loads(Path(hf_path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        print(f"plan: cannot read {hf_path}: {exc}", file=sys.stderr)
+        print(f"plan: cannot read the model config of {args.config or args.hf_config}: {exc}", file=sys.stderr)
         return 1
     work = Workload(micro_batch_tokens=args.micro_batch_tokens, micro_batch_patches=args.micro_batch_patches,
                     microbatches=args.microbatches, recompute=args.recompute)

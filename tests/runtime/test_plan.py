@@ -68,3 +68,17 @@ def test_cli_recommends_a_fitting_layout(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "recommended: tp=" in out
     assert main(["--hf-config", str(path), "--gpus", "1", "--gpu-mem", "10"]) == 2
+
+
+def test_cli_reads_the_model_of_a_run_config(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_VL_7B))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model:\n  path: {model}\nparallel:\n  tp: 4\n")
+    assert main(["--config", str(cfg), "--gpus", "16", "--gpu-mem", "80", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {(r["tp"], r["pp"], r["dp"]) for r in rows} >= {(4, 1, 4), (2, 2, 4)}
+    (tmp_path / "bad.yaml").write_text("optim:\n  lrr: 1.0\n")
+    assert main(["--config", str(tmp_path / "bad.yaml"), "--gpus", "8"]) == 1
+    assert "optim.lrr" in capsys.readouterr().err
