@@ -308,14 +308,6 @@ def _varlen_attention_flash_attn(
     )
 
 
-def _resolve(device: torch.device, backend: str | None) -> str:
-    # vlr_kernels._backend treats unknown names as CUDA-only third-party packages; SDPA is part of torch and
-    # runs on any device, so an explicit "sdpa" is accepted here before the shared resolution.
-    if backend == "sdpa":
-        return "sdpa"
-    return resolve_backend("varlen_attention", device, backend, BACKENDS)
-
-
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -352,7 +344,7 @@ def varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, prefix_lens, split_lens
     )
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
-    name = _resolve(q.device, backend)
+    name = resolve_backend("varlen_attention", q.device, backend, BACKENDS)
     shared = dict(prefix_lens=prefix_lens, split_lens=split_lens)
     if name == "torch":
         return varlen_attention_ref(
