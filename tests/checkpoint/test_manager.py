@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.ports import free_port
 from vlr_runtime.checkpoint.manager import (
     CheckpointManager,
     capture_rng_state,
@@ -103,8 +104,7 @@ def _two_rank_worker(rank, root, port):
 
 
 def test_two_ranks_async(tmp_path):
-    port = 29500 + os.getpid() % 1000
-    mp.start_processes(_two_rank_worker, args=(tmp_path, port), nprocs=2, start_method="spawn")
+    mp.start_processes(_two_rank_worker, args=(tmp_path, free_port()), nprocs=2, start_method="spawn")
     assert complete_steps(tmp_path) == [3]
     meta = json.loads((step_dir(tmp_path, 3) / "complete.json").read_text())
     assert meta["world_size"] == 2 and len(meta["files"]) == 4

@@ -3,8 +3,6 @@ HF-style path, gradcheck, bad inputs, the sequence-parallel gather (2 gloo proce
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,7 @@ from vlr_kernels import (
 
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
 from tests.kernels.reward_helpers import reward_inputs, sp_worker
+from tests.ports import free_port
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -166,18 +165,12 @@ def test_backend_errors(monkeypatch):
         fused_reward_loss(*args, backend="triton")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_sequence_parallel_gather_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     path = str(tmp_path / "sp")
-    ctx = mp.start_processes(sp_worker, args=(2, _free_port(), path), nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(sp_worker, args=(2, free_port(), path), nprocs=2, join=False, start_method="spawn")
     while not ctx.join(timeout=90):
         pass
     hidden, scored, pairs, w, b, nw, m = reward_inputs(

@@ -5,7 +5,6 @@ spawn-and-join runner that can never hang (every worker has a deadline; a worker
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from tests.ports import free_port
 from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.model import ModelArgs
 
@@ -153,12 +153,6 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, root: str, target, kwargs: dict) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -175,7 +169,7 @@ def spawn(target, world: int, root: Path, timeout_s: float = 240, **kwargs) -> N
     """Run ``target(rank, root, **kwargs)`` in ``world`` spawned processes (torchrun-style env, gloo); fail with the
     first worker traceback, or when a worker exits non-zero or outlives ``timeout_s`` (it is then killed)."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, str(root), target, kwargs)) for r in range(world)]
     for p in procs:
         p.start()

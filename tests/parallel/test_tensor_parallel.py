@@ -2,7 +2,6 @@
 and an export from TP=2 shards identical to the checkpoint it was loaded from."""
 
 import os
-import socket
 import traceback
 
 import pytest
@@ -12,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.model.conftest import GRIDS
 from tests.model.hf_reference import hf_scores, make_sample, pack, write_tiny_checkpoint
+from tests.ports import free_port
 from vlr_runtime.data.types import PackedBatch
 
 pytestmark = pytest.mark.slow
@@ -168,12 +168,6 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         raise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp2_matches_transformers_and_tp1(tmp_path):
     from vlr_kernels import set_default_backend
 
@@ -191,7 +185,7 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
     for i, mb in enumerate(micro):
         save_batch(mb, str(tmp_path / f"micro_{i}.safetensors"))
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()

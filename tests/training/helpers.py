@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
+
+from tests.ports import free_port
 
 TINY_TRAIN_PAIRS = 32
 TINY_EVAL_PAIRS = 12
@@ -25,12 +26,6 @@ def subprocess_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int) -> list[str]:

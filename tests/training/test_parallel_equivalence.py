@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from tests.training.helpers import free_port, run_args
+from tests.ports import free_port
+from tests.training.helpers import run_args
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 240
