@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -60,13 +61,15 @@ def env_info(device: torch.device) -> dict[str, str]:
     except ImportError:
         triton_version = "absent"
     try:
+        if os.environ.get("VLR_GIT_SHA"):  # a copy of the tree without .git (the lent GPU machine) is told its sha
+            raise OSError
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         sha += "+dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):
-        sha = "unknown"
+        sha = os.environ.get("VLR_GIT_SHA", "unknown")
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "sha": sha, "time": now}
 
@@ -126,7 +129,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, rep: int = 
     """Measured device copy bandwidth (GB/s, bytes read + bytes written) of ``dst.copy_(src)`` on ``nbytes``."""
     if device.type != "cuda":
         nbytes = min(nbytes, 64 << 20)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)  # never time on zeros/garbage
     dst = torch.empty_like(src)
     p50, _, _ = time_ms(lambda: dst.copy_(src), device, warmup=3, rep=rep)
     return 2 * nbytes / (p50 * 1e-3) / 1e9
