@@ -78,11 +78,12 @@ def freeze_vit(hf, ours) -> None:
         p.requires_grad_(False)
 
 
-def make_inputs(hf, quick: bool, device: torch.device):
-    """Batched HF inputs and the same tokens packed into a PackedBatch."""
+def make_inputs(hf, quick: bool, device: torch.device, grid: tuple[int, int, int] | None = None):
+    """Batched HF inputs and the same tokens packed into a PackedBatch: SEQS rows of SEQ_TOKENS tokens (64 with
+    ``quick``), each with one image of ``grid`` (t, h, w) patches (default IMAGE_GRID; (1, 6, 8) with ``quick``)."""
     from vlr_runtime.data.types import PackedBatch
 
-    grid = (1, 6, 8) if quick else IMAGE_GRID
+    grid = grid or ((1, 6, 8) if quick else IMAGE_GRID)
     seq = 64 if quick else SEQ_TOKENS
     cfg = hf.config
     n_img = grid[0] * grid[1] * grid[2] // 4

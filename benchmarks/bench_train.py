@@ -1,0 +1,311 @@
+"""One training step end to end, our runtime vs stock transformers on the same data in the same run: median step ms,
+tokens/s, MFU, peak memory, and the planner's memory estimate against our measured peak.
+
+Workload (issue 7 item 6): Qwen2.5-VL at 7B widths, ViT 32 blocks FROZEN (patch embed + blocks), LLM 4 layers, real
+vocab (152,064); 2 pairs = 4 sequences x 1,028 tokens, each with one 504x504 image (grid 1x36x36 = 1,296 patches ->
+324 image tokens); bf16 on the GPU. Trained: merger, LLM (embedding, layers, final norm), value head.
+One step = zero grads, forward, backward, gradient clipping (max norm 1), AdamW step:
+  hf_sdpa  Qwen2_5_VLForConditionalGeneration (sdpa; its LM head dropped, unused) + a linear value head on the last
+           token, Bradley-Terry loss; torch.nn.utils.clip_grad_norm_; torch.optim.AdamW (fused on CUDA) directly on
+           the trainable parameters (in bf16 on the GPU: no fp32 master copies).
+  ours     RewardModel on the packed tokens, the path our trainer takes at tp=pp=dp=1 without
+           parallel.distributed_optimizer (its default): parallel.forward_backward, training.optim.global_grad_norm +
+           clip_gradients, MasterAdamW (fp32 master weights and moments). The trainer's NaN/Inf check and metrics are
+           not part of the timed step.
+Both providers get identical weights (bench_model.build_models), identical hyper-parameters (lr 1e-3 so that one
+bf16 update is visible, betas (0.9, 0.98), eps 1e-8, weight decay 0.01 on matrices only) and the same trainable set.
+Before timing: the first step's losses must agree, and one optimizer step must move a few trained tensors the same way
+(relative difference and cosine of the two updates, printed). The providers run one after the other; the first is
+freed before the second, so our peak memory is that of our step alone (hf_sdpa's peak is measured above the bytes of
+our resident, idle model).
+
+    python benchmarks/bench_train.py             # GPU, bf16
+    python benchmarks/bench_train.py --quick     # tiny model, fp32 on the CPU (smoke run: no memory, no MFU)
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Recorder, append_csv, base_parser, bench_device, time_ms, want
+from bench_model import SEQS, build_models, freeze_vit, hf_loss, make_inputs
+
+IMAGE_GRID_504 = (1, 36, 36)  # 504 x 504 px in 14 px patches
+LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.98), 1e-8, 0.01, 1.0
+# HF names of the trained tensors whose first update is compared between the providers (each maps to one parameter
+# of ours); "{last}" is the last decoder layer.
+CHECKED = ("model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight",
+           "model.layers.{last}.mlp.down_proj.weight", "visual.merger.mlp.0.weight", "v_head.summary.weight")
+GIB = 2**30
+
+
+@dataclass
+class Provider:
+    """One provider's step and what it trains: ``step()`` returns the (0-d) loss of that step."""
+
+    step: Callable[[], torch.Tensor]
+    trainable: list[torch.nn.Parameter]
+    checked: dict[str, torch.Tensor]
+    """HF name -> the provider's parameter holding it (compared after the first step)."""
+    optimizer_note: str
+
+
+def _hf_provider(hf, inputs: dict, head_w: torch.Tensor, head_b: torch.Tensor, device: torch.device) -> Provider:
+    from vlr_runtime.checkpoint.hf import canonical_name
+
+    head_w = torch.nn.Parameter(head_w.clone())
+    head_b = torch.nn.Parameter(head_b.clone())
+    params = [p for p in hf.parameters() if p.requires_grad] + [head_w, head_b]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=LR, betas=BETAS, eps=EPS, fused=fused)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = hf_loss(hf, inputs, head_w, head_b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        opt.step()
+        return loss.detach()
+
+    named = {canonical_name(n): p for n, p in hf.named_parameters()}
+    named["v_head.summary.weight"] = head_w
+    return Provider(step, params, named, f"torch.optim.AdamW(fused={fused}) on the {params[0].dtype} parameters")
+
+
+def _our_provider(ours, batch) -> Provider:
+    from megatron.core import parallel_state
+
+    from vlr_runtime.config import OptimConfig
+    from vlr_runtime.model.hf_names import hf_param_specs
+    from vlr_runtime.parallel import forward_backward
+    from vlr_runtime.training.optim import MasterAdamW, clip_gradients, freeze_groups, global_grad_norm
+
+    trainable = freeze_groups(ours.param_groups(), ["vision"])
+    opt = MasterAdamW(trainable, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                             weight_decay=WEIGHT_DECAY, grad_clip=MAX_NORM))
+    mp_group = parallel_state.get_model_parallel_group()
+
+    def step() -> torch.Tensor:
+        opt.zero_grad()
+        (result,) = forward_backward(ours, [batch])
+        clip_gradients(trainable, global_grad_norm(trainable, 0, mp_group), MAX_NORM)
+        opt.step()
+        return result.loss
+
+    params = dict(ours.named_parameters())
+    named = {spec.parts[0].name: params[spec.param] for spec in hf_param_specs(ours.args) if len(spec.parts) == 1}
+    return Provider(step, trainable, named, "MasterAdamW (fp32 master weights + moments, torch AdamW foreach)")
+
+
+def _checked_names(num_layers: int) -> list[str]:
+    return [n.format(last=num_layers - 1) for n in CHECKED]
+
+
+def _update_agreement(before: dict[str, torch.Tensor], after: dict[str, dict[str, torch.Tensor]]
+                      ) -> dict[str, tuple[float, float]]:
+    """Per tensor: (relative difference ||d_hf - d_ours|| / ||d_hf||, cosine(d_hf, d_ours)) of the two updates."""
+    out = {}
+    for name, w0 in before.items():
+        d_hf = (after["hf_sdpa"][name] - w0).double().flatten()
+        d_ours = (after["ours"][name] - w0).double().flatten()
+        norm = float(d_hf.norm())
+        rel = float((d_hf - d_ours).norm()) / norm if norm > 0 else math.inf
+        cos = float(torch.nn.functional.cosine_similarity(d_hf, d_ours, dim=0)) if norm > 0 else 0.0
+        out[name] = (rel, cos)
+    return out
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _device_used_at_peak(device: torch.device) -> float:
+    """Bytes the process held on the device at its allocator's peak: peak reserved by torch plus what torch does not
+    manage (CUDA context, cuBLAS workspaces: device-used minus torch-reserved now)."""
+    free, total = torch.cuda.mem_get_info(device)
+    outside_torch = (total - free) - torch.cuda.memory_reserved(device)
+    return torch.cuda.max_memory_reserved(device) + outside_torch
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = base_parser(__doc__.splitlines()[0])
+    args = p.parse_args(argv)
+    device = bench_device()
+    dtype = torch.float32 if args.quick and args.dtype == "bfloat16" else getattr(torch, args.dtype)
+    warmup, rep = (2, 5) if args.quick else (3, max(5, min(args.rep, 20)))
+    from vlr_runtime.flops import mfu, peak_flops_for, training_step_flops
+    from vlr_runtime.parallel import setup_distributed, teardown
+    from vlr_runtime.plan import Workload, estimate
+
+    setup_distributed(1)
+    try:
+        hf, ours, head_w, head_b = build_models(args.quick, dtype, device)
+        hf.lm_head = torch.nn.Identity()  # a reward model has no LM head; hf_loss never calls it
+        freeze_vit(hf, ours)
+        grid = (1, 6, 8) if args.quick else IMAGE_GRID_504
+        inputs, batch = make_inputs(hf, args.quick, device, grid)
+        cfg = hf.config.to_dict()
+        seq, layers = batch.max_seqlen, hf.config.text_config.num_hidden_layers
+        x = f"{SEQS}x{seq} tok, {SEQS} img {grid[1]}x{grid[2]}, LLM {layers} layers, ViT frozen, {dtype}"
+        tokens = batch.num_tokens
+        flops = training_step_flops(cfg, [seq] * SEQS, [grid] * SEQS, vision_trained=False, merger_trained=True,
+                                    num_scored=SEQS).total
+        peak_flops = peak_flops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        rec = Recorder("train_step", device, args.csv)
+        _free(device)
+
+        with torch.no_grad():  # same weights, same inputs: the losses must agree before any timing means much
+            l_hf, l_ours = float(hf_loss(hf, inputs, head_w, head_b)), float(ours.loss(batch)[0])
+        print(f"[train_step] first-step loss hf_sdpa={l_hf:.5f} ours={l_ours:.5f}", flush=True)
+        loss_tol = 0.05 if dtype != torch.float32 else 1e-4
+        if abs(l_hf - l_ours) > loss_tol * max(1.0, abs(l_hf)):
+            raise SystemExit(f"losses disagree: hf {l_hf} vs ours {l_ours}")
+        rec.add("hf_sdpa", "first step", "loss", x, l_hf)
+        rec.add("ours", "first step", "loss", x, l_ours)
+
+        names = _checked_names(layers)
+        before = {n: ours_param.detach().float().cpu().reshape(-1).clone() for n, ours_param in
+                  zip(names, (dict(ours.named_parameters())[s] for s in _our_param_names(ours, names)))}
+        after: dict[str, dict[str, torch.Tensor]] = {}
+        results: dict[str, dict[str, float]] = {}
+        ours_bytes = _tensor_bytes([*ours.parameters(), *ours.buffers(), *batch_tensors(batch)])
+        makers = {"hf_sdpa": lambda: _hf_provider(hf, inputs, head_w, head_b, device),
+                  "ours": lambda: _our_provider(ours, batch)}
+        notes: dict[str, str] = {}
+        firsts: dict[str, float] = {}
+        for name, make in makers.items():
+            if name == "ours":  # free the stock model first: our peak is then ours alone
+                del hf, inputs  # clears the cells the hf_sdpa maker closes over
+                _free(device)
+            if not want(name, args.providers):
+                continue
+            prov = make()
+            notes[name] = prov.optimizer_note
+            first = float(prov.step())
+            firsts[name] = first
+            after[name] = {n: prov.checked[n].detach().float().cpu().reshape(-1).clone() for n in names}
+            print(f"[train_step] {name}: first step loss {first:.5f}, {prov.optimizer_note}", flush=True)
+            p50, p20, p80 = time_ms(prov.step, device, warmup, rep)
+            results[name] = {"ms": p50, "tok/s": tokens / (p50 * 1e-3)}
+            rec.add(name, "train step", "ms", x, p50, p20, p80)
+            rec.add(name, "train step", "tok/s", x, results[name]["tok/s"])
+            if peak_flops:
+                results[name]["mfu"] = mfu(flops, p50 * 1e-3, peak_flops)
+                rec.add(name, "train step", "MFU_pct", x, 100 * results[name]["mfu"])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                prov.step()
+                torch.cuda.synchronize(device)
+                resident_other = ours_bytes if name == "hf_sdpa" else 0
+                results[name]["peak_gib"] = (torch.cuda.max_memory_allocated(device) - resident_other) / GIB
+                rec.add(name, "train step", "peak_MiB", x, results[name]["peak_gib"] * 1024)
+                if name == "ours":
+                    results[name]["device_gib"] = _device_used_at_peak(device) / GIB
+            del prov
+            _free(device)
+        if "hf_sdpa" in results and "ours" in results:
+            ratio = results["ours"]["tok/s"] / results["hf_sdpa"]["tok/s"]
+            results["ours"]["ratio"] = ratio
+            rec.add("ours/hf_sdpa", "train step", "tok/s ratio", x, ratio)
+
+        agreement = _update_agreement(before, after) if len(after) == 2 else {}
+        tol_rel, tol_cos = (1e-3, 0.9999) if dtype == torch.float32 else (0.5, 0.9)
+        bad = [f"loss of the {name} training step ({v:.5f} vs {l_hf:.5f} without grad)" for name, v in firsts.items()
+               if abs(v - l_hf) > loss_tol * max(1.0, abs(l_hf))]
+        for n, (rel, cos) in agreement.items():
+            print(f"[train_step] first update of {n}: rel diff {rel:.3g}, cosine {cos:.6f}", flush=True)
+            rec.add("ours_vs_hf", f"update {n}", "rel_diff", x, rel)
+            if not (rel <= tol_rel or cos >= tol_cos):
+                bad.append(n)
+
+        work = Workload(micro_batch_tokens=tokens, micro_batch_patches=SEQS * grid[0] * grid[1] * grid[2],
+                        microbatches=1, recompute="none", vision_trained=False, merger_trained=True,
+                        sequence_parallel=False, distributed_optimizer=False)
+        mem_total = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 80.0
+        est = estimate(cfg, work, tp=1, pp=1, dp=1, gpu_mem_gib=mem_total)
+        planner = {"est_gib": est.total_gib, "overhead_gib": est.total_gib - est.weights_gib - est.grads_gib
+                   - est.optimizer_gib - est.activations_gib}
+        rec.add("planner", "memory tp1 pp1 dp1", "est_GiB", x, est.total_gib)
+        if "ours" in results and "device_gib" in results["ours"]:
+            measured = results["ours"]["device_gib"]
+            planner["rel_err"] = (est.total_gib - measured) / measured
+            rec.add("planner", "memory tp1 pp1 dp1", "rel_err_vs_device_peak", x, planner["rel_err"])
+            # without the fixed overhead term, against what torch itself allocated at peak
+            allocated = results["ours"]["peak_gib"]
+            planner["rel_err_alloc"] = (est.total_gib - planner["overhead_gib"] - allocated) / allocated
+            rec.add("planner", "memory tp1 pp1 dp1", "rel_err_wo_overhead_vs_allocated", x, planner["rel_err_alloc"])
+
+        if args.csv is not None and rec.rows:
+            append_csv(args.csv, rec.rows)
+        table = _markdown(rec.env, x, results, notes, firsts, est, planner, agreement, bad, flops)
+        print(table, flush=True)
+        if bad:
+            raise SystemExit(f"providers disagree on the first training step: {bad} (update tolerance: rel diff "
+                             f"<= {tol_rel} or cosine >= {tol_cos}; loss tolerance {loss_tol} relative)")
+        return table
+    finally:
+        teardown()
+
+
+def _our_param_names(ours, hf_names: list[str]) -> list[str]:
+    from vlr_runtime.model.hf_names import hf_param_specs
+
+    single = {spec.parts[0].name: spec.param for spec in hf_param_specs(ours.args) if len(spec.parts) == 1}
+    return [single[n] for n in hf_names]
+
+
+def batch_tensors(batch) -> list[torch.Tensor]:
+    return [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+
+
+def _markdown(env, x, results, notes, firsts, est, planner, agreement, bad, flops) -> str:
+    lines = [f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['sha']} | {env['time']}", "",
+             f"Training step: {x}; model FLOPs/step {flops / 1e12:.2f} TFLOP (vision forward only, frozen)", ""]
+    for name, note in notes.items():
+        lines.append(f"- {name}: {note}")
+    lines += ["", "first-step loss: " + ", ".join(f"{n} {v:.5f}" for n, v in firsts.items()),
+              "", "| provider | step ms p50 | tokens/s | MFU | peak GiB (allocated) | tokens/s vs hf_sdpa |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        mfu_s = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a"
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ("1.00x" if name == "hf_sdpa" else "n/a")
+        lines.append(f"| {name} | {r['ms']:.2f} | {r['tok/s']:,.0f} | {mfu_s} | {peak} | {ratio} |")
+    ours = results.get("ours", {})
+    measured = f"{ours['device_gib']:.2f}" if "device_gib" in ours else "n/a"
+    err = f"{100 * planner['rel_err']:+.1f}%" if "rel_err" in planner else "n/a"
+    err_alloc = f"{100 * planner['rel_err_alloc']:+.1f}%" if "rel_err_alloc" in planner else "n/a"
+    header = ("| planner (tp1 pp1 dp1) | weights | grads | optimizer | activations | overhead | estimate GiB "
+              "| measured GiB (device peak) | rel. error (target within 15%) | error without overhead vs allocated peak |")
+    row = (f"| planner | {est.weights_gib:.3g} | {est.grads_gib:.3g} | {est.optimizer_gib:.3g} "
+           f"| {est.activations_gib:.3g} | {planner['overhead_gib']:.3g} | {est.total_gib:.3g} | {measured} | {err} "
+           f"| {err_alloc} |")
+    lines += ["", header, "| --- " * 10 + "|", row]
+    if agreement:
+        lines += ["", "| first update (ours vs hf_sdpa) | rel diff | cosine |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {rel:.3g} | {cos:.6f} |" for n, (rel, cos) in agreement.items()]
+    lines.append(f"first-step check: {'FAILED: ' + '; '.join(bad) if bad else 'ok'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
