@@ -92,12 +92,17 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size: the decoder layers are split over ``pp`` stages (vision tower on the first, head and
     loss on the last), run with megatron-core's 1F1B schedule over the step's micro-batches."""
+    vpp: int = 1
+    """Virtual pipeline stages per pipeline rank (needs ``pp > 1``): the decoder is split into ``pp * vpp`` stages,
+    rank ``r`` holding stages ``r, r + pp, ...``, run with megatron-core's interleaved 1F1B schedule (a smaller
+    bubble for the same micro-batches). Each rank's micro-batches are padded to a multiple of ``pp`` with
+    zero-weight copies."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (TP > 1): the decoder's residual stream and norms hold ``T/tp`` tokens per rank."""
     distributed_optimizer: bool = False
     """Use megatron-core's DDP (contiguous gradient buffers) and distributed optimizer (gradient reduce-scatter,
     Adam state and fp32 main parameters sharded over DP, parameter all-gather). False: torch AdamW with fp32 masters
-    and one flat DP all-reduce (the only path that writes resumable checkpoints so far)."""
+    and one flat DP all-reduce."""
     timeout_s: int = 1800
     """Timeout of every collective (``init_process_group(timeout=...)``): a rank that hangs longer ends the job
     with an error naming the collective instead of blocking forever."""
@@ -183,9 +188,8 @@ class Config:
              "needs parallel.tp > 1"),
             ("train.spike_factor", self.train.spike_factor == 0 or self.train.spike_factor > 1,
              "must be 0 (off) or > 1"),
-            ("checkpoint.interval", not (self.checkpoint.interval and self.parallel.distributed_optimizer),
-             ("resumable checkpoints of the distributed optimizer are not implemented; use "
-             "parallel.distributed_optimizer false")),
+            ("parallel.vpp", self.parallel.vpp >= 1, "must be >= 1"),
+            ("parallel.vpp", self.parallel.vpp == 1 or self.parallel.pp > 1, "> 1 needs parallel.pp > 1"),
             ("optim.lr", self.optim.lr > 0, "must be > 0"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),

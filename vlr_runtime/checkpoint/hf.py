@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -144,12 +144,17 @@ def load_hf_checkpoint(model: RewardModel, model_dir: str | Path, *, head_seed: 
     return {"files": [f.name for f in files], "head": head, "ignored": ignored}
 
 
-def _full_tensors_of(model: RewardModel, spec: ParamSpec, dtype: torch.dtype | None
-                     ) -> list[tuple[str, torch.Tensor]]:
-    """The HF tensor(s) of one parameter, TP slices all-gathered (collective over the TP group), on the CPU."""
+def full_tensors(model: RewardModel, spec: ParamSpec, dtype: torch.dtype | None = None,
+                 value: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensor(s) ``(name, full tensor on the CPU)`` of one parameter of ``model`` (this rank's stage or
+    virtual-stage chunk), TP slices all-gathered (collective over the TP group: every TP rank must call it).
+
+    ``value``: a tensor shaped like this rank's slice of the parameter to gather instead of the parameter itself (its
+    fp32 master or an Adam moment, for checkpoints); ``dtype``: convert before gathering (default: keep).
+    """
     from megatron.core import parallel_state
 
-    local = dict(model.named_parameters())[spec.param].detach()
+    local = dict(model.named_parameters())[spec.param].detach() if value is None else value.detach()
     local = local if dtype is None else local.to(dtype)
     if spec.split_dim is None:
         return [(spec.parts[0].name, local.reshape(spec.parts[0].shape).cpu())]
@@ -167,39 +172,49 @@ def _full_tensors_of(model: RewardModel, spec: ParamSpec, dtype: torch.dtype | N
     return [(name, blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)) for name, blocks in segments.items()]
 
 
+# The former private name, still imported by tests/parallel/test_pipeline_schedules.py (another engineer's file).
+_full_tensors_of = full_tensors
+
+
 def _hf_names_of(spec: ParamSpec) -> list[tuple[str, tuple[int, ...]]]:
-    """``(name, full shape)`` of the HF tensors of one parameter, in the order :func:`_full_tensors_of` yields."""
+    """``(name, full shape)`` of the HF tensors of one parameter, in the order :func:`full_tensors` yields."""
     return list(dict.fromkeys((p.name, p.shape) for p in spec.parts))
 
 
-def iter_full_tensors(model: RewardModel, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_tensors(model: RewardModel | Sequence[RewardModel], dtype: torch.dtype | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, full tensor on the CPU)`` for every HF tensor of the WHOLE model, one parameter at a time, so
-    that at most one full tensor per parameter is held. TP slices are all-gathered; with pipeline stages, rank 0 of
-    the world receives the other stages' tensors (sent by their TP-rank-0, DP-rank-0 process) and is the only rank
-    that gets everything (the others get their own stage's tensors). Every rank must iterate it to the end."""
+    that at most one full tensor per parameter is held. ``model``: this rank's stage, or the list of its virtual
+    stage chunks. TP slices are all-gathered; with pipeline stages, rank 0 of the world receives the other stages'
+    tensors (sent by their TP-rank-0, DP-rank-0 process) and is the only rank that gets everything (the others get
+    their own stage's tensors). Every rank must iterate it to the end."""
     from megatron.core import parallel_state
 
-    if model.pp == 1:
-        for spec in hf_param_specs(model.args):
-            yield from _full_tensors_of(model, spec, dtype)
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    first = chunks[0]
+    owner = {name: chunk for chunk in chunks for name, _ in chunk.named_parameters()}
+    if first.pp == 1:
+        for spec in hf_param_specs(first.args):
+            yield from full_tensors(owner[spec.param], spec, dtype)
         return
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     dst = dist.get_global_rank(pp_group, 0)
     rank = dist.get_rank()
     # Only the TP-rank-0, DP-rank-0 pipeline (whose stage 0 is world rank 0) moves tensors between stages; the
     # first-stage ranks of the other TP/DP ranks' pipelines must not wait for sends that never come.
-    sender = model.tp_rank == 0 and parallel_state.get_data_parallel_rank() == 0
-    dtype = dtype or next(model.parameters()).dtype
-    owned = {name for name, _ in model.named_parameters()}
-    by_stage = [stage_layer_ids(model.args.text.num_layers, model.pp, s) for s in range(model.pp)]
-    for spec in hf_param_specs(model.args):
-        if spec.param in owned:
-            for name, tensor in _full_tensors_of(model, spec, dtype):
+    sender = first.tp_rank == 0 and parallel_state.get_data_parallel_rank() == 0
+    dtype = dtype or next(first.parameters()).dtype
+    stages = first.pp * first.vpp
+    by_stage = [stage_layer_ids(first.args.text.num_layers, stages, s) for s in range(stages)]
+    for spec in hf_param_specs(first.args):
+        if spec.param in owner:
+            for name, tensor in full_tensors(owner[spec.param], spec, dtype):
                 if rank != dst and sender:
                     dist.send(tensor.to(_comm_device()).contiguous(), dst)
                 yield name, tensor
         elif rank == dst and sender:
-            src = dist.get_global_rank(pp_group, _stage_of(spec.param, by_stage))
+            # Global (virtual) stage s runs on pipeline rank s % pp (megatron's interleaved assignment).
+            src = dist.get_global_rank(pp_group, _stage_of(spec.param, by_stage) % first.pp)
             for name, shape in _hf_names_of(spec):
                 buf = torch.empty(shape, dtype=dtype, device=_comm_device())
                 dist.recv(buf, src)
@@ -207,7 +222,8 @@ def iter_full_tensors(model: RewardModel, dtype: torch.dtype | None = None) -> I
 
 
 def _stage_of(param: str, by_stage: list[range]) -> int:
-    """Pipeline stage holding a parameter: vision/embedding on the first, head/final norm on the last."""
+    """Global (virtual) pipeline stage holding a parameter: vision/embedding on the first, head/final norm on the
+    last, decoder layers by ``by_stage`` (the layers of every global stage)."""
     if param.startswith(("vision.", "language.embed.")):
         return 0
     if param.startswith(("head.", "language.final_norm.")):
@@ -223,17 +239,19 @@ def _comm_device() -> torch.device:
     return get_context().device
 
 
-def export_hf_checkpoint(model: RewardModel, args: ModelArgs, out_dir: str | Path, *,
+def export_hf_checkpoint(model: RewardModel | Sequence[RewardModel], args: ModelArgs, out_dir: str | Path, *,
                          source_dir: str | Path | None = None, dtype: torch.dtype | None = None,
                          max_shard_bytes: int = 5 * 2**30) -> Path | None:
-    """Write ``model`` as an HF Qwen2.5-VL directory + ``value_head.safetensors`` (see the module docstring).
+    """Write ``model`` (this rank's stage, or the list of its virtual stage chunks) as an HF Qwen2.5-VL directory +
+    ``value_head.safetensors`` (see the module docstring).
 
     Collective over all ranks (TP gathers, pipeline stages send to rank 0); rank 0 of the world writes and gets ``out_dir`` back,
     the other ranks ``None``. ``dtype``: tensor dtype on disk (default: the parameters' dtype). Shards of at most
     ``max_shard_bytes`` are written as the tensors are gathered (rank 0 holds one shard at a time).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dtype = dtype or next(model.parameters()).dtype
+    first = model[0] if isinstance(model, (list, tuple)) else model
+    dtype = dtype or next(first.parameters()).dtype
     out_dir = Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

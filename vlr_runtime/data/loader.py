@@ -204,7 +204,9 @@ class PairLoader:
         return step * self.cfg.pairs_per_step / self.num_rows
 
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly after the last yielded step (no replay on load)."""
+        """Everything needed to continue exactly after the last yielded step (no replay on load). The position is
+        global (a step's rows do not depend on ``rank``/``world_size``), so the state of any rank resumes a loader
+        of any rank and any data-parallel size; only ``rejected_counts`` is this rank's."""
         return {
             "step": self.step, "seed": self.cfg.seed, "pairs_per_step": self.cfg.pairs_per_step,
             "num_rows": self.num_rows, "rejected_counts": dict(self.rejected_counts),

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.model import RewardModel
 from vlr_runtime.parallel import forward_backward
 from vlr_runtime.training.data import EvalSet
@@ -18,15 +19,30 @@ def _all_reduce_sum(values: torch.Tensor, device: torch.device, dp: int, group: 
     return values.cpu().tolist()
 
 
+def _rewards(model: RewardModel | list[RewardModel], batches: list[PackedBatch], device: torch.device
+             ) -> list[torch.Tensor]:
+    """``[S]`` float32 CPU rewards of each batch. Virtual pipeline stages (``model`` a list of chunks): megatron's
+    interleaved schedule runs micro-batches in groups of ``pp``, so batches go ``pp`` at a time, the last group
+    padded with repeats of its last batch (whose results are dropped)."""
+    group = model[0].pp if isinstance(model, list) else 1
+    out = []
+    for start in range(0, len(batches), group):
+        part = [b.to(device) for b in batches[start : start + group]]
+        results = forward_backward(model, part + part[-1:] * (group - len(part)), forward_only=True)
+        out += [r.rewards.float().cpu() for r in results[: len(part)]]
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: RewardModel, sets: list[EvalSet], *, device: torch.device, dp_rank: int, dp: int,
-             dp_group: dist.ProcessGroup | None) -> dict:
+def evaluate(model: RewardModel | list[RewardModel], sets: list[EvalSet], *, device: torch.device, dp_rank: int,
+             dp: int, dp_group: dist.ProcessGroup | None) -> dict:
     """Accuracy (``r_chosen > r_rejected``; ties count as wrong), mean BT loss and mean margin of each set.
 
     Returns for the set named ``eval``: ``accuracy``, ``loss``, ``margin``, ``pairs``, ``accuracy_image`` /
     ``accuracy_text`` (when it holds such pairs) and ``accuracy_by_category`` (rows with a ``category``);
     for any other set ``s``: ``accuracy_<s>``. Collective over the DP group (same sets on every rank) and, with
     pipeline stages, over the pipeline (every stage runs every batch; the last stage's rewards are broadcast).
+    ``model``: this rank's stage, or the list of its virtual stage chunks.
     """
     out: dict = {}
     for es in sets:
@@ -34,9 +50,8 @@ def evaluate(model: RewardModel, sets: list[EvalSet], *, device: torch.device, d
         # [pairs, correct, loss_sum, margin_sum, image_pairs, image_correct, text_pairs, text_correct]
         # then (pairs, correct) per category
         acc = torch.zeros(8 + 2 * len(categories), dtype=torch.float64)
-        for b in range(dp_rank, len(es.batches), dp):
-            batch, has_image, cats = es.batches[b]
-            rewards = forward_backward(model, [batch.to(device)], forward_only=True)[0].rewards.float().cpu()
+        mine = es.batches[dp_rank::dp]
+        for (batch, has_image, cats), rewards in zip(mine, _rewards(model, [b for b, _, _ in mine], device)):
             margin = rewards[batch.pair_index[:, 0]] - rewards[batch.pair_index[:, 1]]
             correct = margin > 0
             acc[:8] += torch.tensor([

@@ -11,6 +11,7 @@ reduced over DP -> metrics line (JSONL, TensorBoard, optionally W&B).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from safetensors.torch import load_file
 
@@ -89,21 +91,23 @@ def _fault_injection(name: str) -> tuple[int, int] | None:
 
 
 @contextmanager
-def _weighted_loss(model: RewardModel, weights: dict[int, float]):
-    """Within the block, ``model.loss`` (which :func:`forward_backward` calls on the last stage) returns the loss
+def _weighted_loss(chunks: list[RewardModel], weights: dict[int, float]):
+    """Within the block, ``chunk.loss`` (which :func:`forward_backward` calls on the last stage) returns the loss
     of micro-batch ``b`` times ``weights[id(b)]``, so micro-batches holding different numbers of pairs weigh by
     their pairs although the schedule averages micro-batches with equal weights."""
-    inner = model.loss
+    def weighted(inner):
+        def loss(batch: PackedBatch, center_coef: float = 0.0, hidden_in: torch.Tensor | None = None):
+            value, rewards, accuracy = inner(batch, center_coef, hidden_in)
+            return value * weights[id(batch)], rewards, accuracy
+        return loss
 
-    def loss(batch: PackedBatch, center_coef: float = 0.0, hidden_in: torch.Tensor | None = None):
-        value, rewards, accuracy = inner(batch, center_coef, hidden_in)
-        return value * weights[id(batch)], rewards, accuracy
-
-    model.loss = loss
+    for chunk in chunks:
+        chunk.loss = weighted(chunk.loss)
     try:
         yield
     finally:
-        del model.loss
+        for chunk in chunks:
+            del chunk.loss
 
 
 def _has_weights(model_dir: Path) -> bool:
@@ -118,7 +122,8 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.ctx = ctx = setup_distributed(cfg.parallel.tp, cfg.parallel.pp, timeout_s=cfg.parallel.timeout_s)
+        self.ctx = ctx = setup_distributed(cfg.parallel.tp, cfg.parallel.pp, vpp=cfg.parallel.vpp,
+                                           timeout_s=cfg.parallel.timeout_s)
         torch.manual_seed(cfg.train.seed)
         if cfg.model.kernel_backend != "auto":
             from vlr_kernels import set_default_backend
@@ -135,22 +140,33 @@ class Trainer:
                       "auto": torch.bfloat16 if ctx.device.type == "cuda" else torch.float32}[cfg.model.dtype]
         self.args = ModelArgs.from_hf_config(self.model_dir)
         build = {"dtype": self.dtype, "device": ctx.device, "sequence_parallel": cfg.parallel.sequence_parallel}
-        if _has_weights(self.model_dir):
-            self.model = build_reward_model(self.args, seed=None, **build)
-            load_hf_checkpoint(self.model, self.model_dir, head_seed=cfg.train.seed)
-        else:
+        weights = _has_weights(self.model_dir)
+        if not weights:
             log.info("%s holds no weights: random init with seed %d", self.model_dir, cfg.train.seed)
-            self.model = build_reward_model(self.args, seed=cfg.train.seed, **build)
-        self.model.set_recompute(llm="llm" in cfg.model.recompute, vision="vision" in cfg.model.recompute)
-        self.trainable = freeze_groups(self.model.param_groups(), cfg.model.freeze)
+        # One model chunk per virtual pipeline stage of this rank (chunk v: global stage v * pp + pp_rank).
+        self.chunks: list[RewardModel] = [
+            build_reward_model(self.args, seed=None if weights else cfg.train.seed,
+                               vp_stage=None if ctx.vpp == 1 else v, **build) for v in range(ctx.vpp)]
+        for chunk in self.chunks:
+            if weights:
+                load_hf_checkpoint(chunk, self.model_dir, head_seed=cfg.train.seed)
+            chunk.set_recompute(llm="llm" in cfg.model.recompute, vision="vision" in cfg.model.recompute)
+        self.model: RewardModel | list[RewardModel] = self.chunks[0] if ctx.vpp == 1 else self.chunks
+        """This rank's model as :func:`forward_backward` and the export take it: its stage, or with virtual
+        pipeline stages the list of its chunks."""
+        groups = [chunk.param_groups() for chunk in self.chunks]
+        self.trainable = freeze_groups({g: [p for pg in groups for p in pg[g]] for g in groups[0]}, cfg.model.freeze)
         self.optimizer: MasterAdamW | MegatronOptimizer
+        self.ddps: list[DistributedDataParallel] = []
+        """megatron DDP of every chunk (``parallel.distributed_optimizer``), else empty."""
         if cfg.parallel.distributed_optimizer:
             o = cfg.optim
-            self.ddp, self.optimizer = wrap_ddp_and_optimizer(
+            ddp, self.optimizer = wrap_ddp_and_optimizer(
                 self.model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
                 clip_grad=o.grad_clip, distributed_optimizer=True)
+            self.ddps = ddp if isinstance(ddp, list) else [ddp]
         else:
-            self.ddp, self.optimizer = None, MasterAdamW(self.trainable, cfg.optim)
+            self.optimizer = MasterAdamW(self.trainable, cfg.optim)
         self.fault = _fault_injection("VLR_INJECT_NAN")
         self.hang = _fault_injection("VLR_INJECT_HANG")
         self.recent_losses: deque[float] = deque(maxlen=50)
@@ -183,7 +199,8 @@ class Trainer:
         self.metrics.message(
             f"vlr_runtime.train: {self.loader.num_rows} training rows, {self.total_steps} steps of "
             f"{cfg.train.pairs_per_step} pairs, "
-            f"tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}{' (megatron distributed optimizer)' if self.ddp else ''} "
+            f"tp={ctx.tp} pp={ctx.pp}{f' vpp={ctx.vpp}' if ctx.vpp > 1 else ''} dp={ctx.dp}"
+            f"{' (megatron distributed optimizer)' if self.ddps else ''} "
             f"on {ctx.device} ({ctx.backend}), {self.dtype}, "
             f"{sum(p.numel() for p in self.trainable)} trainable parameters on this rank, run dir {self.run_dir}")
         for es in self.eval_sets:
@@ -219,32 +236,39 @@ class Trainer:
         must call it once per step."""
         ctx = self.ctx
         self._zero_grad()
-        microbatches, weights = [], {}
+        microbatches = []
         for batch, pairs in batches:
             if not self.cfg.train.use_margin:
                 batch.margin = None
-            batch = batch.to(ctx.device)
-            # forward_backward averages over this rank's micro-batches and DP over the ranks; this factor turns
-            # both into the mean over the step's pairs.
-            weights[id(batch)] = len(batches) * ctx.dp * pairs / global_pairs
-            microbatches.append((batch, pairs))
+            microbatches.append((batch.to(ctx.device), pairs))
+        if ctx.vpp > 1 and microbatches and len(microbatches) % ctx.pp:
+            # megatron's interleaved schedule runs micro-batches in groups of pp: pad with zero-weight copies of the
+            # last micro-batch (each costs one extra forward/backward; their gradient contribution is exactly 0).
+            pad = ctx.pp - len(microbatches) % ctx.pp
+            microbatches += [(dataclasses.replace(microbatches[-1][0]), 0) for _ in range(pad)]
+        # forward_backward averages over this rank's micro-batches and DP over the ranks; this factor turns both
+        # into the mean over the step's pairs.
+        weights = {id(b): len(microbatches) * ctx.dp * pairs / global_pairs for b, pairs in microbatches}
         if self.fault == (ctx.rank, self.step + 1):
             weights = dict.fromkeys(weights, math.nan)
         # [loss_sum, correct, pairs, margin_sum, chosen_sum, rejected_sum, tokens, images]
         stats = torch.zeros(8, dtype=torch.float64)
         if microbatches:  # every stage of a pipeline holds the same batches, so all of them skip together
-            with _weighted_loss(self.model, weights):
-                results = forward_backward(self.ddp or self.model, [b for b, _ in microbatches],
+            with _weighted_loss(self.chunks, weights):
+                results = forward_backward(self._ddp_or_model(), [b for b, _ in microbatches],
                                            center_coef=self.cfg.train.center_coef)
             for (batch, pairs), res in zip(microbatches, results):
+                if pairs == 0:  # a padding copy
+                    continue
                 rewards = res.rewards.double().cpu()
                 chosen, rejected = rewards[batch.pair_index[:, 0].cpu()], rewards[batch.pair_index[:, 1].cpu()]
                 stats += torch.tensor([float(res.loss) / weights[id(batch)] * pairs, (chosen > rejected).sum(),
                                        chosen.numel(), (chosen - rejected).sum(), chosen.sum(), rejected.sum(),
                                        batch.num_tokens, batch.num_images], dtype=torch.float64)
-        self._stop_if_not_finite(stats[0], [b for b, _ in microbatches])
-        if self.ddp is not None:
-            self.ddp.finish_grad_sync()
+        self._stop_if_not_finite(stats[0], [b for b, n in microbatches if n])
+        if self.ddps:
+            for ddp in self.ddps:
+                ddp.finish_grad_sync()
             grad_norm = None
         else:
             from megatron.core import parallel_state
@@ -261,16 +285,22 @@ class Trainer:
                 "chosen_reward": chosen_sum / pairs, "rejected_reward": rejected_sum / pairs,
                 "grad_norm": grad_norm, "pairs": int(pairs), "tokens": tokens, "images": images}
 
+    def _ddp_or_model(self):
+        """What :func:`forward_backward` runs: the DDP wrapper(s) of the chunk(s), else :attr:`model`."""
+        if not self.ddps:
+            return self.model
+        return self.ddps if self.ctx.vpp > 1 else self.ddps[0]
+
     def _zero_grad(self) -> None:
-        if self.ddp is not None:
-            self.ddp.zero_grad_buffer()
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def _stop_if_not_finite(self, loss_sum: torch.Tensor, batches: list[PackedBatch]) -> None:
         """Check this rank's loss and (not yet reduced) gradients; if any rank found a NaN/Inf, every rank raises
         :class:`TrainingDiverged` naming the ranks, the step and the offending ranks' batch ids. One tiny all-gather
         over the world per step; the ids are exchanged only on failure."""
-        grads = [getattr(p, "main_grad", None) if self.ddp is not None else p.grad for p in self.trainable]
+        grads = [getattr(p, "main_grad", None) if self.ddps else p.grad for p in self.trainable]
         grads = [g for g in grads if g is not None]
         grad_sum = torch.stack([g.detach().float().sum() for g in grads]).sum() if grads else torch.zeros(())
         mine = torch.tensor([not math.isfinite(float(loss_sum)), not math.isfinite(float(grad_sum))],
@@ -308,7 +338,7 @@ class Trainer:
             [(mb, n) for mb, n in zip(step_batch.microbatches, step_batch.pairs) if mb is not None],
             step_batch.global_pairs)
         tokens, images = stats.pop("tokens"), stats.pop("images")
-        if self.ddp is not None:
+        if self.ddps:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_mult", 1.0)
             _, stats["grad_norm"], _ = self.optimizer.step()  # clips to optim.grad_clip inside
@@ -340,6 +370,8 @@ class Trainer:
             out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
         if ctx.pp > 1:
             m = len(microbatches)
+            if ctx.vpp > 1:  # padded to a multiple of pp (see compute_gradients)
+                m = -(-m // ctx.pp) * ctx.pp
             out["pipeline_bubble"] = (ctx.pp - 1) / (m * ctx.vpp + ctx.pp - 1)
         if self.peak_flops:
             freeze = self.cfg.model.freeze
@@ -371,12 +403,14 @@ class Trainer:
         """Held-out metrics (collective over every rank); empty when the run has no evaluation set."""
         if not self.eval_sets:
             return {}
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
             return evaluate(self.model, self.eval_sets, device=self.ctx.device, dp_rank=self.ctx.dp_rank,
                             dp=self.ctx.dp, dp_group=self.ctx.dp_group)
         finally:
-            self.model.train()
+            for chunk in self.chunks:
+                chunk.train()
 
     def _log_eval(self) -> dict:
         result = self.evaluate()
@@ -390,39 +424,51 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self) -> None:
-        tensors = {f"model.{n}": p for n, p in self.model.named_parameters()}
-        opt_state = self.optimizer.optimizer.state_dict()
-        for idx, st in opt_state["state"].items():
-            tensors.update({f"optim.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()})
-        tensors.update({f"master.{i}": m for i, m in enumerate(self.optimizer.master_copies())})
-        rng_tensors, rng_json = capture_rng_state()
-        tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
+    def _layout(self) -> dict:
+        """What a checkpoint records of the run's layout; a resume with the same values reads only its own file."""
         ctx = self.ctx
-        tensors.update(canonical_tensors(self.model, self.optimizer, writer=ctx.tp_rank == 0 and ctx.dp_rank == 0))
-        adam_step = next((int(st["step"]) for st in opt_state["state"].values() if "step" in st), 0)
-        state = {"step": self.step, "rng": rng_json, "param_groups": opt_state["param_groups"],
-                 "loader": self.loader.state_dict(), "dp_rank": ctx.dp_rank, "adam_step": adam_step}
-        self.checkpoints.save(self.step, tensors, state,
-                              meta={"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp})
+        return {"tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp, "dp": ctx.dp,
+                "optimizer": "distributed" if self.ddps else "master_adamw"}
+
+    def _save_checkpoint(self) -> None:
+        """Every rank writes its RNG states, its loader position and the layout-independent full tensors of its stage
+        (:mod:`reshard`); with :class:`MasterAdamW` also its own parameters, masters and AdamW state, so a resume on
+        the same layout reads only its own file. Collective over every rank."""
+        ctx = self.ctx
+        tensors: dict[str, torch.Tensor] = {}
+        state: dict = {"step": self.step, "loader": self.loader.state_dict(), "dp_rank": ctx.dp_rank}
+        if isinstance(self.optimizer, MasterAdamW):
+            tensors.update({f"model.{n}": p for chunk in self.chunks for n, p in chunk.named_parameters()})
+            opt_state = self.optimizer.optimizer.state_dict()
+            for idx, st in opt_state["state"].items():
+                tensors.update({f"optim.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()})
+            tensors.update({f"master.{i}": m for i, m in enumerate(self.optimizer.master_copies())})
+            state["param_groups"] = opt_state["param_groups"]
+        rng_tensors, state["rng"] = capture_rng_state()
+        tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
+        tensors.update(canonical_tensors(self.chunks, self.optimizer, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank,
+                                         dp_group=ctx.dp_group))
+        self.checkpoints.save(self.step, tensors, state, meta=self._layout())
 
     def _resume(self) -> None:
-        """Continue from the newest complete checkpoint of the run directory: same layout from this rank's own file;
-        another TP/PP layout (same DP size) from the full tensors of every rank's file (:mod:`reshard`)."""
+        """Continue from the newest complete checkpoint of the run directory: with :class:`MasterAdamW` on the saved
+        layout from this rank's own file; otherwise (another TP/PP/VPP/DP size, the other optimizer, or the
+        distributed optimizer, whose per-rank state is not saved) from the full tensors of every rank's file."""
         step = latest_complete(self.checkpoints.root)
         if step is None:
             return
         meta = json.loads((step_dir(self.checkpoints.root, step) / COMPLETE).read_text())
-        ctx = self.ctx
-        if (meta["tp"], meta["pp"]) != (ctx.tp, ctx.pp):
-            self._resume_resharded(meta)
+        saved = {k: meta.get(k, default) for k, default in
+                 (("tp", None), ("pp", None), ("vpp", 1), ("dp", None), ("optimizer", "master_adamw"))}
+        if saved != self._layout() or self.ddps:
+            self._resume_canonical(saved)
             return
         ckpt = self.checkpoints.load_latest()
         t = ckpt.tensors
         with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                p.copy_(t[f"model.{n}"])
-        with torch.no_grad():
+            for chunk in self.chunks:
+                for n, p in chunk.named_parameters():
+                    p.copy_(t[f"model.{n}"])
             for i, m in enumerate(self.optimizer.master_copies()):
                 m.copy_(t[f"master.{i}"])
         opt_state: dict = {"state": {}, "param_groups": ckpt.state["param_groups"]}
@@ -436,23 +482,25 @@ class Trainer:
         self.step = ckpt.step
         log.info("resumed from %s at step %d", ckpt.path, self.step)
 
-    def _resume_resharded(self, meta: dict) -> None:
+    def _resume_canonical(self, saved: dict) -> None:
+        """Resume from the ``full.*`` tensors of every rank's file. The loader position is global (step ``k`` is
+        stream positions ``[k*B, (k+1)*B)`` split over however many DP ranks there are), so any DP size continues
+        with the same pairs. RNG states (and the per-rank rejected-row counts) come from a saved rank of the same DP
+        rank, or of DP rank 0 for a DP rank the saved run did not have."""
         ctx = self.ctx
-        if meta["dp"] != ctx.dp:
-            raise ConfigError(f"the latest checkpoint was saved with dp={meta['dp']}; resharding "
-                              f"changes tp/pp only and this run has dp={ctx.dp} (the data position is per DP rank)")
         ckpt = self.checkpoints.load_latest(all_ranks=True)
-        # This DP rank's loader position and RNG: those of a saved rank with the same DP rank.
-        source = next(r for r in range(meta["world_size"])
-                      if json.loads((ckpt.path / f"state-rank{r:05d}.json").read_text())["dp_rank"] == ctx.dp_rank)
-        state = json.loads((ckpt.path / f"state-rank{source:05d}.json").read_text())
-        load_canonical(self.model, self.optimizer, ckpt.tensors, state["adam_step"])
+        dp_rank = ctx.dp_rank if ctx.dp_rank < saved["dp"] else 0
+        states = [json.loads((ckpt.path / f"state-rank{r:05d}.json").read_text())
+                  for r in range(ckpt.meta["world_size"])]
+        source = next(r for r, st in enumerate(states) if st["dp_rank"] == dp_rank)
+        load_canonical(self.chunks, self.optimizer, ckpt.tensors)
         rng = load_file(str(ckpt.path / f"tensors-rank{source:05d}.safetensors"))
-        restore_rng_state({k[4:]: v for k, v in rng.items() if k.startswith("rng.")}, state["rng"])
-        self.loader.load_state_dict(state["loader"])
+        restore_rng_state({k[4:]: v for k, v in rng.items() if k.startswith("rng.")}, states[source]["rng"])
+        self.loader.load_state_dict(states[source]["loader"])
         self.step = ckpt.step
-        log.info("resumed from %s at step %d, resharded from tp=%d pp=%d to tp=%d pp=%d", ckpt.path, self.step,
-                 meta["tp"], meta["pp"], ctx.tp, ctx.pp)
+        now = self._layout()
+        changed = ", ".join(f"{k}={saved[k]}->{now[k]}" for k in now if saved[k] != now[k]) or "same layout"
+        log.info("resumed from %s at step %d from its full tensors (%s)", ckpt.path, self.step, changed)
 
     # -------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
