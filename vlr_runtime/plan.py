@@ -1,11 +1,15 @@
 """``python -m vlr_runtime.plan``: per-GPU memory and step-time estimates for candidate TP/PP/DP layouts.
 
-Memory model (bytes per GPU, bf16 weights, megatron DDP with fp32 main gradients, Adam):
+Memory model (bytes per GPU, bf16 weights, Adam), for the two optimizer paths of the trainer:
 * weights: 2 B per parameter held by the rank (vision tower and merger live on the first pipeline stage, the reward
   head on the last; LLM layers split evenly over stages; everything split over TP);
-* gradients: 4 B per *trained* parameter held (fp32 main-grad buffer);
 * optimizer: 12 B per trained parameter (fp32 master copy + two Adam moments), divided by DP with the distributed
   optimizer;
+* gradients: with ``distributed_optimizer`` (megatron DDP) 4 B per *trained* parameter held (fp32 main-grad buffer);
+  without it (the trainer's ``MasterAdamW``) 2 B (autograd's gradients in the parameter dtype);
+* optimizer-step transient: torch's multi-tensor AdamW (what runs without Transformer Engine / apex) allocates
+  ``sqrt(v)`` for every parameter it updates at once (4 B per fp32 master element, on this rank's DP shard with the
+  distributed optimizer); ``MasterAdamW`` also holds fp32 copies of all gradients during the step (4 B);
 * activations of one microbatch per LLM layer and token, in bf16, with FlashAttention (no s x s scores kept):
   none recompute -> inputs of both norms and their outputs, q/k/v, attention output, gate/up outputs and their product:
   ``5h + (h + 2·kv·hd) + 3·I`` elements; selective recompute (attention core recomputed) keeps the same here because
@@ -15,6 +19,9 @@ Memory model (bytes per GPU, bf16 weights, megatron DDP with fp32 main gradients
 * the frozen vision tower runs without grad: only its largest transient (one block's working set for all patches of a
   microbatch) counts, plus the merger's saved input;
 * a fixed ``overhead_gib`` for the CUDA context, NCCL buffers and allocator slack.
+
+Activations are freed by the end of the backward pass, before the optimizer step, so the peak is
+``weights + optimizer + gradients + max(activations, optimizer-step transient) + overhead``.
 
 Step time: model FLOPs (``vlr_runtime.flops``) over ``gpus x peak x efficiency``, stretched by the pipeline bubble
 ``(pp-1)/(m+pp-1)`` and a TP communication penalty. These are planning numbers: the GPU benchmark compares the memory
@@ -51,6 +58,8 @@ class Workload:
     merger_trained: bool = True
     sequence_parallel: bool = True
     distributed_optimizer: bool = True
+    """The trainer's ``parallel.distributed_optimizer``: megatron DDP + the DP-sharded optimizer; False: its
+    ``MasterAdamW`` (replicated, gradients all-reduced)."""
 
 
 @dataclass(kw_only=True)
@@ -62,6 +71,8 @@ class Estimate:
     grads_gib: float
     optimizer_gib: float
     activations_gib: float
+    optimizer_step_gib: float
+    """Transient of the optimizer step (not at the same time as the activations)."""
     total_gib: float
     step_time_s: float
     tokens_per_s: float
@@ -118,8 +129,15 @@ def estimate(
     trained = {k: n for k, n in held.items() if not (k == "vision" and not work.vision_trained)
                and not (k == "merger" and not work.merger_trained)}
     weights = 2 * sum(held.values())
-    grads = 4 * sum(trained.values())
-    optim = 12 * sum(trained.values()) / (dp if work.distributed_optimizer else 1)
+    n_trained = sum(trained.values())
+    if work.distributed_optimizer:
+        grads = 4 * n_trained
+        optim = 12 * n_trained / dp
+        step_transient = 4 * n_trained / dp
+    else:
+        grads = 2 * n_trained
+        optim = 12 * n_trained
+        step_transient = (4 + 4) * n_trained
 
     if work.recompute == "full":
         per_token = h / (tp if work.sequence_parallel else 1)
@@ -133,7 +151,7 @@ def estimate(
     vision_transient = 2 * work.micro_batch_patches * (4 * c + 3 * vi / tp)
     merger_saved = 2 * work.micro_batch_patches * c * in_flight
     acts = llm_act + vision_transient + merger_saved
-    total = weights + grads + optim + acts + overhead_gib * GIB
+    total = weights + grads + optim + max(acts, step_transient) + overhead_gib * GIB
 
     seqs = [work.micro_batch_tokens]  # one long segment per microbatch bounds the attention cost from above
     side = int((work.micro_batch_patches) ** 0.5) // 2 * 2
@@ -146,7 +164,7 @@ def estimate(
     step = compute_s * tp_penalty / (1.0 - bubble)
     return Estimate(
         tp=tp, pp=pp, dp=dp, weights_gib=weights / GIB, grads_gib=grads / GIB, optimizer_gib=optim / GIB,
-        activations_gib=acts / GIB, total_gib=total / GIB, step_time_s=step,
+        activations_gib=acts / GIB, optimizer_step_gib=step_transient / GIB, total_gib=total / GIB, step_time_s=step,
         tokens_per_s=work.micro_batch_tokens * work.microbatches * dp / step, fits=total / GIB <= gpu_mem_gib,
     )
 
@@ -219,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         for e in ests:
             print(json.dumps(asdict(e)))
     else:
-        print(f"{'tp':>3} {'pp':>3} {'dp':>4} {'weights':>8} {'grads':>7} {'optim':>7} {'acts':>7} {'total':>7}"
-              f" {'step_s':>8} {'tok/s':>9} fits")
+        print(f"{'tp':>3} {'pp':>3} {'dp':>4} {'weights':>8} {'grads':>7} {'optim':>7} {'acts':>7} {'step':>7}"
+              f" {'total':>7} {'step_s':>8} {'tok/s':>9} fits")
         for e in ests:
             print(f"{e.tp:>3} {e.pp:>3} {e.dp:>4} {e.weights_gib:>8.1f} {e.grads_gib:>7.1f} {e.optimizer_gib:>7.1f}"
-                  f" {e.activations_gib:>7.1f} {e.total_gib:>7.1f} {e.step_time_s:>8.3f} {e.tokens_per_s:>9.0f}"
-                  f" {'yes' if e.fits else 'no'}")
+                  f" {e.activations_gib:>7.1f} {e.optimizer_step_gib:>7.1f} {e.total_gib:>7.1f}"
+                  f" {e.step_time_s:>8.3f} {e.tokens_per_s:>9.0f} {'yes' if e.fits else 'no'}")
     if best is None:
         print(f"plan: no layout fits in {args.gpu_mem} GiB per GPU; try --recompute full or more GPUs")
         return 2
