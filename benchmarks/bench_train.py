@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Recorder, append_csv, base_parser, bench_device, time_ms, want
 from bench_model import SEQS, build_models, freeze_vit, hf_loss, make_inputs
 
+from vlr_runtime.flops import mfu, peak_flops_for, training_step_flops
+from vlr_runtime.plan import Estimate, Workload, estimate
+
 IMAGE_GRID_504 = (1, 36, 36)  # 504 x 504 px in 14 px patches
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.98), 1e-8, 0.01, 1.0
 # HF names of the trained tensors whose first update is compared between the providers (each maps to one parameter
@@ -53,7 +56,6 @@ class Provider:
     """One provider's step and what it trains: ``step()`` returns the (0-d) loss of that step."""
 
     step: Callable[[], torch.Tensor]
-    trainable: list[torch.nn.Parameter]
     checked: dict[str, torch.Tensor]
     """HF name -> the provider's parameter holding it (compared after the first step)."""
     optimizer_note: str
@@ -80,7 +82,7 @@ def _hf_provider(hf, inputs: dict, head_w: torch.Tensor, head_b: torch.Tensor, d
 
     named = {canonical_name(n): p for n, p in hf.named_parameters()}
     named["v_head.summary.weight"] = head_w
-    return Provider(step, params, named, f"torch.optim.AdamW(fused={fused}) on the {params[0].dtype} parameters")
+    return Provider(step, named, f"torch.optim.AdamW(fused={fused}) on the {params[0].dtype} parameters")
 
 
 def _our_provider(ours, batch) -> Provider:
@@ -105,7 +107,7 @@ def _our_provider(ours, batch) -> Provider:
 
     params = dict(ours.named_parameters())
     named = {spec.parts[0].name: params[spec.param] for spec in hf_param_specs(ours.args) if len(spec.parts) == 1}
-    return Provider(step, trainable, named, "MasterAdamW (fp32 master weights + moments, torch AdamW foreach)")
+    return Provider(step, named, "MasterAdamW (fp32 master weights + moments; torch AdamW, multi-tensor on CUDA)")
 
 
 def _checked_names(num_layers: int) -> list[str]:
@@ -145,15 +147,49 @@ def _device_used_at_peak(device: torch.device) -> float:
     return torch.cuda.max_memory_reserved(device) + outside_torch
 
 
+def _measure(name: str, prov: Provider, device: torch.device, warmup: int, rep: int, tokens: int, flops: float,
+             peak_flops: float | None, resident_other_bytes: int) -> dict[str, float]:
+    """Time ``prov.step`` (after ``warmup`` steps, median of ``rep``) and, on CUDA, the peak allocated by one more
+    step above ``resident_other_bytes`` (memory of the other provider's idle model) and the device-level peak."""
+    p50, p20, p80 = time_ms(prov.step, device, warmup, rep)
+    r = {"ms": p50, "p20": p20, "p80": p80, "tok/s": tokens / (p50 * 1e-3)}
+    if peak_flops:
+        r["mfu"] = mfu(flops, p50 * 1e-3, peak_flops)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        prov.step()
+        torch.cuda.synchronize(device)
+        r["peak_gib"] = (torch.cuda.max_memory_allocated(device) - resident_other_bytes) / GIB
+        r["device_gib"] = _device_used_at_peak(device) / GIB
+    print(f"[train_step] {name}: {p50:.2f} ms/step, {r['tok/s']:,.0f} tokens/s", flush=True)
+    return r
+
+
+def _planner_check(cfg: dict, tokens: int, patches: int, results: dict, device: torch.device) -> tuple[Estimate, dict]:
+    """``plan.estimate`` of this run's layout and workload (tp=pp=dp=1, no recompute, the trainer's MasterAdamW
+    path) and its relative error against our measured peaks (CUDA only)."""
+    work = Workload(micro_batch_tokens=tokens, micro_batch_patches=patches, microbatches=1, recompute="none",
+                    vision_trained=False, merger_trained=True, sequence_parallel=False, distributed_optimizer=False)
+    mem_total = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 80.0
+    est = estimate(cfg, work, tp=1, pp=1, dp=1, gpu_mem_gib=mem_total)
+    out = {"overhead_gib": est.total_gib - est.weights_gib - est.grads_gib - est.optimizer_gib
+           - max(est.activations_gib, est.optimizer_step_gib)}
+    ours = results.get("ours", {})
+    if "device_gib" in ours:
+        out["rel_err"] = (est.total_gib - ours["device_gib"]) / ours["device_gib"]
+        # without the fixed overhead term, against what torch itself allocated at peak
+        out["rel_err_alloc"] = (est.total_gib - out["overhead_gib"] - ours["peak_gib"]) / ours["peak_gib"]
+    return est, out
+
+
 def main(argv: list[str] | None = None) -> str:
     p = base_parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
     device = bench_device()
     dtype = torch.float32 if args.quick and args.dtype == "bfloat16" else getattr(torch, args.dtype)
     warmup, rep = (2, 5) if args.quick else (3, max(5, min(args.rep, 20)))
-    from vlr_runtime.flops import mfu, peak_flops_for, training_step_flops
     from vlr_runtime.parallel import setup_distributed, teardown
-    from vlr_runtime.plan import Workload, estimate
 
     setup_distributed(1)
     try:
@@ -164,7 +200,12 @@ def main(argv: list[str] | None = None) -> str:
         inputs, batch = make_inputs(hf, args.quick, device, grid)
         cfg = hf.config.to_dict()
         seq, layers = batch.max_seqlen, hf.config.text_config.num_hidden_layers
-        x = f"{SEQS}x{seq} tok, {SEQS} img {grid[1]}x{grid[2]}, LLM {layers} layers, ViT frozen, {dtype}"
+        n_hf = sum(q.numel() for q in hf.parameters() if q.requires_grad) + head_w.numel() + head_b.numel()
+        n_ours = sum(q.numel() for g, qs in ours.param_groups().items() if g != "vision" for q in qs)
+        if n_hf != n_ours:
+            raise SystemExit(f"trainable sets differ: hf_sdpa {n_hf:,} vs ours {n_ours:,} parameters")
+        x = (f"{SEQS}x{seq} tok, {SEQS} img {grid[1]}x{grid[2]}, LLM {layers} layers, ViT frozen, "
+             f"{n_ours / 1e6:,.1f}M trained, {dtype}")
         tokens = batch.num_tokens
         flops = training_step_flops(cfg, [seq] * SEQS, [grid] * SEQS, vision_trained=False, merger_trained=True,
                                     num_scored=SEQS).total
@@ -174,21 +215,20 @@ def main(argv: list[str] | None = None) -> str:
 
         with torch.no_grad():  # same weights, same inputs: the losses must agree before any timing means much
             l_hf, l_ours = float(hf_loss(hf, inputs, head_w, head_b)), float(ours.loss(batch)[0])
-        print(f"[train_step] first-step loss hf_sdpa={l_hf:.5f} ours={l_ours:.5f}", flush=True)
+        print(f"[train_step] loss without grad: hf_sdpa={l_hf:.5f} ours={l_ours:.5f}", flush=True)
         loss_tol = 0.05 if dtype != torch.float32 else 1e-4
         if abs(l_hf - l_ours) > loss_tol * max(1.0, abs(l_hf)):
             raise SystemExit(f"losses disagree: hf {l_hf} vs ours {l_ours}")
-        rec.add("hf_sdpa", "first step", "loss", x, l_hf)
-        rec.add("ours", "first step", "loss", x, l_ours)
 
         names = _checked_names(layers)
-        before = {n: ours_param.detach().float().cpu().reshape(-1).clone() for n, ours_param in
-                  zip(names, (dict(ours.named_parameters())[s] for s in _our_param_names(ours, names)))}
-        after: dict[str, dict[str, torch.Tensor]] = {}
-        results: dict[str, dict[str, float]] = {}
-        ours_bytes = _tensor_bytes([*ours.parameters(), *ours.buffers(), *batch_tensors(batch)])
+        ours_params = dict(ours.named_parameters())
+        before = {n: ours_params[o].detach().float().cpu().reshape(-1).clone()
+                  for n, o in zip(names, _our_param_names(ours, names))}
+        ours_bytes = _tensor_bytes([*ours.parameters(), *ours.buffers(), *_batch_tensors(batch)])
         makers = {"hf_sdpa": lambda: _hf_provider(hf, inputs, head_w, head_b, device),
                   "ours": lambda: _our_provider(ours, batch)}
+        results: dict[str, dict[str, float]] = {}
+        after: dict[str, dict[str, torch.Tensor]] = {}
         notes: dict[str, str] = {}
         firsts: dict[str, float] = {}
         for name, make in makers.items():
@@ -199,59 +239,37 @@ def main(argv: list[str] | None = None) -> str:
                 continue
             prov = make()
             notes[name] = prov.optimizer_note
-            first = float(prov.step())
-            firsts[name] = first
+            firsts[name] = float(prov.step())
             after[name] = {n: prov.checked[n].detach().float().cpu().reshape(-1).clone() for n in names}
-            print(f"[train_step] {name}: first step loss {first:.5f}, {prov.optimizer_note}", flush=True)
-            p50, p20, p80 = time_ms(prov.step, device, warmup, rep)
-            results[name] = {"ms": p50, "tok/s": tokens / (p50 * 1e-3)}
-            rec.add(name, "train step", "ms", x, p50, p20, p80)
-            rec.add(name, "train step", "tok/s", x, results[name]["tok/s"])
-            if peak_flops:
-                results[name]["mfu"] = mfu(flops, p50 * 1e-3, peak_flops)
-                rec.add(name, "train step", "MFU_pct", x, 100 * results[name]["mfu"])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                prov.step()
-                torch.cuda.synchronize(device)
-                resident_other = ours_bytes if name == "hf_sdpa" else 0
-                results[name]["peak_gib"] = (torch.cuda.max_memory_allocated(device) - resident_other) / GIB
-                rec.add(name, "train step", "peak_MiB", x, results[name]["peak_gib"] * 1024)
-                if name == "ours":
-                    results[name]["device_gib"] = _device_used_at_peak(device) / GIB
+            print(f"[train_step] {name}: first training step loss {firsts[name]:.5f}", flush=True)
+            r = results[name] = _measure(name, prov, device, warmup, rep, tokens, flops, peak_flops,
+                                         ours_bytes if name == "hf_sdpa" else 0)
+            rec.add(name, "train step", "ms", x, r["ms"], r["p20"], r["p80"])
+            rec.add(name, "train step", "tok/s", x, r["tok/s"])
+            rec.add(name, "first step", "loss", x, firsts[name])
+            if "mfu" in r:
+                rec.add(name, "train step", "MFU_pct", x, 100 * r["mfu"])
+            if "peak_gib" in r:
+                rec.add(name, "train step", "peak_MiB", x, r["peak_gib"] * 1024)
             del prov
             _free(device)
         if "hf_sdpa" in results and "ours" in results:
-            ratio = results["ours"]["tok/s"] / results["hf_sdpa"]["tok/s"]
-            results["ours"]["ratio"] = ratio
-            rec.add("ours/hf_sdpa", "train step", "tok/s ratio", x, ratio)
+            results["ours"]["ratio"] = results["ours"]["tok/s"] / results["hf_sdpa"]["tok/s"]
+            rec.add("ours/hf_sdpa", "train step", "tok/s ratio", x, results["ours"]["ratio"])
 
         agreement = _update_agreement(before, after) if len(after) == 2 else {}
         tol_rel, tol_cos = (1e-3, 0.9999) if dtype == torch.float32 else (0.5, 0.9)
         bad = [f"loss of the {name} training step ({v:.5f} vs {l_hf:.5f} without grad)" for name, v in firsts.items()
                if abs(v - l_hf) > loss_tol * max(1.0, abs(l_hf))]
         for n, (rel, cos) in agreement.items():
-            print(f"[train_step] first update of {n}: rel diff {rel:.3g}, cosine {cos:.6f}", flush=True)
             rec.add("ours_vs_hf", f"update {n}", "rel_diff", x, rel)
             if not (rel <= tol_rel or cos >= tol_cos):
-                bad.append(n)
+                bad.append(f"update of {n} (rel diff {rel:.3g}, cosine {cos:.4f})")
 
-        work = Workload(micro_batch_tokens=tokens, micro_batch_patches=SEQS * grid[0] * grid[1] * grid[2],
-                        microbatches=1, recompute="none", vision_trained=False, merger_trained=True,
-                        sequence_parallel=False, distributed_optimizer=False)
-        mem_total = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 80.0
-        est = estimate(cfg, work, tp=1, pp=1, dp=1, gpu_mem_gib=mem_total)
-        planner = {"est_gib": est.total_gib, "overhead_gib": est.total_gib - est.weights_gib - est.grads_gib
-                   - est.optimizer_gib - est.activations_gib}
+        est, planner = _planner_check(cfg, tokens, SEQS * grid[0] * grid[1] * grid[2], results, device)
         rec.add("planner", "memory tp1 pp1 dp1", "est_GiB", x, est.total_gib)
-        if "ours" in results and "device_gib" in results["ours"]:
-            measured = results["ours"]["device_gib"]
-            planner["rel_err"] = (est.total_gib - measured) / measured
+        if "rel_err" in planner:
             rec.add("planner", "memory tp1 pp1 dp1", "rel_err_vs_device_peak", x, planner["rel_err"])
-            # without the fixed overhead term, against what torch itself allocated at peak
-            allocated = results["ours"]["peak_gib"]
-            planner["rel_err_alloc"] = (est.total_gib - planner["overhead_gib"] - allocated) / allocated
             rec.add("planner", "memory tp1 pp1 dp1", "rel_err_wo_overhead_vs_allocated", x, planner["rel_err_alloc"])
 
         if args.csv is not None and rec.rows:
@@ -273,7 +291,7 @@ def _our_param_names(ours, hf_names: list[str]) -> list[str]:
     return [single[n] for n in hf_names]
 
 
-def batch_tensors(batch) -> list[torch.Tensor]:
+def _batch_tensors(batch) -> list[torch.Tensor]:
     return [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
 
 
@@ -294,12 +312,14 @@ def _markdown(env, x, results, notes, firsts, est, planner, agreement, bad, flop
     measured = f"{ours['device_gib']:.2f}" if "device_gib" in ours else "n/a"
     err = f"{100 * planner['rel_err']:+.1f}%" if "rel_err" in planner else "n/a"
     err_alloc = f"{100 * planner['rel_err_alloc']:+.1f}%" if "rel_err_alloc" in planner else "n/a"
-    header = ("| planner (tp1 pp1 dp1) | weights | grads | optimizer | activations | overhead | estimate GiB "
-              "| measured GiB (device peak) | rel. error (target within 15%) | error without overhead vs allocated peak |")
+    header = ("| planner GiB (tp1 pp1 dp1) | weights | grads | optimizer | activations | optimizer step | overhead "
+              "| estimate | measured (device peak) | rel. error (target within 15%) | error without overhead vs "
+              "allocated peak |")
     row = (f"| planner | {est.weights_gib:.3g} | {est.grads_gib:.3g} | {est.optimizer_gib:.3g} "
-           f"| {est.activations_gib:.3g} | {planner['overhead_gib']:.3g} | {est.total_gib:.3g} | {measured} | {err} "
-           f"| {err_alloc} |")
-    lines += ["", header, "| --- " * 10 + "|", row]
+           f"| {est.activations_gib:.3g} | {est.optimizer_step_gib:.3g} | {planner['overhead_gib']:.3g} "
+           f"| {est.total_gib:.3g} | {measured} | {err} | {err_alloc} |")
+    lines += ["", "planner estimate = weights + grads + optimizer + max(activations, optimizer step) + overhead",
+              "", header, "| --- " * 11 + "|", row]
     if agreement:
         lines += ["", "| first update (ours vs hf_sdpa) | rel diff | cosine |", "| --- | --- | --- |"]
         lines += [f"| {n} | {rel:.3g} | {cos:.6f} |" for n, (rel, cos) in agreement.items()]
