@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch-patches", type=int, default=4096)
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="the run's parallel.distributed_optimizer (off: the trainer's replicated MasterAdamW)")
     p.add_argument("--json", action="store_true", help="print every estimate as JSON")
     args = p.parse_args(argv)
     try:
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan: cannot read the model config of {args.config or args.hf_config}: {exc}", file=sys.stderr)
         return 1
     work = Workload(micro_batch_tokens=args.micro_batch_tokens, micro_batch_patches=args.micro_batch_patches,
-                    microbatches=args.microbatches, recompute=args.recompute)
+                    microbatches=args.microbatches, recompute=args.recompute,
+                    distributed_optimizer=args.distributed_optimizer)
     ests, best = plan(cfg, work, args.gpus, args.gpu_mem)
     if args.json:
         for e in ests:

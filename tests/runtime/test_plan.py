@@ -68,6 +68,13 @@ def test_cli_recommends_a_fitting_layout(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "recommended: tp=" in out
     assert main(["--hf-config", str(path), "--gpus", "1", "--gpu-mem", "10"]) == 2
+    capsys.readouterr()
+    rows = {}
+    for flag in ("--distributed-optimizer", "--no-distributed-optimizer"):
+        assert main(["--hf-config", str(path), "--gpus", "8", "--json", flag]) == 0
+        rows[flag] = {(r["tp"], r["pp"], r["dp"]): r for r in map(json.loads, capsys.readouterr().out.splitlines()[:-1])}
+    sharded, replicated = rows["--distributed-optimizer"][(1, 1, 8)], rows["--no-distributed-optimizer"][(1, 1, 8)]
+    assert replicated["optimizer_gib"] == pytest.approx(8 * sharded["optimizer_gib"])
 
 
 def test_cli_reads_the_model_of_a_run_config(tmp_path, capsys):
