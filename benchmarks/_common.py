@@ -113,6 +113,35 @@ def time_ms(
     return statistics.median(times), q[1], q[7]
 
 
+def graph_time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    rep: int = 50,
+    before_each: Callable[[], None] | None = None,
+) -> tuple[float, float, float]:
+    """``(p50, p20, p80)`` milliseconds of ONE CUDA-graph replay of ``fn()`` (L2 flushed before each replay): the
+    device time of the work with the host's launch and autograd overhead taken out, i.e. what the kernels cost when
+    the host runs ahead (a training step's big matrix products hide it) or under whole-step graph capture.
+    ``before_each`` runs once before the capture (e.g. clearing ``.grad``, so backward allocates its gradients in
+    the graph's pool). Raises when ``fn`` cannot be captured (a host synchronisation inside it)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture needs warmed-up kernels/allocations made on a side stream first
+        for _ in range(3):
+            if before_each:
+                before_each()
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    if before_each:
+        before_each()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize(device)
+    return time_ms(graph.replay, device, warmup=3, rep=rep)
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     """MiB allocated at peak by ``fn()`` above what was allocated before it; None on CPU (not measurable)."""
     if device.type != "cuda":
@@ -184,6 +213,37 @@ class Recorder:
                         self.add(provider, mode, "pct_copy_bw", x, 100.0 * gbps / ceiling_gbps)
         except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others' numbers
             self.skip(provider, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            return
+        if self.device.type == "cuda":
+            self.measure_graphed(provider, x, modes, bytes_moved, ceiling_gbps, rep)
+
+    def measure_graphed(
+        self,
+        provider: str,
+        x: str,
+        modes: dict[str, tuple[Callable[[], object], Callable[[], None] | None]],
+        bytes_moved: dict[str, int] | None,
+        ceiling_gbps: float | None,
+        rep: int,
+    ) -> None:
+        """The ``fwd`` and ``fwd+bwd`` modes again as CUDA-graph replays (mode ``<mode> graph``): device time
+        without host overhead. A provider that cannot be captured gets a skip line for its graph modes only."""
+        for mode in ("fwd", "fwd+bwd"):
+            if mode not in modes:
+                continue
+            fn, before_each = modes[mode]
+            try:
+                p50, p20, p80 = graph_time_ms(fn, self.device, rep, before_each)
+            except Exception as exc:  # noqa: BLE001 - e.g. a provider that synchronises with the host
+                torch.cuda.synchronize(self.device)
+                self.skip(f"{provider} ({mode} graph)", f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+                continue
+            self.add(provider, f"{mode} graph", "ms", x, p50, p20, p80)
+            if bytes_moved and mode in bytes_moved:
+                gbps = bytes_moved[mode] / (p50 * 1e-3) / 1e9
+                self.add(provider, f"{mode} graph", "GB/s", x, gbps)
+                if ceiling_gbps:
+                    self.add(provider, f"{mode} graph", "pct_copy_bw", x, 100.0 * gbps / ceiling_gbps)
 
     def run_providers(
         self,

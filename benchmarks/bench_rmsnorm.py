@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> str:
 
     rec.run_providers(providers, f"{m}x{n}", backward, [x, w] + ([r] if r is not None else []), bytes_moved,
                       ceiling, args.providers, warmup, rep)
+    from vlr_kernels._tune import choices
+
+    print(f"[rmsnorm] backward launch picked by the tuner (warps, programs/SM, prefetch): {choices()}", flush=True)
     return rec.finish()
 
 

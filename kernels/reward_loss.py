@@ -19,8 +19,6 @@ row's gradient back to the rank that holds it. ``S * H`` is tiny next to ``T * H
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -293,22 +291,25 @@ def pair_loss_fwd(
 @triton_jit
 def _param_grad_kernel(
     dw_part_ptr, dg_part_ptr, dr_ptr, dw_ptr, dg_ptr, db_ptr, n_scored, n_cols,
-    HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_NORM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # column sums of the per-row partials, written straight in the parameters' dtypes; program 0 also sums db
+    # column sums of the per-row partials, written straight in the parameters' dtypes; program 0 also sums db.
+    # A [BLOCK_R, BLOCK_C] tile per iteration: the S rows cost S / BLOCK_R dependent memory round trips, not S.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < n_cols
-    sw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sg = tl.zeros([BLOCK_C], dtype=tl.float32)
-    offs = c.to(tl.int64)  # advanced one row per iteration; S * H may exceed 2**31
-    for _ in range(n_scored):
-        sw += tl.load(dw_part_ptr + offs, mask=cmask, other=0.0)
+    r = tl.arange(0, BLOCK_R)
+    sw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    sg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(0, n_scored, BLOCK_R):
+        rows = start + r
+        offs = rows.to(tl.int64)[:, None] * n_cols + c[None, :]  # S * H may exceed 2**31
+        mask = (rows < n_scored)[:, None] & cmask[None, :]
+        sw += tl.load(dw_part_ptr + offs, mask=mask, other=0.0)
         if HAS_NORM:
-            sg += tl.load(dg_part_ptr + offs, mask=cmask, other=0.0)
-        offs += n_cols
-    tl.store(dw_ptr + c, sw.to(dw_ptr.dtype.element_ty), mask=cmask)
+            sg += tl.load(dg_part_ptr + offs, mask=mask, other=0.0)
+    tl.store(dw_ptr + c, tl.sum(sw, axis=0).to(dw_ptr.dtype.element_ty), mask=cmask)
     if HAS_NORM:
-        tl.store(dg_ptr + c, sg.to(dg_ptr.dtype.element_ty), mask=cmask)
+        tl.store(dg_ptr + c, tl.sum(sg, axis=0).to(dg_ptr.dtype.element_ty), mask=cmask)
     if tl.program_id(0) == 0:
         s_offs = tl.arange(0, BLOCK_S)
         acc = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -342,10 +343,10 @@ def reward_loss_bwd(
     dw = torch.empty_like(head_weight)
     db = torch.empty_like(head_bias)
     dg = torch.empty_like(norm_weight) if norm_weight is not None else None
-    block_c = 256
+    block_c = 128
     _param_grad_kernel[(triton.cdiv(n_cols, block_c),)](
         dw_part, dg_part, dr, dw, dg if dg is not None else dw, db, s, n_cols,
-        HAS_NORM=norm_weight is not None, BLOCK_C=block_c, BLOCK_S=1024, num_warps=4,
+        HAS_NORM=norm_weight is not None, BLOCK_C=block_c, BLOCK_R=32, BLOCK_S=1024, num_warps=8,
     )
     return dhidden, dw, db, dg
 
@@ -416,10 +417,16 @@ class _CudaLaunchers:
         return dh, dw, db.reshape(head_bias.shape), (dg if norm_weight is not None else None)
 
 
-@functools.cache
+_CUDA_OPS_LOADED = False
+
+
 def _load_cuda_ops() -> None:
     """Import the extension (its static initialisers register ``torch.ops.vlr_kernels.*``) and register the
-    shape-only fake implementations that torch.compile traces with."""
+    shape-only fake implementations that torch.compile traces with. Called once, eagerly: a flag rather than
+    ``functools.cache`` because dynamo traces through a cache wrapper into the import and the registrations."""
+    global _CUDA_OPS_LOADED
+    if _CUDA_OPS_LOADED:
+        return
     import vlr_kernels._cuda  # noqa: F401
 
     @torch.library.register_fake("vlr_kernels::reward_fwd")
@@ -437,10 +444,13 @@ def _load_cuda_ops() -> None:
         dg = torch.empty_like(norm_weight) if norm_weight is not None else head_weight.new_empty(0)
         return hidden.new_empty(hidden.shape), torch.empty_like(head_weight), head_bias.new_empty(1), dg
 
+    _CUDA_OPS_LOADED = True
+
 
 def _launchers(impl: str):
     if impl == "cuda":
-        _load_cuda_ops()
+        if not _CUDA_OPS_LOADED:
+            _load_cuda_ops()
         return _CudaLaunchers
     return _TritonLaunchers
 

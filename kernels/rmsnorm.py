@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from vlr_kernels._backend import resolve_backend
 from vlr_kernels._triton_compat import tl, triton, triton_jit
+from vlr_kernels._tune import pick
 
 _BACKENDS = ("triton", "torch")
 
@@ -50,11 +51,13 @@ def _rms_norm_fwd_kernel(
 
 @triton_jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, ds_ptr, s_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, n_cols, rows_per_program,
-    HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr,
+    dy_ptr, ds_ptr, s_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, n_cols,
+    HAS_DS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # one program per contiguous slice of rows, its dweight partial kept in registers
+    # one program per contiguous slice of rows, its dweight partial kept in registers; with PREFETCH the next
+    # row's dy and s are loaded before this row's reduction, so two rows' loads are in flight per program
     pid = tl.program_id(0)
+    rows_per_program = tl.cdiv(n_rows, tl.num_programs(0))
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -62,10 +65,22 @@ def _rms_norm_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     row_off = row_start.to(tl.int64) * n_cols  # scalar 64-bit row offset (T*H may exceed 2**31), 32-bit cols
+    zero = cols * 0  # row tests broadcast to a vector: a scalar bool in a mask is rejected by the interpreter
+    first = mask & (zero + row_start < row_end)
+    dy_next = tl.load(dy_ptr + row_off + cols, mask=first, other=0.0)
+    s_next = tl.load(s_ptr + row_off + cols, mask=first, other=0.0)
     for row in range(row_start, row_end):
-        dy = tl.load(dy_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dy_raw, s_raw = dy_next, s_next
+            more = mask & (zero + row + 1 < row_end)
+            dy_next = tl.load(dy_ptr + row_off + n_cols + cols, mask=more, other=0.0)
+            s_next = tl.load(s_ptr + row_off + n_cols + cols, mask=more, other=0.0)
+        else:
+            dy_raw = tl.load(dy_ptr + row_off + cols, mask=mask, other=0.0)
+            s_raw = tl.load(s_ptr + row_off + cols, mask=mask, other=0.0)
+        dy = dy_raw.to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
-        xhat = tl.load(s_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32) * rstd
+        xhat = s_raw.to(tl.float32) * rstd
         dyw = dy * w
         dx = rstd * (dyw - xhat * (tl.sum(dyw * xhat, axis=0) / n_cols))
         if HAS_DS:
@@ -74,6 +89,12 @@ def _rms_norm_bwd_kernel(
         dw_acc += dy * xhat
         row_off += n_cols
     tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+
+
+# Backward launch shapes (num_warps, programs per SM, prefetch), the first the default: a register-heavy row
+# (BLOCK_N = 4096 at 16 warps uses 128 registers a thread, one resident program per SM) is latency-bound, so the
+# candidates trade warps per row against rows in flight; the fastest is picked once per shape on the device.
+_BWD_CONFIGS = ((16, 4, False), (32, 1, True), (32, 2, True), (32, 1, False), (32, 4, False))
 
 
 def _num_warps(block_n: int) -> int:
@@ -104,15 +125,21 @@ def rms_norm_bwd(
     Returns ``(dx [M, N] in s's dtype, dweight [N] in weight's dtype)``."""
     m, n = s.shape
     dx = torch.empty_like(s)
-    # enough programs to fill the GPU; each keeps its slice's dweight partial in registers
-    programs = min(m, 4 * torch.cuda.get_device_properties(s.device).multi_processor_count) if s.is_cuda else min(m, 4)
-    rows_per_program = triton.cdiv(m, programs)
-    dw_part = torch.empty((programs, n), dtype=torch.float32, device=s.device)
     block_n = triton.next_power_of_2(n)
-    _rms_norm_bwd_kernel[(programs,)](
-        dy, ds if ds is not None else dy, s, weight, rstd, dx, dw_part, m, n, rows_per_program,
-        HAS_DS=ds is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
-    )
+    sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 1
+    most = min(m, max(f for _, f, _ in _BWD_CONFIGS) * sms) if s.is_cuda else min(m, 4)
+    # rows of programs a smaller grid leaves unwritten must sum to zero
+    dw_part = torch.zeros((most, n), dtype=torch.float32, device=s.device)
+
+    def launch(cfg: tuple[int, int, bool]) -> None:
+        warps, per_sm, prefetch = cfg
+        programs = min(most, per_sm * sms) if s.is_cuda else most
+        _rms_norm_bwd_kernel[(programs,)](
+            dy, ds if ds is not None else dy, s, weight, rstd, dx, dw_part, m, n,
+            HAS_DS=ds is not None, PREFETCH=prefetch, BLOCK_N=block_n, num_warps=min(warps, _num_warps(block_n) * 2),
+        )
+
+    launch(pick(("rms_norm_bwd", n, s.dtype, ds is not None, s.device), _BWD_CONFIGS, launch, s.device))
     return dx, dw_part.sum(0).to(weight.dtype)
 
 

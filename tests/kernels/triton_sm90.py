@@ -33,9 +33,10 @@ CASES = [
     ("rms_norm_fwd+res", rmsnorm._rms_norm_fwd_kernel,
      {"x_ptr": BF, "r_ptr": BF, "w_ptr": BF, "y_ptr": BF, "s_ptr": BF, "rstd_ptr": F32, "n_cols": "i32",
       "eps": "fp32"}, {"HAS_RESIDUAL": True, "BLOCK_N": 4096}, 16),
-    ("rms_norm_bwd+ds", rmsnorm._rms_norm_bwd_kernel,
-     {"dy_ptr": BF, "ds_ptr": BF, "s_ptr": BF, "w_ptr": BF, "rstd_ptr": F32, "dx_ptr": BF, "dw_part_ptr": F32,
-      "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"}, {"HAS_DS": True, "BLOCK_N": 4096}, 16),
+    *[(f"rms_norm_bwd+ds{'+prefetch' if prefetch else ''}", rmsnorm._rms_norm_bwd_kernel,
+       {"dy_ptr": BF, "ds_ptr": BF, "s_ptr": BF, "w_ptr": BF, "rstd_ptr": F32, "dx_ptr": BF, "dw_part_ptr": F32,
+        "n_rows": "i32", "n_cols": "i32"}, {"HAS_DS": True, "PREFETCH": prefetch, "BLOCK_N": 4096}, warps)
+      for warps, _, prefetch in rmsnorm._BWD_CONFIGS],
     ("swiglu_fwd", swiglu._swiglu_fwd_kernel, {"g_ptr": BF, "u_ptr": BF, "y_ptr": BF, "n": "i64"},
      {"BLOCK": 1024}, 4),
     ("swiglu_bwd", swiglu._swiglu_bwd_kernel,
@@ -61,7 +62,7 @@ CASES = [
       for norm in (False, True)],
     ("param_grad+norm", reward_loss._param_grad_kernel,
      {"dw_part_ptr": F32, "dg_part_ptr": F32, "dr_ptr": F32, "dw_ptr": BF, "dg_ptr": BF, "db_ptr": BF,
-      "n_scored": "i32", "n_cols": "i32"}, {"HAS_NORM": True, "BLOCK_C": 256, "BLOCK_S": 1024}, 4),
+      "n_scored": "i32", "n_cols": "i32"}, {"HAS_NORM": True, "BLOCK_C": 128, "BLOCK_R": 32, "BLOCK_S": 1024}, 8),
 ]
 
 
