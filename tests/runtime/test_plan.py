@@ -95,7 +95,7 @@ def test_cli_reads_the_model_of_a_run_config(tmp_path, capsys):
 def test_peak_is_the_larger_of_backward_and_optimizer_step(distributed):
     """Activations are gone when the optimizer steps: the estimate adds the larger of the two, never both. The
     trainer's two optimizer paths hold different gradients: megatron DDP's fp32 buffer (4 B) or autograd's bf16
-    gradients (2 B) plus, during MasterAdamW's step, their fp32 copies and AdamW's sqrt(v) (4 + 4 B)."""
+    gradients (2 B) plus, during MasterAdamW's step (fused AdamW), their fp32 copies (4 B)."""
     counts = parameter_counts(QWEN25_VL_7B)
     trained = counts["merger"] + counts["llm"] + counts["head"]
     for tokens in (1024, 1 << 18):  # step transient larger / activations larger
@@ -103,7 +103,7 @@ def test_peak_is_the_larger_of_backward_and_optimizer_step(distributed):
         e = estimate(QWEN25_VL_7B, work, tp=1, pp=1, dp=2, gpu_mem_gib=80, overhead_gib=3.0)
         assert e.grads_gib == pytest.approx((4 if distributed else 2) * trained / 2**30)
         assert e.optimizer_gib == pytest.approx(12 * trained / (2 if distributed else 1) / 2**30)
-        assert e.optimizer_step_gib == pytest.approx((4 / 2 if distributed else 8) * trained / 2**30)
+        assert e.optimizer_step_gib == pytest.approx((4 / 2 if distributed else 4) * trained / 2**30)
         peak = e.weights_gib + e.grads_gib + e.optimizer_gib + max(e.activations_gib, e.optimizer_step_gib) + 3.0
         assert e.total_gib == pytest.approx(peak)
     assert e.activations_gib > e.optimizer_step_gib  # the long microbatch did exercise the other branch
@@ -111,8 +111,8 @@ def test_peak_is_the_larger_of_backward_and_optimizer_step(distributed):
 
 @pytest.mark.gpu
 def test_master_adamw_step_transient_on_cuda():
-    """The planner's MasterAdamW step term, measured: fp32 gradient copies + sqrt(v) = 8 B per trained element above
-    what is held before the step (weights, bf16 gradients, fp32 masters and moments)."""
+    """The planner's MasterAdamW step term, measured: the fp32 gradient copies = 4 B per trained element above what
+    is held before the step (weights, bf16 gradients, fp32 masters and moments); the fused AdamW adds nothing."""
     from vlr_runtime.config import OptimConfig
     from vlr_runtime.training.optim import MasterAdamW
 
@@ -131,4 +131,4 @@ def test_master_adamw_step_transient_on_cuda():
         opt.step()
         torch.cuda.synchronize()
     transient = torch.cuda.max_memory_allocated() - base
-    assert transient == pytest.approx(8 * n, rel=0.05)
+    assert transient == pytest.approx(4 * n, rel=0.05)

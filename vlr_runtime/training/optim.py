@@ -46,9 +46,12 @@ class MasterAdamW:
                         for p in params]
         decay = [m for p, m in zip(params, self.masters) if p.ndim >= 2]
         no_decay = [m for p, m in zip(params, self.masters) if p.ndim < 2]
+        # On CUDA the fused kernel: one launch per step and no per-element temporaries (the multi-tensor path
+        # allocates sqrt(v) for every element); elsewhere torch's default implementation.
+        fused = bool(params) and all(p.is_cuda for p in params)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None,
         )
 
     def set_lr(self, lr: float) -> None:
@@ -115,15 +118,14 @@ def global_grad_norm(params: list[nn.Parameter], tp_rank: int, model_parallel_gr
     """L2 norm of the whole model's gradient: tensor-parallel shards (``param.tensor_model_parallel``) count on every
     rank, replicated parameters only on TP rank 0; the squares are summed over the model-parallel group (TP x PP).
     Call after :func:`average_dp_gradients`, so every DP rank gets the same value."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+    grads = [p.grad.detach() for p in params
+             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
+    device = params[0].device if params else torch.device("cpu")
+    # per-tensor norms on the device (fp32 accumulation, one multi-tensor launch), their squares summed in float64;
+    # a single host synchronisation at the end
+    sq = (torch.stack(torch._foreach_norm(grads, 2)).double().pow(2).sum() if grads
+          else torch.zeros((), dtype=torch.float64, device=device))
     if model_parallel_group is not None and dist.is_initialized():
-        device = params[0].device
-        sq = sq.to(device)
         dist.all_reduce(sq, group=model_parallel_group)
     return float(sq.sqrt())
 
