@@ -4,6 +4,7 @@ resumed from its checkpoint continues exactly like an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -123,3 +124,37 @@ def test_export_hf_of_the_latest_checkpoint_without_training(tmp_path, single_pr
             if "split" not in x] == [1, 2]  # no training step was added
     assert main(["--export-hf", str(tmp_path / "out2"), "--run.dir", str(tmp_path / "empty"),
                  "--parallel.tp", "1"] + run_args(tmp_path)) == 2  # no checkpoint there: a clear config error
+
+
+def test_full_tensors_carry_bf16_masters_and_adam_state_across_optimizers(tmp_path, single_process):
+    """The layout-independent checkpoint content of a bf16 run (parameters, fp32 masters, Adam moments and step
+    counts) survives MasterAdamW -> megatron's distributed optimizer -> MasterAdamW resumes bit for bit, and the
+    last resumed trainer takes a finite step (its optimizer state is usable where it lives)."""
+    from vlr_runtime.parallel import get_context, teardown
+    from vlr_runtime.training.reshard import canonical_tensors
+
+    def content(trainer) -> dict[str, torch.Tensor]:
+        ctx = get_context()
+        return canonical_tensors(trainer.chunks, trainer.optimizer, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank,
+                                 dp_group=ctx.dp_group)
+
+    run = ("--run.dir", str(tmp_path / "run"), "--checkpoint.interval", "2", "--train.max_steps", "2",
+           "--model.dtype", "bfloat16", "--checkpoint.export", "false")
+    first = _trainer(tmp_path, *run)
+    first.train()
+    saved = content(first)
+    assert any(k.startswith("full.master.") for k in saved) and any(k.startswith("full.exp_avg.") for k in saved)
+    assert {float(v) for k, v in saved.items() if k.startswith("full.step.")} == {2.0}
+    teardown()
+    distributed = _trainer(tmp_path, *run, "--parallel.distributed_optimizer", "true")
+    assert distributed.step == 2
+    got = content(distributed)
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    distributed._save_checkpoint()  # the same step again, now written by the distributed optimizer
+    teardown()
+    last = _trainer(tmp_path, *run, "--train.max_steps", "3")
+    got = content(last)
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    last.train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "split" not in x]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)

@@ -128,6 +128,18 @@ def canonical_tensors(chunks: Sequence[RewardModel], optimizer: Optimizer, *, tp
     return out
 
 
+def _set_adam_state(inner: torch.optim.Optimizer, main: torch.Tensor, step: int, moment: Callable[[str], torch.Tensor]
+                    ) -> None:
+    """Adam state of ``main`` (the tensor ``inner`` updates) after ``step`` steps, moments ``moment(name)`` (any
+    device/dtype), placed as torch's AdamW keeps it: moments like ``main``, the step a float32 scalar on the CPU, or
+    on ``main``'s device for the fused/capturable implementations."""
+    group = next(g for g in inner.param_groups if any(p is main for p in g["params"]))
+    on_device = group.get("fused") or group.get("capturable")
+    inner.state[main] = {
+        "step": torch.tensor(float(step), dtype=torch.float32, device=main.device if on_device else "cpu"),
+        **{k: moment(k).to(device=main.device, dtype=main.dtype).clone() for k in MOMENTS}}
+
+
 def _set_state(optimizer: Optimizer, param: torch.nn.Parameter, local: Callable[[str], torch.Tensor],
                step: int) -> None:
     """Set the optimizer's master and Adam state of ``param`` (Adam ``step`` = ``step``; none when 0) from full
@@ -137,10 +149,7 @@ def _set_state(optimizer: Optimizer, param: torch.nn.Parameter, local: Callable[
         if master is not param:
             master.copy_(local("master"))
         if step:
-            state = optimizer.optimizer.state[master]
-            state["step"] = torch.tensor(float(step))
-            for k in MOMENTS:
-                state[k] = local(k).to(master.dtype).clone()
+            _set_adam_state(optimizer.optimizer, master, step, local)
         return
     owned = _owned(_parts(optimizer), param)
     if owned is None:
@@ -150,10 +159,7 @@ def _set_state(optimizer: Optimizer, param: torch.nn.Parameter, local: Callable[
     if param.dtype != torch.float32:
         main.copy_(local("master").reshape(-1)[start:end])
     if step:
-        state = inner.state[main]
-        state["step"] = torch.tensor(float(step))
-        for k in MOMENTS:
-            state[k] = local(k).reshape(-1)[start:end].to(main.dtype).clone()
+        _set_adam_state(inner, main, step, lambda k: local(k).reshape(-1)[start:end])
 
 
 @torch.no_grad()
