@@ -10,6 +10,7 @@ what was picked, for benchmark notes.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections.abc import Callable, Hashable, Sequence
@@ -29,9 +30,15 @@ def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], de
     if (len(candidates) == 1 or device.type != "cuda" or os.environ.get("VLR_TUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
-    times = []
+    times: list[float] = []
+    errors: list[str] = []
     for cand in candidates:
-        launch(cand)  # compile and warm
+        try:
+            launch(cand)  # compile and warm; a configuration the card cannot run (shared memory) is skipped
+        except Exception as exc:  # noqa: BLE001 - reported below if no candidate runs at all
+            errors.append(f"{cand}: {type(exc).__name__}: {exc}".splitlines()[0])
+            times.append(math.inf)
+            continue
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
             start.record()
@@ -39,6 +46,8 @@ def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], de
             end.record()
         torch.cuda.synchronize(device)
         times.append(statistics.median(s.elapsed_time(e) for s, e in events))
+    if all(math.isinf(t) for t in times):
+        raise RuntimeError(f"no launch configuration of {key} runs on this device: {errors}")
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _PICKED[key] = best
     return best

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from vlr_kernels._tune import pick
 from vlr_kernels.attention.varlen_tiles import (
     LN2,
     LOG2E,
@@ -353,28 +354,55 @@ def _varlen_attn_dq_kernel(
             store_rows(dq_base, offs_m, row_ok, stride_dqt, dq1 * sm_scale, D0, D1, HEAD_DIM)
 
 
-def launch_configs(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, block_m: int | None = None,
-                   block_n: int | None = None) -> dict[str, dict[str, int]]:
-    """Tiles and warps of each kernel (``fwd``, ``dkdv``, ``dq``): ``BLOCK_M`` q rows, ``BLOCK_N`` kv rows.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class. The first entry is the default; the
+# others are alternatives that the launch tuner (:mod:`vlr_kernels._tune`) times once per problem shape on
+# the device. Every entry compiles for sm_90a at bf16 without register spills (ptxas via triton 3.9, GQA
+# group 7 at head_dim 128; tests/kernels/test_attention_compile.py checks them all).
+_TABLES = {
+    96: {"fwd": ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)),
+         "dkdv": ((64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)),
+         "dq": ((64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2))},
+    128: {"fwd": ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)),
+          "dkdv": ((16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 8, 2)),
+          "dq": ((64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2))},
+    256: {"fwd": ((64, 32, 8, 2),), "dkdv": ((16, 32, 8, 2),), "dq": ((32, 32, 8, 2),)},
+}
 
-    Chosen so that ptxas (sm_90a, triton 3.9) reports no register spills for bf16 at head_dim 80, 128 and 256
-    (see tests/kernels/test_attention_compile.py); tiles shrink to the longest segment for short windows.
-    ``block_m``/``block_n`` override every kernel's tiles (tests use them to exercise multi-tile paths).
-    """
-    if head_dim <= 96:
-        table = {"fwd": (128, 64, 8), "dkdv": (64, 64, 4), "dq": (64, 64, 4)}
-    elif head_dim <= 128:
-        table = {"fwd": (128, 64, 8), "dkdv": (16, 64, 8), "dq": (64, 32, 8)}
-    else:
-        table = {"fwd": (64, 32, 8), "dkdv": (16, 32, 8), "dq": (32, 32, 8)}
-    out = {}
-    for name, (full_m, full_n, warps) in table.items():
+
+def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kernel: str,
+                      block_m: int | None = None, block_n: int | None = None) -> list[dict[str, int]]:
+    """Launch configurations of one kernel (``fwd``, ``dkdv``, ``dq``), default first, duplicates removed:
+    tiles shrink to the longest segment for short windows (fewer registers there: 4 warps are enough);
+    ``block_m``/``block_n`` override every candidate's tiles (tests use them to exercise multi-tile paths)."""
+    table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
+    out: list[dict[str, int]] = []
+    for full_m, full_n, warps, stages in table:
         bm = block_m or pick_block(max_seqlen_q, full_m)
         bn = block_n or pick_block(max_seqlen_k, full_n)
-        # tiles shrunk to short segments hold fewer registers: 4 warps are enough there
-        out[name] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps if (bm, bn) == (full_m, full_n) else 4,
-                         num_stages=3 if name == "fwd" and head_dim <= 128 else 2)
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps if (bm, bn) == (full_m, full_n) else 4,
+               "num_stages": stages}
+        if cfg not in out:
+            out.append(cfg)
     return out
+
+
+def launch_configs(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, block_m: int | None = None,
+                   block_n: int | None = None) -> dict[str, dict[str, int]]:
+    """The default configuration of each kernel (``fwd``, ``dkdv``, ``dq``), see :func:`launch_candidates`."""
+    return {name: launch_candidates(head_dim, max_seqlen_q, max_seqlen_k, name, block_m, block_n)[0]
+            for name in ("fwd", "dkdv", "dq")}
+
+
+def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, max_q: int, max_k: int,
+            block_m: int | None, block_n: int | None, launch) -> dict[str, int]:
+    """The default config with explicit tiles or a single candidate; otherwise the tuner's pick for this
+    shape (powers of two of the maximum lengths: the tile shapes, not the exact lengths, decide the best)."""
+    cands = launch_candidates(head_dim, max_q, max_k, kernel, block_m, block_n)
+    if block_m is not None or block_n is not None:
+        return cands[0]
+    key = (kernel, head_dim, triton.next_power_of_2(max(max_q, 1)),
+           triton.next_power_of_2(max(max_k, 1)), *shape_key)
+    return pick(key, cands, launch, device)
 
 
 def varlen_attention_fwd(
@@ -400,22 +428,26 @@ def varlen_attention_fwd(
     tq, hq, d = q.shape
     n_seg = cu_seqlens_q.numel() - 1
     d0, d1 = head_dim_chunks(d)
-    cfg = launch_configs(d, max_seqlen_q, max_seqlen_k, block_m, block_n)["fwd"]
-    bm = cfg["BLOCK_M"]
     out = torch.empty_like(q)
     lse = torch.full((hq, tq), float("-inf"), device=q.device, dtype=torch.float32)
-    n_tiles = grid_tiles(tq, n_seg, max_seqlen_q, bm)
-    if n_tiles == 0 or hq == 0:
+    if hq == 0 or grid_tiles(tq, n_seg, max_seqlen_q, 16) == 0:
         return out.zero_(), lse
     shared = prefix_lens is not None
-    _varlen_attn_fwd_kernel[(n_tiles, hq)](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_prefix(cu_seqlens_q, bm),
-        prefix_lens if shared else cu_seqlens_q, split_lens if shared else cu_seqlens_q,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-        out.stride(1), n_seg, tq, softmax_scale * LOG2E.value,
-        GROUP=hq // k.shape[1], CAUSAL=causal, SHARED=shared, D0=d0, D1=d1, HEAD_DIM=d,
-        PREC=dot_precision(q.dtype), **cfg,
-    )
+    group = hq // k.shape[1]
+
+    def launch(cfg: dict[str, int]) -> None:
+        bm = cfg["BLOCK_M"]
+        _varlen_attn_fwd_kernel[(grid_tiles(tq, n_seg, max_seqlen_q, bm), hq)](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_prefix(cu_seqlens_q, bm),
+            prefix_lens if shared else cu_seqlens_q, split_lens if shared else cu_seqlens_q,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), n_seg, tq, softmax_scale * LOG2E.value,
+            GROUP=group, CAUSAL=causal, SHARED=shared, D0=d0, D1=d1, HEAD_DIM=d,
+            PREC=dot_precision(q.dtype), **cfg,
+        )
+
+    launch(_choose("fwd", (causal, shared, group, q.dtype), q.device, d, max_seqlen_q, max_seqlen_k, block_m,
+                   block_n, launch))
     return out, lse
 
 
@@ -445,7 +477,6 @@ def varlen_attention_bwd(
     tk, hkv = k.shape[0], k.shape[1]
     n_seg = cu_seqlens_q.numel() - 1
     d0, d1 = head_dim_chunks(d)
-    cfg = launch_configs(d, max_seqlen_q, max_seqlen_k, block_m, block_n)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if tq == 0 or tk == 0 or hq == 0 or n_seg == 0:
         return dq, dk, dv
@@ -456,31 +487,46 @@ def varlen_attention_bwd(
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
     )
     shared = prefix_lens is not None
-    # every segment within one kv tile (vision windows): the dK/dV programs also write dQ, no second pass
-    fuse_dq = max_seqlen_k <= cfg["dkdv"]["BLOCK_N"]
-    meta = dict(GROUP=hq // hkv, CAUSAL=causal, SHARED=shared, D0=d0, D1=d1, HEAD_DIM=d,
-                PREC=dot_precision(q.dtype))
+    meta = {"GROUP": hq // hkv, "CAUSAL": causal, "SHARED": shared, "D0": d0, "D1": d1, "HEAD_DIM": d,
+            "PREC": dot_precision(q.dtype)}
     seg_meta = (cu_seqlens_q, cu_seqlens_k)
     pair_meta = (prefix_lens, split_lens) if shared else (cu_seqlens_q, cu_seqlens_q)
     common_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       dout.stride(0), dout.stride(1))
-    bn = cfg["dkdv"]["BLOCK_N"]
-    kv_tiles = grid_tiles(tk, n_seg, max_seqlen_k, bn)
-    if kv_tiles > 0:
-        _varlen_attn_dkdv_kernel[(kv_tiles, hkv)](
-            q, k, v, dout, lse, delta, dk, dv, dq, *seg_meta, tile_prefix(cu_seqlens_k, bn), *pair_meta,
-            *common_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0),
-            dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value, softmax_scale, FUSE_DQ=fuse_dq, **meta,
-            **cfg["dkdv"],
-        )
-    bm = cfg["dq"]["BLOCK_M"]
-    q_tiles = grid_tiles(tq, n_seg, max_seqlen_q, bm)
-    if q_tiles > 0 and not fuse_dq:
-        _varlen_attn_dq_kernel[(q_tiles, hq)](
+    shape_key = (causal, shared, hq // hkv, q.dtype)
+
+    def fuses_dq(cfg: dict[str, int]) -> bool:
+        # every segment within one kv tile (vision windows): the dK/dV programs also write dQ, no second pass
+        return max_seqlen_k <= cfg["BLOCK_N"]
+
+    def launch_dq(cfg: dict[str, int]) -> None:
+        bm = cfg["BLOCK_M"]
+        _varlen_attn_dq_kernel[(grid_tiles(tq, n_seg, max_seqlen_q, bm), hq)](
             q, k, v, dout, lse, delta, dq, *seg_meta, tile_prefix(cu_seqlens_q, bm), *pair_meta,
             *common_strides, dq.stride(0), dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value,
-            softmax_scale, **meta, **cfg["dq"],
+            softmax_scale, **meta, **cfg,
         )
+
+    default_dq = launch_candidates(d, max_seqlen_q, max_seqlen_k, "dq", block_m, block_n)[0]
+
+    def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = default_dq) -> None:
+        # a candidate that does not fuse dQ is timed together with the dQ pass it then needs
+        bn = cfg["BLOCK_N"]
+        _varlen_attn_dkdv_kernel[(grid_tiles(tk, n_seg, max_seqlen_k, bn), hkv)](
+            q, k, v, dout, lse, delta, dk, dv, dq, *seg_meta, tile_prefix(cu_seqlens_k, bn), *pair_meta,
+            *common_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0),
+            dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value, softmax_scale, FUSE_DQ=fuses_dq(cfg),
+            **meta, **cfg,
+        )
+        if dq_cfg is not None and not fuses_dq(cfg):
+            launch_dq(dq_cfg)
+
+    dkdv_cfg = _choose("dkdv", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
+                       launch_dkdv)
+    launch_dkdv(dkdv_cfg, dq_cfg=None)
+    if not fuses_dq(dkdv_cfg):
+        launch_dq(_choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
+                          launch_dq))
     return dq, dk, dv
 
 
