@@ -1,11 +1,11 @@
-"""A one-time launch-configuration choice for memory-bound kernels whose best block/warp/grid shape depends on the
-card (register file, SM count, memory latency) more than on anything the host can compute.
+"""A one-time launch-configuration choice for memory-bound kernels whose best block/warp/grid shape depends
+on the card (register file, SM count, memory latency) more than on anything the host can compute.
 
 ``pick(key, candidates, launch, device)`` times each candidate once per ``key`` on the first real call (CUDA
-events, median of a few launches on the caller's own tensors; ``launch(config)`` must only write outputs it fully
-overwrites) and remembers the fastest for the process. On the CPU (Triton interpreter), during CUDA-graph capture
-or with ``VLR_TUNE=0`` the first candidate - the documented default - is used without timing. ``choices()`` lists
-what was picked, for benchmark notes.
+events, median of a few launches on the caller's own tensors; ``launch(config)`` must only write outputs it
+fully overwrites) and remembers the fastest for the process. On the CPU (Triton interpreter), during CUDA-graph
+capture or with ``VLR_TUNE=0`` the first candidate - the documented default - is used without timing.
+``choices()`` lists what was picked, for benchmark notes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ _PICKED: dict[Hashable, object] = {}
 
 def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], device: torch.device,
          reps: int = 5) -> C:
-    """The fastest of ``candidates`` for ``key`` (see the module docstring); ``launch(best)`` is NOT run here."""
+    """The fastest of ``candidates`` for ``key`` (see the module docstring); ``launch(best)`` is not run
+    here."""
     if key in _PICKED:
         return _PICKED[key]  # type: ignore[return-value]
     if (len(candidates) == 1 or device.type != "cuda" or os.environ.get("VLR_TUNE", "1") == "0"
@@ -39,7 +40,8 @@ def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], de
             errors.append(f"{cand}: {type(exc).__name__}: {exc}".splitlines()[0])
             times.append(math.inf)
             continue
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
         for start, end in events:
             start.record()
             launch(cand)
