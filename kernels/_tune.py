@@ -3,9 +3,9 @@ on the card (register file, SM count, memory latency) more than on anything the 
 
 ``pick(key, candidates, launch, device)`` times each candidate once per ``key`` on the first real call (CUDA
 events, median of a few launches on the caller's own tensors; ``launch(config)`` must only write outputs it
-fully overwrites) and remembers the fastest for the process. On the CPU (Triton interpreter), during CUDA-graph
-capture or with ``VLR_TUNE=0`` the first candidate - the documented default - is used without timing.
-``choices()`` lists what was picked, for benchmark notes.
+fully overwrites) and remembers the fastest for the process. On the CPU (Triton interpreter), during
+CUDA-graph capture or with ``VLR_TUNE=0`` the first candidate - the documented default - is used without
+timing. ``choices()`` lists what was picked, for benchmark notes.
 """
 
 from __future__ import annotations
