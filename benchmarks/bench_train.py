@@ -107,7 +107,7 @@ def _our_provider(ours, batch) -> Provider:
 
     params = dict(ours.named_parameters())
     named = {spec.parts[0].name: params[spec.param] for spec in hf_param_specs(ours.args) if len(spec.parts) == 1}
-    return Provider(step, named, "MasterAdamW (fp32 master weights + moments; torch AdamW, multi-tensor on CUDA)")
+    return Provider(step, named, "MasterAdamW (fp32 master weights + moments; torch AdamW, fused on CUDA)")
 
 
 def _checked_names(num_layers: int) -> list[str]:
