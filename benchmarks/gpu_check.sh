@@ -5,17 +5,20 @@
 #   bash benchmarks/gpu_check.sh [--quick]
 #   STAGES=tests,kernels LOGDIR=/tmp/x bash benchmarks/gpu_check.sh      # a subset; logs per stage in LOGDIR
 #
-# Stages (each its own process under a time limit, so one hang or crash never costs the others):
-#   build    pip install --no-build-isolation --no-deps -e . (pybind11 data extension + the CUDA reward-loss extension)
-#   tests    every GPU-marked test (bf16 tolerance rule, cuda backend, torch.compile tracing, model/score parity)
-#   kernels  every kernel benchmark (run_all.py), tables printed
-#   model    bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower
-#   train    bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
-# Limits: LIMIT_<STAGE> seconds (defaults below). A summary of every stage's status is printed last.
+# Stages (each its own process under a time limit, so one hang or crash never costs the others), in this order:
+#   build      pip install --no-build-isolation --no-deps -e . (pybind11 data extension + the CUDA reward-loss one)
+#   tests      GPU-marked tests (bf16 tolerance rule, cuda backend, torch.compile tracing, model/score parity);
+#              TESTS="path::name ..." narrows them (default: all of tests/)
+#   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
+#   attention  bench_attention.py: the four varlen-attention workloads, every provider
+#   kernels    run_all.py for the other kernel benchmarks; KERNELS="bench_a.py,bench_b.py" narrows them
+#   model      bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower
+# Extra arguments: the script's own ("$@", e.g. --quick) go to every benchmark; TRAIN_ARGS, ATTN_ARGS, KERNEL_ARGS
+# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds. A summary of every stage is printed last.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build,tests,kernels,model,train}
+STAGES=${STAGES:-build,tests,train,attention,kernels,model}
 LOGDIR=${LOGDIR:-${OUT:-/tmp/vlr_gpu_check}}
 mkdir -p "$LOGDIR"
 export PYTHONUNBUFFERED=1
@@ -43,17 +46,14 @@ m.__version__)" || status=1
 
 has build && run_stage build "${LIMIT_BUILD:-240}" env MAX_JOBS=16 "$PY" -m pip install -v --no-index \
   --no-build-isolation --no-deps -e .
-has tests && run_stage tests "${LIMIT_TESTS:-180}" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rs \
-  --timeout 120 --maxfail 20
-has kernels && run_stage kernels "${LIMIT_KERNELS:-300}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-120}" "$@"
-has model && run_stage model "${LIMIT_MODEL:-180}" "$PY" benchmarks/bench_model.py "$@"
-if has train; then
-  if [ -f benchmarks/bench_train.py ]; then
-    run_stage train "${LIMIT_TRAIN:-240}" "$PY" benchmarks/bench_train.py "$@"
-  else
-    summary+=("train: benchmarks/bench_train.py not present")
-  fi
-fi
+# shellcheck disable=SC2086  # TESTS and the *_ARGS variables are word lists
+has tests && run_stage tests "${LIMIT_TESTS:-180}" "$PY" -m pytest -q -m gpu ${TESTS:-tests} -p no:cacheprovider \
+  -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20
+has train && run_stage train "${LIMIT_TRAIN:-240}" "$PY" benchmarks/bench_train.py ${TRAIN_ARGS:-} "$@"
+has attention && run_stage attention "${LIMIT_ATTENTION:-300}" "$PY" benchmarks/bench_attention.py ${ATTN_ARGS:-} "$@"
+has kernels && run_stage kernels "${LIMIT_KERNELS:-300}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-120}" \
+  --only "${KERNELS:-bench_reward_loss.py,bench_rmsnorm.py,bench_swiglu.py,bench_rotary.py}" ${KERNEL_ARGS:-} "$@"
+has model && run_stage model "${LIMIT_MODEL:-180}" "$PY" benchmarks/bench_model.py ${MODEL_ARGS:-} "$@"
 [ -f benchmarks/results/kernels.csv ] && cp benchmarks/results/kernels.csv "$LOGDIR/"
 
 echo
