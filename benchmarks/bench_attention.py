@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: CPU smoke run
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, want  # noqa: E402
+from _common import Recorder, base_parser, bench_device, compiled, markdown_table, want  # noqa: E402
 
 from vlr_kernels._backend import has_module  # noqa: E402
 from vlr_kernels.varlen_attention import segment_mask, varlen_attention  # noqa: E402
@@ -294,6 +294,13 @@ def acceptance(rec: Recorder) -> str:
     return "\n".join(lines)
 
 
+def _progress(rec: Recorder, workload: str) -> None:
+    """This workload's rows and the targets so far, printed as soon as it is done (a run stopped by a time
+    limit keeps what it measured)."""
+    print(markdown_table([r for r in rec.rows if r.x == workload]), flush=True)
+    print(acceptance(rec), flush=True)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--workloads", default="windows,full,llm,pairs", help="comma-separated subset")
@@ -313,6 +320,7 @@ def main(argv: list[str] | None = None) -> str:
             for name, factory in providers(w, device, args.providers).items():
                 if name != "flash_attn" or has_module("flash_attn"):
                     bench(rec, w, name, factory, device, dtype, warmup, rep)
+            _progress(rec, w.name)
             continue
         dup, rows = duplicated(w)
         for name, factory in providers(w, device, args.providers).items():
@@ -320,6 +328,7 @@ def main(argv: list[str] | None = None) -> str:
         for name, factory in providers(dup, device, args.providers).items():
             if name != "flash_attn" or has_module("flash_attn"):
                 bench(rec, dup, name + "_duplicated", factory, device, dtype, warmup, rep, rows, dup.tokens)
+        _progress(rec, w.name)
     from vlr_kernels._tune import choices
 
     print(f"[varlen_attention] launch configurations picked by the tuner: {choices()}", flush=True)
