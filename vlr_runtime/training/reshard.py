@@ -34,6 +34,7 @@ Optimizer = MasterAdamW | MegatronOptimizer
 
 
 def _parts(optimizer: MegatronOptimizer) -> list[DistributedOptimizer]:
+    """The distributed optimizers inside ``optimizer``; raises for anything whose state this module cannot read."""
     parts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     for part in parts:
         if not isinstance(part, DistributedOptimizer):
