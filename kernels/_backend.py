@@ -47,6 +47,7 @@ def has_module(name: str) -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing: no import machinery in graphs
 def resolve_backend(op: str, device: torch.device, backend: str | None, supported: tuple[str, ...]) -> str:
     """Return the backend name that ``op`` will use for tensors on ``device``.
 

@@ -127,20 +127,22 @@ def rms_norm_bwd(
     dx = torch.empty_like(s)
     block_n = triton.next_power_of_2(n)
     sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 1
-    most = min(m, max(f for _, f, _ in _BWD_CONFIGS) * sms) if s.is_cuda else min(m, 4)
-    # rows of programs a smaller grid leaves unwritten must sum to zero
-    dw_part = torch.zeros((most, n), dtype=torch.float32, device=s.device)
+    partials: list[torch.Tensor] = []
 
     def launch(cfg: tuple[int, int, bool]) -> None:
+        # dweight partials sized to this launch's grid: every row is written (a program without rows writes
+        # zeros), so no stale row of an earlier launch with a larger grid can enter the sum
         warps, per_sm, prefetch = cfg
-        programs = min(most, per_sm * sms) if s.is_cuda else most
+        programs = min(m, per_sm * sms) if s.is_cuda else min(m, 4)
+        dw_part = torch.empty((programs, n), dtype=torch.float32, device=s.device)
         _rms_norm_bwd_kernel[(programs,)](
             dy, ds if ds is not None else dy, s, weight, rstd, dx, dw_part, m, n,
             HAS_DS=ds is not None, PREFETCH=prefetch, BLOCK_N=block_n, num_warps=min(warps, _num_warps(block_n) * 2),
         )
+        partials[:] = [dw_part]
 
     launch(pick(("rms_norm_bwd", n, s.dtype, ds is not None, s.device), _BWD_CONFIGS, launch, s.device))
-    return dx, dw_part.sum(0).to(weight.dtype)
+    return dx, partials[0].sum(0).to(weight.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -38,3 +38,17 @@ def test_clear_errors(monkeypatch):
         resolve_backend("my_op", CPU, "cuda", ("cuda", "torch"))
     with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
         resolve_backend("my_op", CPU, "flash_attn", ("flash_attn", "torch"))
+
+
+def test_resolution_traces_into_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) of code that dispatches: the resolver (its import checks included) runs once
+    at trace time instead of breaking the graph (the cuda reward-loss op is compiled this way on GPUs)."""
+    monkeypatch.delenv("VLR_KERNEL_BACKEND", raising=False)
+
+    def f(x):
+        name = resolve_backend("my_op", x.device, None, ("triton", "cuda", "torch"))
+        return x * 2 if name == "torch" else x - 1
+
+    x = torch.randn(5)
+    expected = x * 2 if resolve_backend("my_op", CPU, None, ("triton", "cuda", "torch")) == "torch" else x - 1
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), expected)
