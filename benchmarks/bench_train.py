@@ -14,8 +14,10 @@ One step = zero grads, forward, backward, gradient clipping (max norm 1), AdamW 
            not part of the timed step.
 Both providers get identical weights (bench_model.build_models), identical hyper-parameters (lr 1e-3 so that one
 bf16 update is visible, betas (0.9, 0.98), eps 1e-8, weight decay 0.01 on matrices only) and the same trainable set.
-Before timing: the first step's losses must agree, and one optimizer step must move a few trained tensors the same way
-(relative difference and cosine of the two updates, printed). The providers run one after the other; the first is
+Before timing: the first step's losses must agree, and so must the first step's (clipped) gradients of a few trained
+tensors (relative difference and cosine, printed). Gradients, not updates: AdamW's first update is -lr * g / |g|
+elementwise, a sign pattern that bf16 rounding flips for every near-zero gradient (seen on an H200: update cosines
+0.83-0.86 with gradients from two correct bf16 implementations). The providers run one after the other; the first is
 freed before the second, so our peak memory is that of our step alone (hf_sdpa's peak is measured above the bytes of
 our resident, idle model).
 
@@ -114,16 +116,15 @@ def _checked_names(num_layers: int) -> list[str]:
     return [n.format(last=num_layers - 1) for n in CHECKED]
 
 
-def _update_agreement(before: dict[str, torch.Tensor], after: dict[str, dict[str, torch.Tensor]]
-                      ) -> dict[str, tuple[float, float]]:
-    """Per tensor: (relative difference ||d_hf - d_ours|| / ||d_hf||, cosine(d_hf, d_ours)) of the two updates."""
+def _grad_agreement(grads: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[float, float]]:
+    """Per tensor: (relative difference ||g_hf - g_ours|| / ||g_hf||, cosine(g_hf, g_ours)) of the first step's
+    gradients."""
     out = {}
-    for name, w0 in before.items():
-        d_hf = (after["hf_sdpa"][name] - w0).double().flatten()
-        d_ours = (after["ours"][name] - w0).double().flatten()
-        norm = float(d_hf.norm())
-        rel = float((d_hf - d_ours).norm()) / norm if norm > 0 else math.inf
-        cos = float(torch.nn.functional.cosine_similarity(d_hf, d_ours, dim=0)) if norm > 0 else 0.0
+    for name, g_hf in grads["hf_sdpa"].items():
+        g_hf, g_ours = g_hf.double(), grads["ours"][name].double()
+        norm = float(g_hf.norm())
+        rel = float((g_hf - g_ours).norm()) / norm if norm > 0 else math.inf
+        cos = float(torch.nn.functional.cosine_similarity(g_hf, g_ours, dim=0)) if norm > 0 else 0.0
         out[name] = (rel, cos)
     return out
 
@@ -221,14 +222,11 @@ def main(argv: list[str] | None = None) -> str:
             raise SystemExit(f"losses disagree: hf {l_hf} vs ours {l_ours}")
 
         names = _checked_names(layers)
-        ours_params = dict(ours.named_parameters())
-        before = {n: ours_params[o].detach().float().cpu().reshape(-1).clone()
-                  for n, o in zip(names, _our_param_names(ours, names))}
         ours_bytes = _tensor_bytes([*ours.parameters(), *ours.buffers(), *_batch_tensors(batch)])
         makers = {"hf_sdpa": lambda: _hf_provider(hf, inputs, head_w, head_b, device),
                   "ours": lambda: _our_provider(ours, batch)}
         results: dict[str, dict[str, float]] = {}
-        after: dict[str, dict[str, torch.Tensor]] = {}
+        grads: dict[str, dict[str, torch.Tensor]] = {}
         notes: dict[str, str] = {}
         firsts: dict[str, float] = {}
         for name, make in makers.items():
@@ -240,7 +238,8 @@ def main(argv: list[str] | None = None) -> str:
             prov = make()
             notes[name] = prov.optimizer_note
             firsts[name] = float(prov.step())
-            after[name] = {n: prov.checked[n].detach().float().cpu().reshape(-1).clone() for n in names}
+            # the step leaves its clipped gradients in .grad (they are cleared at the start of the next step)
+            grads[name] = {n: prov.checked[n].grad.detach().float().cpu().reshape(-1).clone() for n in names}
             print(f"[train_step] {name}: first training step loss {firsts[name]:.5f}", flush=True)
             r = results[name] = _measure(name, prov, device, warmup, rep, tokens, flops, peak_flops,
                                          ours_bytes if name == "hf_sdpa" else 0)
@@ -257,14 +256,15 @@ def main(argv: list[str] | None = None) -> str:
             results["ours"]["ratio"] = results["ours"]["tok/s"] / results["hf_sdpa"]["tok/s"]
             rec.add("ours/hf_sdpa", "train step", "tok/s ratio", x, results["ours"]["ratio"])
 
-        agreement = _update_agreement(before, after) if len(after) == 2 else {}
-        tol_rel, tol_cos = (1e-3, 0.9999) if dtype == torch.float32 else (0.5, 0.9)
+        agreement = _grad_agreement(grads) if len(grads) == 2 else {}
+        # bf16: two correct implementations differ by rounding in every matmul of 4 layers and the ViT
+        tol_rel, tol_cos = (1e-3, 0.9999) if dtype == torch.float32 else (0.2, 0.98)
         bad = [f"loss of the {name} training step ({v:.5f} vs {l_hf:.5f} without grad)" for name, v in firsts.items()
                if abs(v - l_hf) > loss_tol * max(1.0, abs(l_hf))]
         for n, (rel, cos) in agreement.items():
-            rec.add("ours_vs_hf", f"update {n}", "rel_diff", x, rel)
+            rec.add("ours_vs_hf", f"grad {n}", "rel_diff", x, rel)
             if not (rel <= tol_rel or cos >= tol_cos):
-                bad.append(f"update of {n} (rel diff {rel:.3g}, cosine {cos:.4f})")
+                bad.append(f"gradient of {n} (rel diff {rel:.3g}, cosine {cos:.4f})")
 
         est, planner = _planner_check(cfg, tokens, SEQS * grid[0] * grid[1] * grid[2], results, device)
         rec.add("planner", "memory tp1 pp1 dp1", "est_GiB", x, est.total_gib)
@@ -277,18 +277,11 @@ def main(argv: list[str] | None = None) -> str:
         table = _markdown(rec.env, x, results, notes, firsts, est, planner, agreement, bad, flops)
         print(table, flush=True)
         if bad:
-            raise SystemExit(f"providers disagree on the first training step: {bad} (update tolerance: rel diff "
+            raise SystemExit(f"providers disagree on the first training step: {bad} (gradient tolerance: rel diff "
                              f"<= {tol_rel} or cosine >= {tol_cos}; loss tolerance {loss_tol} relative)")
         return table
     finally:
         teardown()
-
-
-def _our_param_names(ours, hf_names: list[str]) -> list[str]:
-    from vlr_runtime.model.hf_names import hf_param_specs
-
-    single = {spec.parts[0].name: spec.param for spec in hf_param_specs(ours.args) if len(spec.parts) == 1}
-    return [single[n] for n in hf_names]
 
 
 def _batch_tensors(batch) -> list[torch.Tensor]:
@@ -321,7 +314,7 @@ def _markdown(env, x, results, notes, firsts, est, planner, agreement, bad, flop
     lines += ["", "planner estimate = weights + grads + optimizer + max(activations, optimizer step) + overhead",
               "", header, "| --- " * 11 + "|", row]
     if agreement:
-        lines += ["", "| first update (ours vs hf_sdpa) | rel diff | cosine |", "| --- | --- | --- |"]
+        lines += ["", "| first-step gradient (ours vs hf_sdpa) | rel diff | cosine |", "| --- | --- | --- |"]
         lines += [f"| {n} | {rel:.3g} | {cos:.6f} |" for n, (rel, cos) in agreement.items()]
     lines.append(f"first-step check: {'FAILED: ' + '; '.join(bad) if bad else 'ok'}")
     return "\n".join(lines)
