@@ -108,3 +108,19 @@ def test_flash_attn_backend_errors():
             varlen_attention(q, k, v, cu, cu, m, m, causal, backend="flash_attn")
     with pytest.raises(BackendUnavailable, match="flash_attn"):
         varlen_attention(q, k, v, cu, cu, m, m, causal, backend="flash_attn", **meta)
+
+
+@pytest.mark.parametrize("case", ["vision_full", "llm_gqa"])
+def test_sdpa_backend_runs_fused_kernels(case):
+    """The sdpa backend (and the benchmark's SDPA-loop baseline) must reach SDPA's fused kernels: with the math
+    kernel disallowed, a call that would fall back to it (e.g. 3-d inputs) raises instead of running slowly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    lens, hq, hkv, d, causal, _ = CASES[case]
+    (q, k, v, dout), cu, _ = _inputs(lens, hq, hkv, d, None, torch.bfloat16)
+    m = max(lens)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        fused = _run(lambda q, k, v: varlen_attention(q, k, v, cu, cu, m, m, causal, backend="sdpa"), q, k, v, dout)
+    ref = _run(lambda q, k, v: varlen_attention(q, k, v, cu, cu, m, m, causal, backend="torch"), q, k, v, dout)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
