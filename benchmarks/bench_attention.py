@@ -297,8 +297,11 @@ def acceptance(rec: Recorder) -> str:
 def _progress(rec: Recorder, workload: str) -> None:
     """This workload's rows and the targets so far, printed as soon as it is done (a run stopped by a time
     limit keeps what it measured)."""
+    from vlr_kernels._tune import choices
+
     print(markdown_table([r for r in rec.rows if r.x == workload]), flush=True)
     print(acceptance(rec), flush=True)
+    print(f"[varlen_attention] tuner choices so far: {choices()}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -329,9 +332,6 @@ def main(argv: list[str] | None = None) -> str:
             if name != "flash_attn" or has_module("flash_attn"):
                 bench(rec, dup, name + "_duplicated", factory, device, dtype, warmup, rep, rows, dup.tokens)
         _progress(rec, w.name)
-    from vlr_kernels._tune import choices
-
-    print(f"[varlen_attention] launch configurations picked by the tuner: {choices()}", flush=True)
     print(summary(rec), flush=True)
     print(acceptance(rec), flush=True)
     return rec.finish()
