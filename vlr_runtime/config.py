@@ -150,6 +150,11 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 0
     """Save a resumable checkpoint every this many optimizer steps (0: never)."""
+    full_tensors: bool = True
+    """Also write the layout-independent full tensors (HF names) of the parameters, fp32 masters and Adam moments,
+    so the checkpoint resumes at another TP/PP/VPP/DP size or with the other optimizer. Writing them gathers a whole
+    pipeline stage's state on one process; False (e.g. 72B) writes only each rank's own state, and the checkpoint
+    resumes on its own layout only."""
     export: bool = True
     """Export the final model to ``<run.dir>/export/`` (HF Qwen2.5-VL + value_head.safetensors)."""
 

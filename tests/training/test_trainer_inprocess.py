@@ -158,3 +158,39 @@ def test_full_tensors_carry_bf16_masters_and_adam_state_across_optimizers(tmp_pa
     last.train()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "split" not in x]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_distributed_optimizer_checkpoint_without_full_tensors(tmp_path, single_process):
+    """``checkpoint.full_tensors false``: each rank writes only its own state (the distributed optimizer's ranges);
+    a resume on the same layout continues exactly like the uninterrupted run, one with the other optimizer (another
+    layout) is refused naming the setting."""
+    from safetensors.torch import load_file
+
+    from vlr_runtime.config import ConfigError
+    from vlr_runtime.parallel import teardown
+
+    common = ("--train.max_steps", "4", "--optim.warmup_steps", "20", "--checkpoint.export", "false",
+              "--parallel.distributed_optimizer", "true")
+    straight = _trainer(tmp_path, "--run.dir", str(tmp_path / "a"), *common)
+    straight.train()
+    reference = {n: p.detach().clone() for n, p in straight.model.named_parameters()}
+    teardown()
+
+    run = ("--run.dir", str(tmp_path / "b"), "--checkpoint.interval", "2", "--checkpoint.full_tensors", "false")
+    first = _trainer(tmp_path, *run, *common)
+    first.total_steps = 2  # stop after the step-2 checkpoint, as a killed job would
+    first.train()
+    teardown()
+    saved = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000002" / "tensors-rank00000.safetensors"))
+    assert not any(k.startswith("full.") for k in saved) and any(k.startswith("dist.exp_avg.") for k in saved)
+    resumed = _trainer(tmp_path, *run, *common)
+    assert resumed.step == 2
+    resumed.train()
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, reference[n]), n
+    losses = lambda r: [json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+                        if "split" not in x]
+    assert losses("b") == losses("a")
+    teardown()
+    with pytest.raises(ConfigError, match=r"written with checkpoint.full_tensors false and resumes only on its own"):
+        _trainer(tmp_path, *run, *common, "--parallel.distributed_optimizer", "false")

@@ -19,10 +19,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Self
 
 import numpy as np
 import torch
@@ -259,7 +260,7 @@ class PairLoader:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def __enter__(self) -> "PairLoader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,6 +10,9 @@ of every parameter's fp32 master and Adam moments; the full local (TP-slice) ten
 every rank cuts its slices from that union with the same slicing as the HF import
 (:func:`vlr_runtime.model.hf_names.local_value`) and, with the distributed optimizer, keeps its own DP range.
 
+For a resume on the same layout without reading other ranks' files, :func:`distributed_shards` is the distributed
+optimizer's per-rank state as it lies (MasterAdamW's is its torch ``state_dict``, saved by the trainer).
+
 Supported optimizers: :class:`~vlr_runtime.training.optim.MasterAdamW` and megatron's ``DistributedOptimizer``
 (or a ``ChainedOptimizer`` of them) over torch's Adam/AdamW, which megatron uses without Transformer Engine/Apex.
 """
@@ -193,3 +196,50 @@ def load_canonical(chunks: Sequence[RewardModel], optimizer: Optimizer, tensors:
             if param.requires_grad:
                 step = tensors.get(f"full.step.{spec.parts[0].name}")
                 _set_state(optimizer, param, local, 0 if step is None else int(step))
+
+
+def distributed_shards(chunks: Sequence[RewardModel], optimizer: MegatronOptimizer) -> dict[str, torch.Tensor]:
+    """This DP rank's own part of the distributed optimizer's state, for a resume on the same layout that reads
+    only this rank's file: per trained parameter ``name`` whose flattened range ``[start, end)`` this rank owns,
+    ``dist.range.<name>`` (``[2]`` int64 start, end), ``dist.step.<name>`` (``[1]`` float64 Adam steps) and
+    ``dist.<kind>.<name>`` (``[end - start]``: ``master`` for 16-bit parameters, the Adam moments once stepped).
+    No communication."""
+    parts = _parts(optimizer)
+    out: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            owned = _owned(parts, param) if param.requires_grad else None
+            if owned is None:
+                continue
+            inner, main, start, end = owned
+            state = inner.state.get(main, {})
+            out[f"dist.range.{name}"] = torch.tensor([start, end], dtype=torch.int64)
+            out[f"dist.step.{name}"] = torch.tensor([float(state.get("step", 0))], dtype=torch.float64)
+            if param.dtype != torch.float32:
+                out[f"dist.master.{name}"] = main.detach()
+            out.update({f"dist.{k}.{name}": state[k] for k in MOMENTS if k in state})
+    return out
+
+
+@torch.no_grad()
+def load_distributed_shards(chunks: Sequence[RewardModel], optimizer: MegatronOptimizer,
+                            tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`distributed_shards` on the same layout (the parameters themselves are set by the caller).
+    Raises RuntimeError when this rank's ranges differ from the saved ones (another DP size or bucketing)."""
+    parts = _parts(optimizer)
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            owned = _owned(parts, param) if param.requires_grad else None
+            saved = tensors.get(f"dist.range.{name}")
+            mine = None if owned is None else [owned[2], owned[3]]
+            if (None if saved is None else saved.tolist()) != mine:
+                raise RuntimeError(f"{name}: this rank owns range {mine} of the distributed optimizer's state, the "
+                                   f"checkpoint holds {None if saved is None else saved.tolist()}")
+            if owned is None:
+                continue
+            inner, main, _, _ = owned
+            if param.dtype != torch.float32:
+                main.copy_(tensors[f"dist.master.{name}"])
+            step = int(tensors[f"dist.step.{name}"])
+            if step:
+                _set_adam_state(inner, main, step, lambda k, name=name: tensors[f"dist.{k}.{name}"])

@@ -59,7 +59,12 @@ from vlr_runtime.training.optim import (
     global_grad_norm,
     lr_at,
 )
-from vlr_runtime.training.reshard import canonical_tensors, load_canonical
+from vlr_runtime.training.reshard import (
+    canonical_tensors,
+    distributed_shards,
+    load_canonical,
+    load_distributed_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -431,14 +436,15 @@ class Trainer:
                 "optimizer": "distributed" if self.ddps else "master_adamw"}
 
     def _save_checkpoint(self) -> None:
-        """Every rank writes its RNG states, its loader position and the layout-independent full tensors of its stage
-        (:mod:`reshard`); with :class:`MasterAdamW` also its own parameters, masters and AdamW state, so a resume on
-        the same layout reads only its own file. Collective over every rank."""
+        """Every rank writes its RNG states, its loader position, its parameters and its own optimizer state (a
+        resume on the same layout reads only its own file) and, with ``checkpoint.full_tensors``, its part of the
+        layout-independent full tensors (:mod:`reshard`). Collective over every rank."""
         ctx = self.ctx
-        tensors: dict[str, torch.Tensor] = {}
+        tensors = {f"model.{n}": p for chunk in self.chunks for n, p in chunk.named_parameters()}
         state: dict = {"step": self.step, "loader": self.loader.state_dict(), "dp_rank": ctx.dp_rank}
-        if isinstance(self.optimizer, MasterAdamW):
-            tensors.update({f"model.{n}": p for chunk in self.chunks for n, p in chunk.named_parameters()})
+        if not isinstance(self.optimizer, MasterAdamW):
+            tensors.update(distributed_shards(self.chunks, self.optimizer))
+        else:
             opt_state = self.optimizer.optimizer.state_dict()
             for idx, st in opt_state["state"].items():
                 tensors.update({f"optim.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()})
@@ -446,21 +452,27 @@ class Trainer:
             state["param_groups"] = opt_state["param_groups"]
         rng_tensors, state["rng"] = capture_rng_state()
         tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
-        tensors.update(canonical_tensors(self.chunks, self.optimizer, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank,
-                                         dp_group=ctx.dp_group))
-        self.checkpoints.save(self.step, tensors, state, meta=self._layout())
+        if self.cfg.checkpoint.full_tensors:
+            tensors.update(canonical_tensors(self.chunks, self.optimizer, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank,
+                                             dp_group=ctx.dp_group))
+        self.checkpoints.save(self.step, tensors, state,
+                              meta={**self._layout(), "full_tensors": self.cfg.checkpoint.full_tensors})
 
     def _resume(self) -> None:
-        """Continue from the newest complete checkpoint of the run directory: with :class:`MasterAdamW` on the saved
-        layout from this rank's own file; otherwise (another TP/PP/VPP/DP size, the other optimizer, or the
-        distributed optimizer, whose per-rank state is not saved) from the full tensors of every rank's file."""
+        """Continue from the newest complete checkpoint of the run directory: on the saved layout (sizes and
+        optimizer) from this rank's own file, otherwise from the full tensors of every rank's file."""
         step = latest_complete(self.checkpoints.root)
         if step is None:
             return
         meta = json.loads((step_dir(self.checkpoints.root, step) / COMPLETE).read_text())
         saved = {k: meta.get(k, default) for k, default in
                  (("tp", None), ("pp", None), ("vpp", 1), ("dp", None), ("optimizer", "master_adamw"))}
-        if saved != self._layout() or self.ddps:
+        if saved != self._layout():
+            if not meta.get("full_tensors", True):
+                raise ConfigError(
+                    f"the latest checkpoint ({step_dir(self.checkpoints.root, step)}) was written with "
+                    f"checkpoint.full_tensors false and resumes only on its own layout {saved}; this run is "
+                    f"{self._layout()}")
             self._resume_canonical(saved)
             return
         ckpt = self.checkpoints.load_latest()
@@ -469,14 +481,18 @@ class Trainer:
             for chunk in self.chunks:
                 for n, p in chunk.named_parameters():
                     p.copy_(t[f"model.{n}"])
-            for i, m in enumerate(self.optimizer.master_copies()):
-                m.copy_(t[f"master.{i}"])
-        opt_state: dict = {"state": {}, "param_groups": ckpt.state["param_groups"]}
-        for key, value in t.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                opt_state["state"].setdefault(int(idx), {})[name] = value
-        self.optimizer.optimizer.load_state_dict(opt_state)
+        if isinstance(self.optimizer, MasterAdamW):
+            with torch.no_grad():
+                for i, m in enumerate(self.optimizer.master_copies()):
+                    m.copy_(t[f"master.{i}"])
+            opt_state: dict = {"state": {}, "param_groups": ckpt.state["param_groups"]}
+            for key, value in t.items():
+                if key.startswith("optim."):
+                    _, idx, name = key.split(".", 2)
+                    opt_state["state"].setdefault(int(idx), {})[name] = value
+            self.optimizer.optimizer.load_state_dict(opt_state)
+        else:
+            load_distributed_shards(self.chunks, self.optimizer, t)
         restore_rng_state({k[4:]: v for k, v in t.items() if k.startswith("rng.")}, ckpt.state["rng"])
         self.loader.load_state_dict(ckpt.state["loader"])
         self.step = ckpt.step
@@ -499,7 +515,7 @@ class Trainer:
         self.loader.load_state_dict(states[source]["loader"])
         self.step = ckpt.step
         now = self._layout()
-        changed = ", ".join(f"{k}={saved[k]}->{now[k]}" for k in now if saved[k] != now[k]) or "same layout"
+        changed = ", ".join(f"{k}={saved[k]}->{now[k]}" for k in now if saved[k] != now[k])
         log.info("resumed from %s at step %d from its full tensors (%s)", ckpt.path, self.step, changed)
 
     # -------------------------------------------------------------------------------------------- the loop
