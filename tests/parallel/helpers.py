@@ -1,10 +1,12 @@
 """Shared pieces of the multi-process parallel tests: tiny packed pair batches built without transformers, the
 training recipe compared across layouts (megatron DDP + optimizer vs a single-process torch AdamW reference), and a
-spawn-and-join runner that can never hang (every worker has a deadline; a worker's traceback fails the test)."""
+spawn-and-join runner that can never hang (one deadline for all workers; the first dead worker stops the rest and
+its traceback fails the test)."""
 
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -166,21 +168,26 @@ def _entry(rank: int, world: int, port: int, root: str, target, kwargs: dict) ->
 
 
 def spawn(target, world: int, root: Path, timeout_s: float = 240, **kwargs) -> None:
-    """Run ``target(rank, root, **kwargs)`` in ``world`` spawned processes (torchrun-style env, gloo); fail with the
-    first worker traceback, or when a worker exits non-zero or outlives ``timeout_s`` (it is then killed)."""
+    """Run ``target(rank, root, **kwargs)`` in ``world`` spawned processes (torchrun-style env, gloo). Fails with
+    the first worker traceback as soon as any worker dies (the others are killed then: a peer blocked in a
+    collective would otherwise wait out its timeout), or when the workers outlive one shared ``timeout_s``."""
     ctx = mp.get_context("spawn")
     port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
     procs = [ctx.Process(target=_entry, args=(r, world, port, str(root), target, kwargs)) for r in range(world)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while (any(p.is_alive() for p in procs) and time.monotonic() < deadline
+           and not any(p.exitcode not in (None, 0) for p in procs)):
+        time.sleep(0.2)
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
             p.kill()
-            p.join()
+        p.join()
     errors = sorted(root.glob("error_*.txt"))
     assert not errors, errors[0].read_text()
+    died = {r: p.exitcode for r, p in enumerate(procs) if r not in hung and p.exitcode != 0}
+    assert not died, f"workers exited with codes {died}"
     assert not hung, f"workers {hung} still running after {timeout_s} s"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]

@@ -2,16 +2,15 @@
 and an export from TP=2 shards identical to the checkpoint it was loaded from."""
 
 import os
-import traceback
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from tests.model.conftest import GRIDS
 from tests.model.hf_reference import hf_scores, make_sample, pack, write_tiny_checkpoint
-from tests.ports import free_port
+from tests.parallel.helpers import spawn
 from vlr_runtime.data.types import PackedBatch
 
 pytestmark = pytest.mark.slow
@@ -133,39 +132,33 @@ def _pipeline_worker(rank: int, root: str) -> None:
     teardown()
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+def _worker(rank: int, root: Path) -> None:
+    """Run by :func:`tests.parallel.helpers.spawn` in each of the two processes (env and error files set there)."""
     from vlr_kernels import set_default_backend
 
     from vlr_runtime.parallel import setup_distributed, teardown
 
-    try:
-        set_default_backend("torch")
-        ctx = setup_distributed(tp=world)
-        assert (ctx.tp, ctx.tp_rank, ctx.backend) == (world, rank, "gloo")
-        for case in CASES:
-            out_dir = f"{root}/{case}"
-            # The batch comes from the parent so that the workers never import transformers (start-up time).
-            batch = load_batch(f"{root}/batch.safetensors")
-            rewards, loss, grads, model = run_model(f"{out_dir}/ckpt", batch, f"{out_dir}/export",
-                                                    sequence_parallel=case == "sequence_parallel")
-            with torch.no_grad():
-                hidden = model(batch)
-            frozen = frozen_encoder_run(model, batch)
-            if rank == 0:
-                save_file({"rewards": rewards, "loss": loss.reshape(1), "hidden": hidden},
-                          f"{out_dir}/result.safetensors")
-                save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
-                save_file(frozen, f"{out_dir}/frozen.safetensors")
-        teardown()
-        os.environ["MASTER_PORT"] = str(port + 1)
-        _pipeline_worker(rank, root)
-    except BaseException:
-        with open(f"{root}/error_{rank}.txt", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    world = int(os.environ["WORLD_SIZE"])
+    set_default_backend("torch")
+    ctx = setup_distributed(tp=world)
+    assert (ctx.tp, ctx.tp_rank, ctx.backend) == (world, rank, "gloo")
+    for case in CASES:
+        out_dir = f"{root}/{case}"
+        # The batch comes from the parent so that the workers never import transformers (start-up time).
+        batch = load_batch(f"{root}/batch.safetensors")
+        rewards, loss, grads, model = run_model(f"{out_dir}/ckpt", batch, f"{out_dir}/export",
+                                                sequence_parallel=case == "sequence_parallel")
+        with torch.no_grad():
+            hidden = model(batch)
+        frozen = frozen_encoder_run(model, batch)
+        if rank == 0:
+            save_file({"rewards": rewards, "loss": loss.reshape(1), "hidden": hidden},
+                      f"{out_dir}/result.safetensors")
+            save_file({k: v.contiguous() for k, v in grads.items()}, f"{out_dir}/grads.safetensors")
+            save_file(frozen, f"{out_dir}/frozen.safetensors")
+    teardown()
+    os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
+    _pipeline_worker(rank, root)
 
 
 def test_tp2_matches_transformers_and_tp1(tmp_path):
@@ -184,19 +177,7 @@ def test_tp2_matches_transformers_and_tp1(tmp_path):
     micro = [pack(hf, samples[:2], pixels, GRIDS), pack(hf, samples[2:], pixels, GRIDS)]
     for i, mb in enumerate(micro):
         save_batch(mb, str(tmp_path / f"micro_{i}.safetensors"))
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = [f.read_text() for f in tmp_path.glob("error_*.txt")]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn(_worker, 2, tmp_path, TIMEOUT_S)
 
     set_default_backend("torch")
     setup_distributed(1)

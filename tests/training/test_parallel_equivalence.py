@@ -4,73 +4,51 @@ gradients (gathered to full HF tensors) and the global gradient norm of TP=1 on 
 from __future__ import annotations
 
 import json
-import os
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from tests.ports import free_port
+from tests.parallel.helpers import spawn
 from tests.training.helpers import run_args
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 240
 
 
-def _worker(rank: int, world: int, tp: int, port: int, tmp: str, tag: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    os.environ.pop("TRITON_INTERPRET", None)
-    torch.set_num_threads(1)
-    out = Path(tmp) / tag
-    try:
-        from tests.parallel.test_tensor_parallel import full_grads
-        from vlr_runtime.config import parse_args
-        from vlr_runtime.data.collate import collate
-        from vlr_runtime.data.formats import RowIndex, example_from_row
-        from vlr_runtime.parallel import teardown
-        from vlr_runtime.training import Trainer
+def _worker(rank: int, out: Path, tp: int) -> None:
+    """Run by :func:`tests.parallel.helpers.spawn` in each process (env and error files set there); ``out`` is this
+    layout's folder inside the test's tmp folder, which holds the shared synthetic data cache."""
+    from tests.parallel.test_tensor_parallel import full_grads
+    from vlr_runtime.config import parse_args
+    from vlr_runtime.data.collate import collate
+    from vlr_runtime.data.formats import RowIndex, example_from_row
+    from vlr_runtime.parallel import teardown
+    from vlr_runtime.training import Trainer
 
-        cfg = parse_args(run_args(Path(tmp), "--parallel.tp", str(tp), "--run.dir", str(out / "run"),
-                                  "--train.center_coef", "0.05"))
-        trainer = Trainer(cfg)
-        pre = trainer.preprocessor
-        index = RowIndex(str(next((Path(tmp) / "cache").glob("synthetic-*")) / "train.jsonl"))
-        rows = [example_from_row(index, i) for i in range(len(index))]
-        # 6 image pairs and 2 text-only pairs: the vision tower, the merger and the text path all get gradients.
-        chosen = [r for r in rows if r.images][:6] + [r for r in rows if not r.images][:2]
-        micro = [collate([pre(r) for r in chosen[k::2]], image_token_id=pre.image_token_id) for k in range(2)]
-        ctx = trainer.ctx
-        mine = micro if ctx.dp == 1 else [micro[ctx.dp_rank]]
-        stats = trainer.compute_gradients([(mb, 4) for mb in mine], global_pairs=8)
-        grads = full_grads(trainer.model)
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
-            (out / "stats.json").write_text(json.dumps(stats))
-        teardown()
-    except BaseException:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"error_{rank}.txt").write_text(traceback.format_exc())
-        raise
+    tmp = out.parent
+    cfg = parse_args(run_args(tmp, "--parallel.tp", str(tp), "--run.dir", str(out / "run"),
+                              "--train.center_coef", "0.05"))
+    trainer = Trainer(cfg)
+    pre = trainer.preprocessor
+    index = RowIndex(str(next((tmp / "cache").glob("synthetic-*")) / "train.jsonl"))
+    rows = [example_from_row(index, i) for i in range(len(index))]
+    # 6 image pairs and 2 text-only pairs: the vision tower, the merger and the text path all get gradients.
+    chosen = [r for r in rows if r.images][:6] + [r for r in rows if not r.images][:2]
+    micro = [collate([pre(r) for r in chosen[k::2]], image_token_id=pre.image_token_id) for k in range(2)]
+    ctx = trainer.ctx
+    mine = micro if ctx.dp == 1 else [micro[ctx.dp_rank]]
+    stats = trainer.compute_gradients([(mb, 4) for mb in mine], global_pairs=8)
+    grads = full_grads(trainer.model)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
+        (out / "stats.json").write_text(json.dumps(stats))
+    teardown()
 
 
 def _launch(tmp: Path, world: int, tp: int, tag: str) -> tuple[dict, dict]:
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, tp, port, str(tmp), tag)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = [f.read_text() for f in (tmp / tag).glob("error_*.txt")]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn(_worker, world, tmp / tag, TIMEOUT_S, tp=tp)
     return json.loads((tmp / tag / "stats.json").read_text()), load_file(str(tmp / tag / "grads.safetensors"))
 
 
