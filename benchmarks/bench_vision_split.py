@@ -7,10 +7,12 @@ merger on all of them (``VisionTower._encode_split``). Measured here, per rank, 
 images:
   split        the product path: ``image_split_group`` = the TP group
   replicated   every rank encodes every image (``image_split_group = None``), what the tower would cost without it
-``replicated/split`` is the saving; it is printed next to two analytic counts: total patches / the largest rank's
-patches, and the same with FLOPs (``vlr_runtime.flops.vision_forward_flops``: full attention is quadratic in an
-image's patches, and the merger runs on every image in both modes). Before timing, the two outputs must agree
-(max |split - replicated| <= 1e-6 * max |replicated|, fp32).
+``replicated/split`` (slowest rank) is the saving; it is printed next to two analytic counts: total patches / the
+largest rank's patches, and the same with FLOPs (``vlr_runtime.flops.vision_forward_flops``: full attention is
+quadratic in an image's patches, and the merger runs on every image in both modes), and next to the encode time of
+all images over that of the largest share, each timed with the other ranks idle (what the ratio would be without
+ranks competing for the machine's shared cores, caches and memory bandwidth). Before timing, the two outputs must
+agree (max |split - replicated| <= 1e-6 * max |replicated|, fp32).
 
 Each rank is one process (gloo, torch threads = 1, eager kernels, attention by SDPA per segment), timed with a
 wall clock, a barrier before every call, the two modes alternating. CPU only (one process per rank, no GPU needed):
@@ -99,6 +101,80 @@ def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(times_ms), q[1], q[7]
 
 
+def _wall_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _own_share(pixels: torch.Tensor, grid: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's images under ``image_owners`` (contiguous in the batch): ``([n_r, patch_dim], [I_r, 3])``."""
+    from vlr_runtime.model.vision import image_owners
+
+    patches = grid.prod(-1)
+    owners = image_owners(patches, world)
+    ends = torch.cumsum(patches, 0)
+    mine = (owners == rank).nonzero().squeeze(1)
+    if not mine.numel():
+        return pixels[:0], grid[:0]
+    start, stop = int(ends[mine[0]] - patches[mine[0]]), int(ends[mine[-1]])
+    return pixels[start:stop], grid[mine]
+
+
+def _compare_modes(tower, pixels: torch.Tensor, grid: torch.Tensor, tp_group) -> tuple[float, float]:
+    """``(max |split - replicated|, max |replicated|)`` of the tower's outputs; raises if the split path is not
+    the one taken with ``image_split_group`` set."""
+    split_calls = []
+    product_encode_split = tower._encode_split
+
+    def spy(*a):
+        split_calls.append(1)
+        return product_encode_split(*a)
+
+    tower._encode_split = spy
+    tower.image_split_group = tp_group
+    out_split = tower(pixels, grid).detach()
+    del tower._encode_split
+    tower.image_split_group = None
+    out_repl = tower(pixels, grid).detach()
+    if not split_calls:
+        raise RuntimeError("the split path was not taken: the encoder is trainable or the group has one rank")
+    return float((out_split - out_repl).abs().max()), float(out_repl.abs().max())
+
+
+def _time_modes(tower, pixels: torch.Tensor, grid: torch.Tensor, tp_group, work: Workload) -> dict[str, list[float]]:
+    """Wall-clock ms of this rank per repetition: ``split`` and ``replicated`` tower forwards (all ranks at once,
+    a barrier before each); ``share alone`` (its own images) and, on rank 0, ``all alone`` (every image): encode
+    only, one rank at a time while the others wait at a barrier, i.e. without a busy neighbour on the machine (the
+    ranks of this run share one; the GPUs of a TP group do not share their compute)."""
+    import torch.distributed as dist
+
+    rank, world = tp_group.rank(), tp_group.size()
+    share_pixels, share_grid = _own_share(pixels, grid, rank, world)
+    modes = {"split": tp_group, "replicated": None}
+    times: dict[str, list[float]] = {m: [] for m in (*modes, "share alone", "all alone")}
+    for i in range(work.warmup + work.rep):
+        timed = {}
+        for mode in list(modes) if i % 2 == 0 else list(reversed(modes)):  # neither mode always runs second
+            tower.image_split_group = modes[mode]
+            dist.barrier(group=tp_group)
+            timed[mode] = _wall_ms(lambda: tower(pixels, grid))
+        for r in range(world):
+            dist.barrier(group=tp_group)
+            if r != rank:
+                continue
+            with torch.no_grad():
+                if share_grid.numel():
+                    timed["share alone"] = _wall_ms(lambda: tower.encode(share_pixels, share_grid))
+                if rank == 0:
+                    timed["all alone"] = _wall_ms(lambda: tower.encode(pixels, grid))
+        if i >= work.warmup:
+            for mode, ms in timed.items():
+                times[mode].append(ms)
+    tower.image_split_group = tp_group
+    return times
+
+
 def _worker(rank: int, world: int, port: int, work: Workload, out_path: str) -> None:
     """One TP rank: check that both modes give the same output, then time them alternately."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -121,36 +197,10 @@ def _worker(rank: int, world: int, port: int, work: Workload, out_path: str) -> 
         tower = _build_tower(work, ctx)
         grid = torch.tensor(work.grids)
         pixels = torch.randn(int(grid.prod(-1).sum()), work.args.patch_dim, generator=torch.Generator().manual_seed(1))
-        split_calls = []
-        product_encode_split = tower._encode_split
-
-        def spy(*a):
-            split_calls.append(1)
-            return product_encode_split(*a)
-
-        tower._encode_split = spy  # proves mode "split" really takes the product's split path
-        out_split = tower(pixels, grid).detach()
-        del tower._encode_split
-        tower.image_split_group = None
-        out_repl = tower(pixels, grid).detach()
-        if not split_calls:
-            raise RuntimeError("the split path was not taken: the encoder is trainable or the group has one rank")
-        max_abs = float((out_split - out_repl).abs().max())
-        ref_abs = float(out_repl.abs().max())
-
-        modes = {"split": ctx.tp_group, "replicated": None}
-        times: dict[str, list[float]] = {m: [] for m in modes}
-        for i in range(work.warmup + work.rep):
-            order = list(modes) if i % 2 == 0 else list(reversed(modes))  # neither mode always runs second
-            for mode in order:
-                tower.image_split_group = modes[mode]
-                dist.barrier()
-                t0 = time.perf_counter()
-                tower(pixels, grid)
-                if i >= work.warmup:
-                    times[mode].append((time.perf_counter() - t0) * 1e3)
+        max_abs, ref_abs = _compare_modes(tower, pixels, grid, ctx.tp_group)
+        times = _time_modes(tower, pixels, grid, ctx.tp_group, work)
         mine = {"rank": rank, "max_abs_diff": max_abs, "ref_max_abs": ref_abs,
-                "ms": {m: _quantiles(t) for m, t in times.items()}}
+                "ms": {m: _quantiles(t) for m, t in times.items() if t}}
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         if rank == 0:
@@ -220,50 +270,63 @@ def main(argv: list[str] | None = None) -> str:
                "OVERSUBSCRIBED: the ranks time-share cores, the ratio is indicative only"))
     print(f"[vision_split] {note}", flush=True)
 
-    result = run_ranks(work, args.procs)
-    ranks = result["ranks"]
-    per_rank, images, patch_ratio, flop_ratio = result["analytic"]
-
-    a = work.vision
-    x = (f"tp{args.procs} ViT d{a['depth']} h{a['hidden_size']} mlp{a['intermediate_size']} {a['num_heads']}heads, "
-         f"{len(work.grids)} img {sum(per_rank)} patches, fp32 cpu")
-    rec = Recorder("vision_split", torch.device("cpu"), args.csv)
-    worst_rel = max(r["max_abs_diff"] / max(r["ref_max_abs"], 1e-30) for r in ranks)
-    rec.add("split_vs_replicated", "fwd", "max_rel_diff", x, worst_rel)
-    for r in ranks:
-        for mode, (p50, p20, p80) in r["ms"].items():
-            rec.add(mode, f"fwd rank{r['rank']}", "ms", x, p50, p20, p80)
-        rec.add(f"rank{r['rank']}", "split", "patches", x, per_rank[r["rank"]])
-    # A step waits for its slowest rank: the saving is the slowest rank's time without the split over with it.
-    slowest = {m: max(r["ms"][m][0] for r in ranks) for m in ("split", "replicated")}
-    measured = slowest["replicated"] / slowest["split"]
-    rec.add("replicated/split", "fwd", "ratio", x, measured)
-    rec.add("analytic patches", "fwd", "ratio", x, patch_ratio)
-    rec.add("analytic FLOPs", "fwd", "ratio", x, flop_ratio)
-    if args.csv is not None:
-        append_csv(args.csv, rec.rows)
-
-    ok = worst_rel <= MAX_REL_DIFF
-    env = rec.env
-    lines = [f"{env['gpu']} | torch {env['torch']} | {env['sha']} | {env['time']} | {x}", f"note: {note}", "",
-             "| rank | images | patches | split ms p50 [p20-p80] | replicated ms p50 [p20-p80] | replicated/split |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in ranks:
-        s, rp = r["ms"]["split"], r["ms"]["replicated"]
-        lines.append(f"| {r['rank']} | {images[r['rank']]} | {per_rank[r['rank']]} | {s[0]:.1f} [{s[1]:.1f}-{s[2]:.1f}]"
-                     f" | {rp[0]:.1f} [{rp[1]:.1f}-{rp[2]:.1f}] | {rp[0] / s[0]:.2f}x |")
-    saving = (f"saving (slowest rank, replicated/split): measured {measured:.2f}x | analytic: patches "
-              f"{sum(per_rank)}/{max(per_rank)} = {patch_ratio:.2f}x, forward FLOPs {flop_ratio:.2f}x | ideal "
-              f"{args.procs}x")
-    check = (f"output check: max |split - replicated| / max |replicated| = {worst_rel:.2e} "
-             f"({'ok' if ok else 'FAILED'}, bound {MAX_REL_DIFF:g})")
-    lines += ["", saving, check]
-    table = "\n".join(lines)
+    table, ok = report(run_ranks(work, args.procs), work, args.procs, note, args.csv)
     print(table, flush=True)
     if not ok:
         raise SystemExit("split and replicated outputs disagree")
     return table
 
+
+def _ms(t: list[float]) -> str:
+    return f"{t[0]:.1f} [{t[1]:.1f}-{t[2]:.1f}]"
+
+
+def report(result: dict, work: Workload, procs: int, note: str, csv_path: Path | None) -> tuple[str, bool]:
+    """CSV rows (appended to ``csv_path``) and the markdown table of :func:`run_ranks`' ``result``; also whether
+    the outputs agreed."""
+    ranks = result["ranks"]
+    per_rank, images, patch_ratio, flop_ratio = result["analytic"]
+    a = work.vision
+    x = (f"tp{procs} ViT d{a['depth']} h{a['hidden_size']} mlp{a['intermediate_size']} {a['num_heads']}heads, "
+         f"{len(work.grids)} img {sum(per_rank)} patches, fp32 cpu")
+    rec = Recorder("vision_split", torch.device("cpu"), csv_path)
+    worst_rel = max(r["max_abs_diff"] / max(r["ref_max_abs"], 1e-30) for r in ranks)
+    rec.add("split_vs_replicated", "fwd", "max_rel_diff", x, worst_rel)
+    for r in ranks:
+        for mode, (p50, p20, p80) in r["ms"].items():
+            rec.add(mode, f"fwd rank{r['rank']}" if mode in ("split", "replicated") else f"encode rank{r['rank']}",
+                    "ms", x, p50, p20, p80)
+        rec.add(f"rank{r['rank']}", "split", "patches", x, per_rank[r["rank"]])
+    # A step waits for its slowest rank: the saving is the slowest rank's time without the split over with it.
+    slowest = {m: max(r["ms"][m][0] for r in ranks) for m in ("split", "replicated")}
+    measured = slowest["replicated"] / slowest["split"]
+    all_alone = ranks[0]["ms"]["all alone"][0]
+    alone = all_alone / max(r["ms"]["share alone"][0] for r in ranks if "share alone" in r["ms"])
+    for provider, ratio in (("replicated/split", measured), ("encode alone all/largest share", alone),
+                            ("analytic patches", patch_ratio), ("analytic FLOPs", flop_ratio)):
+        rec.add(provider, "fwd", "ratio", x, ratio)
+    if csv_path is not None:
+        append_csv(csv_path, rec.rows)
+
+    ok = worst_rel <= MAX_REL_DIFF
+    env = rec.env
+    lines = [f"{env['gpu']} | torch {env['torch']} | {env['sha']} | {env['time']} | {x}", f"note: {note}", "",
+             ("| rank | images | patches | split ms p50 [p20-p80] | replicated ms p50 [p20-p80] | replicated/split "
+              "| own images encoded alone ms |"),
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in ranks:
+        t = r["ms"]
+        share = _ms(t["share alone"]) if "share alone" in t else "no images"
+        lines.append(f"| {r['rank']} | {images[r['rank']]} | {per_rank[r['rank']]} | {_ms(t['split'])} | "
+                     f"{_ms(t['replicated'])} | {t['replicated'][0] / t['split'][0]:.2f}x | {share} |")
+    saving = (f"saving (slowest rank, replicated/split): measured {measured:.2f}x | analytic: patches "
+              f"{sum(per_rank)}/{max(per_rank)} = {patch_ratio:.2f}x, forward FLOPs {flop_ratio:.2f}x | ideal {procs}x")
+    encode = (f"encode alone (one rank at a time, no merger, no all-gather): all images {all_alone:.1f} ms / "
+              f"largest share = {alone:.2f}x")
+    check = (f"output check: max |split - replicated| / max |replicated| = {worst_rel:.2e} "
+             f"({'ok' if ok else 'FAILED'}, bound {MAX_REL_DIFF:g})")
+    lines += ["", saving, encode, check]
+    return "\n".join(lines), ok
 
 if __name__ == "__main__":
     main()
