@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> str:
     cores = len(os.sched_getaffinity(0))
     note = (f"CPU, {args.procs} processes on {cores} cores, 1 thread each: "
             + ("the ratio is meaningful only while the cores are otherwise idle" if args.procs <= cores else
-               "OVERSUBSCRIBED: the ranks time-share cores, the ratio is indicative only"))
+               "OVERSUBSCRIBED: the replicated ranks time-share cores, which inflates the measured ratio; read "
+               "the encode-alone ratio"))
     print(f"[vision_split] {note}", flush=True)
 
     table, ok = report(run_ranks(work, args.procs), work, args.procs, note, args.csv)
