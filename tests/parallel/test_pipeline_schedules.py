@@ -40,12 +40,12 @@ def stage_full_tensors(model) -> dict[str, torch.Tensor]:
 
     Not ``iter_full_tensors``: at TP > 1 with PP > 1 it makes every TP rank of the first stage wait for tensors that
     only TP rank 0 of the other stages sends (it hangs at TP2 x PP2)."""
-    from vlr_runtime.checkpoint.hf import _full_tensors_of
+    from vlr_runtime.checkpoint.hf import full_tensors
     from vlr_runtime.model.hf_names import hf_param_specs
 
     owned = {name for name, _ in model.named_parameters()}
     return {name: t for spec in hf_param_specs(model.args) if spec.param in owned
-            for name, t in _full_tensors_of(model, spec, None)}
+            for name, t in full_tensors(model, spec, None)}
 
 
 def _run_and_save(model, root: Path, tag: str, rank: int) -> None:

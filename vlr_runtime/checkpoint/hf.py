@@ -172,10 +172,6 @@ def full_tensors(model: RewardModel, spec: ParamSpec, dtype: torch.dtype | None 
     return [(name, blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)) for name, blocks in segments.items()]
 
 
-# The former private name, still imported by tests/parallel/test_pipeline_schedules.py (another engineer's file).
-_full_tensors_of = full_tensors
-
-
 def _hf_names_of(spec: ParamSpec) -> list[tuple[str, tuple[int, ...]]]:
     """``(name, full shape)`` of the HF tensors of one parameter, in the order :func:`full_tensors` yields."""
     return list(dict.fromkeys((p.name, p.shape) for p in spec.parts))
