@@ -1,25 +1,15 @@
-"""``benchmarks/bench_train.py --quick`` runs end to end on the CPU: both providers timed, losses and first updates
-agree, the planner row and the CSV rows are written."""
+"""``benchmarks/bench_train.py --quick`` runs end to end on the CPU: both providers timed, losses and first-step
+gradients agree, the planner row and the CSV rows are written."""
 
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.runtime.helpers import run_quick_benchmark
 
 
 def test_bench_train_quick(tmp_path):
     out_csv = tmp_path / "rows.csv"
-    # The Triton interpreter (switched on by conftest) would make "ours" minutes slow: the CPU run uses the eager
-    # reference kernels, as the script does when started by hand.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--quick", "--csv",
-                           str(out_csv)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = proc.stdout[proc.stdout.index("| provider | step ms p50"):]  # the markdown table comes last
+    stdout = run_quick_benchmark("bench_train.py", out_csv, timeout_s=120)
+    table = stdout[stdout.index("| provider | step ms p50"):]  # the markdown table comes last
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert {"hf_sdpa", "ours", "planner"} <= set(rows)
     assert "n/a" in rows["ours"]  # no MFU / memory on the CPU, said so instead of zeros

@@ -2,25 +2,18 @@
 replicated tower give the same output, the patch shares are the balanced ones, and the table and CSV rows exist."""
 
 import csv
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.runtime.helpers import run_quick_benchmark
+
 QUICK_PATCHES_PER_RANK = [96, 112]
 """Quick images of 64, 32, 96, 16 patches: their middle patches (32, 80, 144, 200 of 208) fall in halves 0, 0, 1, 1."""
 
 
 def test_bench_vision_split_quick(tmp_path):
     out_csv = tmp_path / "rows.csv"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_vision_split.py"), "--quick", "--csv",
-                           str(out_csv)], cwd=REPO, env=env, capture_output=True, text=True, timeout=150,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = proc.stdout[proc.stdout.index("| rank | images | patches |"):]  # the markdown table comes last
+    stdout = run_quick_benchmark("bench_vision_split.py", out_csv, timeout_s=150)
+    table = stdout[stdout.index("| rank | images | patches |"):]  # the markdown table comes last
     rows = [line.split("|")[1:-1] for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [int(r[2]) for r in rows] == QUICK_PATCHES_PER_RANK
     assert all(re.fullmatch(r" \d+\.\d+x ", r[5]) for r in rows)
