@@ -28,8 +28,11 @@ our resident, idle model).
 from __future__ import annotations
 
 import gc
+import itertools
 import math
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +58,44 @@ GIB = 2**30
 
 @dataclass
 class Provider:
-    """One provider's step and what it trains: ``step()`` returns the (0-d) loss of that step."""
+    """One provider's step, split into its phases, and what it trains: ``step()`` runs the phases in order and
+    returns the (0-d) loss of that step."""
 
-    step: Callable[[], torch.Tensor]
+    phases: list[tuple[str, Callable[[], None]]]
+    loss: Callable[[], torch.Tensor]
+    """The loss of the last step run."""
     checked: dict[str, torch.Tensor]
     """HF name -> the provider's parameter holding it (compared after the first step)."""
     optimizer_note: str
+
+    def step(self) -> torch.Tensor:
+        for _, run in self.phases:
+            run()
+        return self.loss()
+
+
+def _phase_ms(prov: Provider, device: torch.device, rep: int) -> dict[str, float]:
+    """Median milliseconds of each phase of a step over ``rep`` steps: CUDA events between the phases (device
+    timeline: a phase whose kernels the host cannot keep fed shows its launch gaps), wall clock on the CPU."""
+    per_phase: dict[str, list[float]] = {name: [] for name, _ in prov.phases}
+    for _ in range(rep):
+        if device.type == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(prov.phases) + 1)]
+            events[0].record()
+            for (_, run), end in zip(prov.phases, events[1:]):
+                run()
+                end.record()
+            torch.cuda.synchronize(device)
+            times = [a.elapsed_time(b) for a, b in itertools.pairwise(events)]
+        else:
+            times = []
+            for _, run in prov.phases:
+                t0 = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - t0) * 1e3)
+        for (name, _), t in zip(prov.phases, times):
+            per_phase[name].append(t)
+    return {name: statistics.median(ts) for name, ts in per_phase.items()}
 
 
 def _hf_provider(hf, inputs: dict, head_w: torch.Tensor, head_b: torch.Tensor, device: torch.device) -> Provider:
@@ -74,17 +109,18 @@ def _hf_provider(hf, inputs: dict, head_w: torch.Tensor, head_b: torch.Tensor, d
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, eps=EPS, fused=fused)
 
-    def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = hf_loss(hf, inputs, head_w, head_b)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
-        opt.step()
-        return loss.detach()
+    state: dict[str, torch.Tensor] = {}
 
+    def forward() -> None:
+        state["loss"] = hf_loss(hf, inputs, head_w, head_b)
+
+    phases = [("zero grads", lambda: opt.zero_grad(set_to_none=True)), ("forward", forward),
+              ("backward", lambda: state["loss"].backward()),
+              ("clip", lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM)), ("optimizer", opt.step)]
     named = {canonical_name(n): p for n, p in hf.named_parameters()}
     named["v_head.summary.weight"] = head_w
-    return Provider(step, named, f"torch.optim.AdamW(fused={fused}) on the {params[0].dtype} parameters")
+    return Provider(phases, lambda: state["loss"].detach(), named,
+                    f"torch.optim.AdamW(fused={fused}) on the {params[0].dtype} parameters")
 
 
 def _our_provider(ours, batch) -> Provider:
@@ -100,16 +136,19 @@ def _our_provider(ours, batch) -> Provider:
                                              weight_decay=WEIGHT_DECAY, grad_clip=MAX_NORM))
     mp_group = parallel_state.get_model_parallel_group()
 
-    def step() -> torch.Tensor:
-        opt.zero_grad()
-        (result,) = forward_backward(ours, [batch])
-        clip_gradients(trainable, global_grad_norm(trainable, 0, mp_group), MAX_NORM)
-        opt.step()
-        return result.loss
+    state: dict[str, torch.Tensor] = {}
 
+    def forward_and_backward() -> None:  # one call: megatron's schedule interleaves them per micro-batch
+        (result,) = forward_backward(ours, [batch])
+        state["loss"] = result.loss
+
+    phases = [("zero grads", opt.zero_grad), ("forward+backward", forward_and_backward),
+              ("clip", lambda: clip_gradients(trainable, global_grad_norm(trainable, 0, mp_group), MAX_NORM)),
+              ("optimizer", opt.step)]
     params = dict(ours.named_parameters())
     named = {spec.parts[0].name: params[spec.param] for spec in hf_param_specs(ours.args) if len(spec.parts) == 1}
-    return Provider(step, named, "MasterAdamW (fp32 master weights + moments; torch AdamW, fused on CUDA)")
+    return Provider(phases, lambda: state["loss"], named,
+                    "MasterAdamW (fp32 master weights + moments; torch AdamW, fused on CUDA)")
 
 
 def _checked_names(num_layers: int) -> list[str]:
@@ -229,6 +268,7 @@ def main(argv: list[str] | None = None) -> str:
         grads: dict[str, dict[str, torch.Tensor]] = {}
         notes: dict[str, str] = {}
         firsts: dict[str, float] = {}
+        phase_ms: dict[str, dict[str, float]] = {}
         for name, make in makers.items():
             if name == "ours":  # free the stock model first: our peak is then ours alone
                 del hf, inputs  # clears the cells the hf_sdpa maker closes over
@@ -243,6 +283,9 @@ def main(argv: list[str] | None = None) -> str:
             print(f"[train_step] {name}: first training step loss {firsts[name]:.5f}", flush=True)
             r = results[name] = _measure(name, prov, device, warmup, rep, tokens, flops, peak_flops,
                                          ours_bytes if name == "hf_sdpa" else 0)
+            phase_ms[name] = _phase_ms(prov, device, max(3, rep // 2))
+            for phase, ms in phase_ms[name].items():
+                rec.add(name, f"phase {phase}", "ms", x, ms)
             rec.add(name, "train step", "ms", x, r["ms"], r["p20"], r["p80"])
             rec.add(name, "train step", "tok/s", x, r["tok/s"])
             rec.add(name, "first step", "loss", x, firsts[name])
@@ -274,7 +317,7 @@ def main(argv: list[str] | None = None) -> str:
 
         if args.csv is not None and rec.rows:
             append_csv(args.csv, rec.rows)
-        table = _markdown(rec.env, x, results, notes, firsts, est, planner, agreement, bad, flops)
+        table = _markdown(rec.env, x, results, notes, firsts, est, planner, agreement, bad, flops, phase_ms)
         print(table, flush=True)
         if bad:
             raise SystemExit(f"providers disagree on the first training step: {bad} (gradient tolerance: rel diff "
@@ -288,7 +331,7 @@ def _batch_tensors(batch) -> list[torch.Tensor]:
     return [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
 
 
-def _markdown(env, x, results, notes, firsts, est, planner, agreement, bad, flops) -> str:
+def _markdown(env, x, results, notes, firsts, est, planner, agreement, bad, flops, phase_ms) -> str:
     lines = [f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['sha']} | {env['time']}", "",
              f"Training step: {x}; model FLOPs/step {flops / 1e12:.2f} TFLOP (vision forward only, frozen)", ""]
     for name, note in notes.items():
@@ -301,6 +344,11 @@ def _markdown(env, x, results, notes, firsts, est, planner, agreement, bad, flop
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ("1.00x" if name == "hf_sdpa" else "n/a")
         lines.append(f"| {name} | {r['ms']:.2f} | {r['tok/s']:,.0f} | {mfu_s} | {peak} | {ratio} |")
+    if phase_ms:
+        lines += ["", "| provider | phase | ms (median) | share of the step |", "| --- | --- | --- | --- |"]
+        for name, phases in phase_ms.items():
+            total = sum(phases.values())
+            lines += [f"| {name} | {p} | {ms:.2f} | {100 * ms / total:.0f}% |" for p, ms in phases.items()]
     ours = results.get("ours", {})
     measured = f"{ours['device_gib']:.2f}" if "device_gib" in ours else "n/a"
     err = f"{100 * planner['rel_err']:+.1f}%" if "rel_err" in planner else "n/a"
