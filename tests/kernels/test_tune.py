@@ -9,6 +9,7 @@ from vlr_kernels import _tune
 
 def test_cpu_uses_the_default_without_timing(monkeypatch):
     monkeypatch.setattr(_tune, "_PICKED", {})
+    monkeypatch.setenv("VLR_TUNE", "1")
     calls = []
     assert _tune.pick("k", ["a", "b"], calls.append, torch.device("cpu")) == "a"
     assert calls == [] and _tune.choices() == {}
@@ -17,6 +18,7 @@ def test_cpu_uses_the_default_without_timing(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_picks_the_fastest_and_skips_failures(monkeypatch):
     monkeypatch.setattr(_tune, "_PICKED", {})
+    monkeypatch.setenv("VLR_TUNE", "1")  # benchmarks/gpu_check.sh runs the other GPU tests untuned
     dev = torch.device("cuda")
     cycles = {"slow": 2_000_000, "fast": 20_000}
 
