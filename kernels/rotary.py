@@ -79,44 +79,48 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 @triton_jit
 def _rotate_heads(
-    x_ptr, y_ptr, t, hb, n_heads, half, stride_xt, stride_xh, c1, c2, s1, s2,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, y_ptr, t, hb, n_heads, stride_xt, stride_xh, c1, c2, s1, s2,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # y1 = x1*c1 - x2*s1,  y2 = x2*c2 + x1*s2  (rotate-half); y is contiguous [T, heads, 2*half]
+    # y1 = x1*c1 - x2*s1,  y2 = x2*c2 + x1*s2  (rotate-half); y is contiguous [T, heads, 2*HALF]
     hs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     ds = tl.arange(0, BLOCK_D)
-    mask = (hs[:, None] < n_heads) & (ds[None, :] < half)
+    mask = (hs[:, None] < n_heads) & (ds[None, :] < HALF)
     x_offs = t * stride_xt + hs[:, None] * stride_xh + ds[None, :]
     x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_offs + half, mask=mask, other=0.0).to(tl.float32)
-    y_offs = t * n_heads * 2 * half + hs[:, None] * 2 * half + ds[None, :]
+    x2 = tl.load(x_ptr + x_offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    y_offs = t * n_heads * 2 * HALF + hs[:, None] * 2 * HALF + ds[None, :]
     tl.store(y_ptr + y_offs, (x1 * c1[None, :] - x2 * s1[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + y_offs + half, (x2 * c2[None, :] + x1 * s2[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_offs + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_jit
 def _rotary_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, yq_ptr, yk_ptr, heads_q, heads_k, n_q_blocks, half,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, yq_ptr, yk_ptr, heads_q, heads_k, n_q_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # HALF is a compile-time constant: with a run-time half of 40 (head_dim 80) the compiler cannot prove the
+    # masks uniform over 8 lanes and falls back to 2-byte loads and stores (seen in the sm_90 PTX); as a constant
+    # the loads are 16 bytes wide for head_dim 80 as for 128
     # grid (T, q head blocks + k head blocks): q and k of a token share one read of its cos/sin row
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     ds = tl.arange(0, BLOCK_D)
-    dmask = ds < half
-    c1 = tl.load(cos_ptr + t * 2 * half + ds, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * 2 * half + half + ds, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * 2 * half + ds, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * 2 * half + half + ds, mask=dmask, other=0.0).to(tl.float32)
+    dmask = ds < HALF
+    c1 = tl.load(cos_ptr + t * 2 * HALF + ds, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * 2 * HALF + HALF + ds, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * 2 * HALF + ds, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * 2 * HALF + HALF + ds, mask=dmask, other=0.0).to(tl.float32)
     if BACKWARD:
         # the transposed rotation: dx1 = g1*c1 + g2*s2,  dx2 = g2*c2 - g1*s1
         s1, s2 = -s2, -s1
     if hb < n_q_blocks:
-        _rotate_heads(q_ptr, yq_ptr, t, hb, heads_q, half, stride_qt, stride_qh, c1, c2, s1, s2, BLOCK_H, BLOCK_D)
+        _rotate_heads(q_ptr, yq_ptr, t, hb, heads_q, stride_qt, stride_qh, c1, c2, s1, s2, HALF, BLOCK_H,
+                      BLOCK_D)
     else:
-        _rotate_heads(k_ptr, yk_ptr, t, hb - n_q_blocks, heads_k, half, stride_kt, stride_kh, c1, c2, s1, s2,
-                      BLOCK_H, BLOCK_D)
+        _rotate_heads(k_ptr, yk_ptr, t, hb - n_q_blocks, heads_k, stride_kt, stride_kh, c1, c2, s1, s2,
+                      HALF, BLOCK_H, BLOCK_D)
 
 
 def rotary_fwd(
@@ -133,9 +137,9 @@ def rotary_fwd(
     n_q_blocks = triton.cdiv(heads_q, block_h)
     kk = k if k is not None else q
     _rotary_kernel[(t, n_q_blocks + triton.cdiv(heads_k, block_h))](
-        q, kk, cos, sin, yq, yk if yk is not None else yq, heads_q, heads_k, n_q_blocks, d // 2,
+        q, kk, cos, sin, yq, yk if yk is not None else yq, heads_q, heads_k, n_q_blocks,
         q.stride(0), q.stride(1), kk.stride(0), kk.stride(1),
-        BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4,
+        HALF=d // 2, BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4,
     )
     return yq, yk
 
