@@ -22,19 +22,6 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
 
 
 @triton.jit
-def segment_of_tile(cu_tiles, tile, n_seg):
-    """Largest segment ``s`` with ``cu_tiles[s] <= tile`` (``n_seg`` when the tile is past the last one)."""
-    lo = tile * 0
-    hi = tile * 0 + n_seg
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        go_right = tl.load(cu_tiles + mid) <= tile
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid - 1)
-    return lo
-
-
-@triton.jit
 def allowed(rows, cols, len_k, diff, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.constexpr):
     """(q row, k col) pairs of one segment that may attend; ``diff = len_k - len_q`` aligns causal ends."""
     ok = cols < len_k
@@ -125,6 +112,17 @@ def tile_prefix(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
     """``[N+1]`` int32 prefix sum of ``cdiv(segment length, block)``, on the device (no host sync)."""
     tiles = (cu_seqlens[1:] - cu_seqlens[:-1] + (block - 1)) // block
     return torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))
+
+
+def tile_schedule(cu_seqlens: torch.Tensor, block: int,
+                  n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cu_tiles [N+1], tile_seg [n_tiles])`` int32 on the device, no host sync: the tile prefix sum and,
+    for each of the grid's ``n_tiles`` tiles, its segment (``N`` for grid tiles past the last one). A program
+    then finds its segment with one load; a binary search over ``cu_tiles`` costs log2(N) dependent loads (~10
+    for the 545 ViT windows) before the program can start its real loads."""
+    cu_tiles = tile_prefix(cu_seqlens, block)
+    tiles = torch.arange(n_tiles, device=cu_seqlens.device, dtype=torch.int32)
+    return cu_tiles, torch.searchsorted(cu_tiles[1:], tiles, right=True, out_int32=True)
 
 
 def grid_tiles(total: int, n_seg: int, max_seqlen: int, block: int) -> int:

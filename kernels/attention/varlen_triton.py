@@ -1,9 +1,10 @@
 """FlashAttention-2 style Triton kernels for :func:`vlr_kernels.varlen_attention` (semantics in that module).
 
 Work decomposition. Every segment is cut into ``cdiv(len, BLOCK)`` tiles; ``cu_tiles`` (a device-side prefix
-sum, no host sync) numbers the tiles of all segments consecutively and each program finds its segment by a
-binary search. The grid is therefore ``min(cdiv(T + N*(BLOCK-1), BLOCK), N*cdiv(max_seqlen, BLOCK))`` tiles
-per head: tight for 545 windows of <= 64 tokens as for one 16k-token image, and ``max_seqlen`` only bounds it.
+sum, no host sync) numbers the tiles of all segments consecutively and ``tile_seg`` (a device-side search, one
+small kernel per launch) names each tile's segment, so a program needs one load to find its segment. The grid
+is therefore ``min(cdiv(T + N*(BLOCK-1), BLOCK), N*cdiv(max_seqlen, BLOCK))`` tiles per head: tight for 545
+windows of <= 64 tokens as for one 16k-token image, and ``max_seqlen`` only bounds it.
 
 Forward: one program per (q tile, q head); online softmax in the exp2 domain; saves ``lse [Hq, Tq]`` (natural
 log, ``-inf`` for rows that see no key). Backward (recompute, no atomics, deterministic):
@@ -36,9 +37,8 @@ from vlr_kernels.attention.varlen_tiles import (
     pick_block,
     q_ranges,
     rows_contiguous,
-    segment_of_tile,
     store_rows,
-    tile_prefix,
+    tile_schedule,
 )
 
 
@@ -77,7 +77,7 @@ def _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_
 
 @triton.jit
 def _varlen_attn_fwd_kernel(
-    Q, K, V, Out, LSE, cu_q, cu_k, cu_tiles, prefix_lens, split_lens,
+    Q, K, V, Out, LSE, cu_q, cu_k, cu_tiles, tile_seg, prefix_lens, split_lens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     n_seg, total_q, qk_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -85,7 +85,7 @@ def _varlen_attn_fwd_kernel(
 ):
     tile = tl.program_id(0)
     hq = tl.program_id(1)
-    seg = segment_of_tile(cu_tiles, tile, n_seg)
+    seg = tl.load(tile_seg + tile)  # one load, not a binary search: see tile_schedule
     if seg < n_seg:
         q_start = tl.load(cu_q + seg)
         len_q = tl.load(cu_q + seg + 1) - q_start
@@ -196,7 +196,7 @@ def _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base, l
 
 @triton.jit
 def _varlen_attn_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_q, cu_k, cu_tiles, prefix_lens, split_lens,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, cu_q, cu_k, cu_tiles, tile_seg, prefix_lens, split_lens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     n_seg, total_q, qk_scale, sm_scale,
@@ -206,7 +206,7 @@ def _varlen_attn_dkdv_kernel(
 ):
     tile = tl.program_id(0)
     hk = tl.program_id(1)
-    seg = segment_of_tile(cu_tiles, tile, n_seg)
+    seg = tl.load(tile_seg + tile)  # one load, not a binary search: see tile_schedule
     if seg < n_seg:
         q_start = tl.load(cu_q + seg)
         len_q = tl.load(cu_q + seg + 1) - q_start
@@ -298,7 +298,7 @@ def _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt
 
 @triton.jit
 def _varlen_attn_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k, cu_tiles, prefix_lens, split_lens,
+    Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k, cu_tiles, tile_seg, prefix_lens, split_lens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt,
     stride_dqh, n_seg, total_q, qk_scale, sm_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -306,7 +306,7 @@ def _varlen_attn_dq_kernel(
 ):
     tile = tl.program_id(0)
     hq = tl.program_id(1)
-    seg = segment_of_tile(cu_tiles, tile, n_seg)
+    seg = tl.load(tile_seg + tile)  # one load, not a binary search: see tile_schedule
     if seg < n_seg:
         q_start = tl.load(cu_q + seg)
         len_q = tl.load(cu_q + seg + 1) - q_start
@@ -362,7 +362,7 @@ _TABLES = {
     96: {"fwd": ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)),
          "dkdv": ((64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)),
          "dq": ((64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2))},
-    128: {"fwd": ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)),
+    128: {"fwd": ((128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)),
           "dkdv": ((16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 8, 2)),
           "dq": ((64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2))},
     256: {"fwd": ((64, 32, 8, 2),), "dkdv": ((16, 32, 8, 2),), "dq": ((32, 32, 8, 2),)},
@@ -437,8 +437,9 @@ def varlen_attention_fwd(
 
     def launch(cfg: dict[str, int]) -> None:
         bm = cfg["BLOCK_M"]
-        _varlen_attn_fwd_kernel[(grid_tiles(tq, n_seg, max_seqlen_q, bm), hq)](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_prefix(cu_seqlens_q, bm),
+        n_tiles = grid_tiles(tq, n_seg, max_seqlen_q, bm)
+        _varlen_attn_fwd_kernel[(n_tiles, hq)](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *tile_schedule(cu_seqlens_q, bm, n_tiles),
             prefix_lens if shared else cu_seqlens_q, split_lens if shared else cu_seqlens_q,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), n_seg, tq, softmax_scale * LOG2E.value,
@@ -501,8 +502,9 @@ def varlen_attention_bwd(
 
     def launch_dq(cfg: dict[str, int]) -> None:
         bm = cfg["BLOCK_M"]
-        _varlen_attn_dq_kernel[(grid_tiles(tq, n_seg, max_seqlen_q, bm), hq)](
-            q, k, v, dout, lse, delta, dq, *seg_meta, tile_prefix(cu_seqlens_q, bm), *pair_meta,
+        n_tiles = grid_tiles(tq, n_seg, max_seqlen_q, bm)
+        _varlen_attn_dq_kernel[(n_tiles, hq)](
+            q, k, v, dout, lse, delta, dq, *seg_meta, *tile_schedule(cu_seqlens_q, bm, n_tiles), *pair_meta,
             *common_strides, dq.stride(0), dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value,
             softmax_scale, **meta, **cfg,
         )
@@ -512,8 +514,10 @@ def varlen_attention_bwd(
     def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = default_dq) -> None:
         # a candidate that does not fuse dQ is timed together with the dQ pass it then needs
         bn = cfg["BLOCK_N"]
-        _varlen_attn_dkdv_kernel[(grid_tiles(tk, n_seg, max_seqlen_k, bn), hkv)](
-            q, k, v, dout, lse, delta, dk, dv, dq, *seg_meta, tile_prefix(cu_seqlens_k, bn), *pair_meta,
+        n_tiles = grid_tiles(tk, n_seg, max_seqlen_k, bn)
+        _varlen_attn_dkdv_kernel[(n_tiles, hkv)](
+            q, k, v, dout, lse, delta, dk, dv, dq, *seg_meta, *tile_schedule(cu_seqlens_k, bn, n_tiles),
+            *pair_meta,
             *common_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0),
             dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value, softmax_scale, FUSE_DQ=fuses_dq(cfg),
             **meta, **cfg,

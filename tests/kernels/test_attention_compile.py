@@ -26,7 +26,7 @@ from vlr_kernels.attention import varlen_triton as vt
 from vlr_kernels.attention.varlen_tiles import head_dim_chunks
 
 POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "cu_q": "*i32", "cu_k": "*i32", "cu_tiles": "*i32",
-           "prefix_lens": "*i32", "split_lens": "*i32"}
+           "tile_seg": "*i32", "prefix_lens": "*i32", "split_lens": "*i32"}
 
 def compile_kernel(kernel, constexprs, num_warps, num_stages):
     signature, attrs = {}, {}

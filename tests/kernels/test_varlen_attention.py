@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from vlr_kernels import BackendUnavailable, varlen_attention, varlen_attention_ref
-from vlr_kernels.attention.varlen_tiles import head_dim_chunks
+from vlr_kernels.attention.varlen_tiles import head_dim_chunks, tile_schedule
 from vlr_kernels.attention.varlen_triton import varlen_attention_bwd, varlen_attention_fwd
 
 from tests.kernels.helpers import assert_close64, to64
@@ -320,3 +320,11 @@ def test_bad_inputs_raise(mutate, match):
     mutate(a)
     with pytest.raises(ValueError, match=match):
         varlen_attention(**a, backend="torch")
+
+
+def test_tile_schedule_names_each_tiles_segment():
+    """Segments of 5, 0, 3, 0, 0 and 9 rows in blocks of 4: tiles 2 | 1 | 3, grid tiles past the last are N."""
+    cu_seqlens = torch.tensor([0, 5, 5, 8, 8, 8, 17], dtype=torch.int32)
+    cu_tiles, tile_seg = tile_schedule(cu_seqlens, 4, 9)
+    assert cu_tiles.tolist() == [0, 2, 2, 3, 3, 3, 6]
+    assert tile_seg.tolist() == [0, 0, 2, 5, 5, 5, 6, 6, 6] and tile_seg.dtype == torch.int32
