@@ -54,6 +54,25 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, single_proces
     assert not (tmp_path / "run" / "export").exists()
 
 
+def test_non_finite_gradient_with_a_finite_loss_stops_too(tmp_path, single_process):
+    """An Inf in one gradient element (the loss itself finite) is caught by the per-tensor norms as well."""
+    from vlr_runtime.training import TrainingDiverged
+
+    trainer = _trainer(tmp_path, "--run.dir", str(tmp_path / "run"), "--train.max_steps", "5")
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad.view(-1)[3] = float("inf")
+        return grad
+
+    trainer.model.head.weight.register_hook(poison)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(TrainingDiverged, match=r"step 1: non-finite loss on rank\(s\) \[\], non-finite gradients "
+                                               r"on rank\(s\) \[0\]"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
 def test_resume_continues_like_an_uninterrupted_run(tmp_path, single_process):
     from vlr_runtime.parallel import teardown
 

@@ -307,7 +307,10 @@ class Trainer:
         over the world per step; the ids are exchanged only on failure."""
         grads = [getattr(p, "main_grad", None) if self.ddps else p.grad for p in self.trainable]
         grads = [g for g in grads if g is not None]
-        grad_sum = torch.stack([g.detach().float().sum() for g in grads]).sum() if grads else torch.zeros(())
+        # per-tensor norms in one multi-tensor launch (no fp32 copy of every gradient): NaN/Inf in any element
+        # makes its tensor's norm, and so the sum, non-finite
+        grad_sum = (torch.stack(torch._foreach_norm([g.detach() for g in grads], 2)).float().sum() if grads
+                    else torch.zeros(()))
         mine = torch.tensor([not math.isfinite(float(loss_sum)), not math.isfinite(float(grad_sum))],
                             dtype=torch.float32, device=self.ctx.device)
         flags = [mine]
