@@ -60,18 +60,22 @@ def env_info(device: torch.device) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "absent"
+    # a copy of the tree without .git (the lent GPU machine) is told its sha
+    sha = os.environ.get("VLR_GIT_SHA") or _git_sha()
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "sha": sha, "time": now}
+
+
+def _git_sha() -> str:
+    """Short HEAD sha, ``+dirty`` with local changes to tracked files, ``unknown`` outside a git checkout."""
     try:
-        if os.environ.get("VLR_GIT_SHA"):  # a copy of the tree without .git (the lent GPU machine) is told its sha
-            raise OSError
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-        sha += "+dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):
-        sha = os.environ.get("VLR_GIT_SHA", "unknown")
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "sha": sha, "time": now}
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
 
 
 def time_ms(
@@ -206,11 +210,7 @@ class Recorder:
                 mem = peak_mib(fn, self.device)
                 if mem is not None:
                     self.add(provider, mode, "peak_MiB", x, mem)
-                if bytes_moved and mode in bytes_moved:
-                    gbps = bytes_moved[mode] / (p50 * 1e-3) / 1e9
-                    self.add(provider, mode, "GB/s", x, gbps)
-                    if ceiling_gbps:
-                        self.add(provider, mode, "pct_copy_bw", x, 100.0 * gbps / ceiling_gbps)
+                self._add_bandwidth(provider, mode, x, p50, (bytes_moved or {}).get(mode), ceiling_gbps)
         except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others' numbers
             self.skip(provider, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
             return
@@ -239,11 +239,18 @@ class Recorder:
                 self.skip(f"{provider} ({mode} graph)", f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
                 continue
             self.add(provider, f"{mode} graph", "ms", x, p50, p20, p80)
-            if bytes_moved and mode in bytes_moved:
-                gbps = bytes_moved[mode] / (p50 * 1e-3) / 1e9
-                self.add(provider, f"{mode} graph", "GB/s", x, gbps)
-                if ceiling_gbps:
-                    self.add(provider, f"{mode} graph", "pct_copy_bw", x, 100.0 * gbps / ceiling_gbps)
+            self._add_bandwidth(provider, f"{mode} graph", x, p50, (bytes_moved or {}).get(mode), ceiling_gbps)
+
+    def _add_bandwidth(self, provider: str, mode: str, x: str, p50_ms: float, nbytes: int | None,
+                       ceiling_gbps: float | None) -> None:
+        """GB/s of moving ``nbytes`` in ``p50_ms`` and its share of the copy ceiling (nothing without a byte
+        count)."""
+        if nbytes is None:
+            return
+        gbps = nbytes / (p50_ms * 1e-3) / 1e9
+        self.add(provider, mode, "GB/s", x, gbps)
+        if ceiling_gbps:
+            self.add(provider, mode, "pct_copy_bw", x, 100.0 * gbps / ceiling_gbps)
 
     def run_providers(
         self,

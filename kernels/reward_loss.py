@@ -422,8 +422,8 @@ _CUDA_OPS_LOADED = False
 
 def _load_cuda_ops() -> None:
     """Import the extension (its static initialisers register ``torch.ops.vlr_kernels.*``) and register the
-    shape-only fake implementations that torch.compile traces with. Called once, eagerly: a flag rather than
-    ``functools.cache`` because dynamo traces through a cache wrapper into the import and the registrations."""
+    shape-only fake implementations that torch.compile traces with; later calls return at once. A flag rather
+    than ``functools.cache``: dynamo traces through a cache wrapper into the import and the registrations."""
     global _CUDA_OPS_LOADED
     if _CUDA_OPS_LOADED:
         return
@@ -449,8 +449,7 @@ def _load_cuda_ops() -> None:
 
 def _launchers(impl: str):
     if impl == "cuda":
-        if not _CUDA_OPS_LOADED:
-            _load_cuda_ops()
+        _load_cuda_ops()
         return _CudaLaunchers
     return _TritonLaunchers
 
