@@ -74,6 +74,14 @@ class MasterAdamW:
         for m in self.masters:
             m.grad = None
 
+    def master_of(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor the optimizer updates for ``param``: its fp32 master, or the parameter itself when fp32.
+        Raises KeyError for a parameter this optimizer does not train."""
+        master = next((m for p, m in zip(self.params, self.masters) if p is param), None)
+        if master is None:
+            raise KeyError(f"parameter of shape {tuple(param.shape)} is not trained by this optimizer")
+        return master
+
     def master_copies(self) -> list[torch.Tensor]:
         """The fp32 masters of the 16-bit parameters (what a checkpoint must hold besides the parameters)."""
         return [m for m, p in zip(self.masters, self.params) if m is not p]

@@ -68,8 +68,7 @@ def _steps(chunks: Sequence[RewardModel], optimizer: Optimizer, dp_group: dist.P
     are max-reduced over the DP group, so every DP rank knows them even for a parameter it owns nothing of."""
     trained = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
     if isinstance(optimizer, MasterAdamW):
-        masters = {p: m for p, m in zip(optimizer.params, optimizer.masters)}
-        return {p: int(optimizer.optimizer.state.get(masters[p], {}).get("step", 0)) for p in trained}
+        return {p: int(optimizer.optimizer.state.get(optimizer.master_of(p), {}).get("step", 0)) for p in trained}
     parts = _parts(optimizer)
     counts = torch.zeros(len(trained), dtype=torch.float64, device=get_context().device)
     for i, p in enumerate(trained):
@@ -89,7 +88,7 @@ def _local_state(optimizer: Optimizer, param: torch.nn.Parameter, step: int, dp_
     out = {"param": param.detach()}
     kinds = (["master"] if param.dtype != torch.float32 else []) + (list(MOMENTS) if step else [])
     if isinstance(optimizer, MasterAdamW):
-        master = next(m for p, m in zip(optimizer.params, optimizer.masters) if p is param)
+        master = optimizer.master_of(param)
         state = optimizer.optimizer.state.get(master, {})
         for kind in kinds:
             out[kind] = master.detach() if kind == "master" else state[kind]
@@ -149,7 +148,7 @@ def _set_state(optimizer: Optimizer, param: torch.nn.Parameter, local: Callable[
     """Set the optimizer's master and Adam state of ``param`` (Adam ``step`` = ``step``; none when 0) from full
     local (TP-slice) tensors ``local(kind)``; with the distributed optimizer only this DP rank's range."""
     if isinstance(optimizer, MasterAdamW):
-        master = next(m for p, m in zip(optimizer.params, optimizer.masters) if p is param)
+        master = optimizer.master_of(param)
         if master is not param:
             master.copy_(local("master"))
         if step:
