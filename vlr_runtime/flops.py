@@ -43,12 +43,28 @@ class StepFlops:
         return self.llm + self.vision + self.merger + self.head
 
 
-def llm_forward_flops(cfg: Mapping, seq_lens: Sequence[int], causal_seq_lens: bool = True) -> float:
+def _segment_keys(length: int, prefix: int, split: int) -> float:
+    """Keys attended, summed over the queries of one causal segment. A shared-prompt pair ``[prompt | chosen |
+    rejected]`` (``prefix`` = prompt length, ``split`` = prompt + chosen length, see ``PackedBatch``) attends
+    causally over its first ``split`` tokens; each rejected token sees the prompt and the rejected tokens up to
+    itself, never the chosen response. ``split == length`` is a plain causal segment."""
+    if not 0 <= prefix <= split <= length:
+        raise ValueError(f"shared-prompt segment needs 0 <= prefix <= split <= length, got {prefix}, {split}, "
+                         f"{length}")
+    rejected = length - split
+    return split * (split + 1) / 2 + rejected * prefix + rejected * (rejected + 1) / 2
+
+
+def llm_forward_flops(cfg: Mapping, seq_lens: Sequence[int], causal_seq_lens: bool = True,
+                      prefix_lens: Sequence[int] | None = None, split_lens: Sequence[int] | None = None) -> float:
     """Forward FLOPs of the decoder stack over packed segments of the given lengths.
 
     Args:
         cfg: HF Qwen2.5-VL ``config.json`` dict (nested ``text_config`` or flat Qwen2 fields).
         seq_lens: token count of each packed segment.
+        prefix_lens, split_lens: the shared-prompt layout's per-segment prompt length and prompt + chosen length
+            (``PackedBatch.prefix_lens`` / ``split_lens``; causal only): attention is counted over the keys each
+            token really sees. Both or neither.
     """
     t = _text(cfg)
     h = t["hidden_size"]
@@ -61,7 +77,16 @@ def llm_forward_flops(cfg: Mapping, seq_lens: Sequence[int], causal_seq_lens: bo
     mlp = 3 * h * inter
     tokens = sum(seq_lens)
     linear = 2 * (proj + mlp) * tokens
-    if causal_seq_lens:
+    if (prefix_lens is None) != (split_lens is None):
+        raise ValueError("prefix_lens and split_lens go together (the shared-prompt layout needs both)")
+    if prefix_lens is not None:
+        if not causal_seq_lens:
+            raise ValueError("the shared-prompt layout is causal")
+        if not len(prefix_lens) == len(split_lens) == len(seq_lens):
+            raise ValueError(f"{len(seq_lens)} segments but {len(prefix_lens)} prefix and {len(split_lens)} split "
+                             "lengths")
+        keys = sum(_segment_keys(s, p, q) for s, p, q in zip(seq_lens, prefix_lens, split_lens))
+    elif causal_seq_lens:
         keys = sum(s * (s + 1) / 2 for s in seq_lens)
     else:
         keys = sum(s * s for s in seq_lens)
@@ -120,18 +145,21 @@ def training_step_flops(
     vision_trained: bool = False,
     merger_trained: bool = True,
     num_scored: int = 0,
+    prefix_lens: Sequence[int] | None = None,
+    split_lens: Sequence[int] | None = None,
 ) -> StepFlops:
     """FLOPs of one training step (forward + backward) on one packed batch.
 
     Args:
         seq_lens: lengths of the packed LLM segments; grids_thw: grid of every *encoded* image (each once).
         num_scored: number of scored tokens (reward head work: negligible, counted for completeness).
+        prefix_lens, split_lens: the shared-prompt layout of the segments (see :func:`llm_forward_flops`).
     """
     tower, merger = vision_forward_flops(cfg, grids_thw) if grids_thw else (0.0, 0.0)
     h = _text(cfg)["hidden_size"]
     merger_mult = 3 if vision_trained else (2 if merger_trained else 1)
     return StepFlops(
-        llm=3 * llm_forward_flops(cfg, seq_lens),
+        llm=3 * llm_forward_flops(cfg, seq_lens, prefix_lens=prefix_lens, split_lens=split_lens),
         vision=(3 if vision_trained else 1) * tower,
         merger=merger_mult * merger,
         head=3 * 2.0 * h * num_scored,

@@ -67,3 +67,36 @@ def test_training_step_flops_and_mfu():
     assert mfu(1e12, 0.5, 1e12, num_devices=2) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         mfu(1.0, 0.0, 1.0)
+
+
+def _brute_force_keys(length: int, prefix: int, split: int) -> int:
+    """Allowed (query, key) pairs of one shared-prompt segment, enumerated: causal, except that a rejected token
+    (index >= split) never sees a chosen token (prefix <= index < split)."""
+    return sum(1 for i in range(length) for j in range(i + 1) if not (i >= split and prefix <= j < split))
+
+
+@pytest.mark.parametrize("length, prefix, split", [(30, 11, 19), (30, 0, 12), (25, 7, 25), (9, 4, 4), (1, 0, 1)])
+def test_shared_prompt_attention_keys(length, prefix, split):
+    cfg = _tiny_config().to_dict()
+    t = cfg["text_config"]
+    per_key = 4 * t["num_attention_heads"] * (t["hidden_size"] // t["num_attention_heads"]) * t["num_hidden_layers"]
+    shared = llm_forward_flops(cfg, [length], prefix_lens=[prefix], split_lens=[split])
+    linear = llm_forward_flops(cfg, [length]) - per_key * length * (length + 1) / 2
+    assert shared - linear == pytest.approx(per_key * _brute_force_keys(length, prefix, split), rel=1e-12)
+    # the same pair as two causal sequences [prompt | chosen], [prompt | rejected] costs one prompt more
+    rejected = length - split
+    dup = llm_forward_flops(cfg, [split, prefix + rejected])
+    dup_linear_extra = llm_forward_flops(cfg, [prefix]) - per_key * prefix * (prefix + 1) / 2
+    assert dup - shared == pytest.approx(dup_linear_extra + per_key * prefix * (prefix + 1) / 2, rel=1e-12)
+
+
+def test_shared_prompt_flops_reject_bad_layouts():
+    cfg = _tiny_config().to_dict()
+    with pytest.raises(ValueError, match="go together"):
+        llm_forward_flops(cfg, [10], prefix_lens=[3])
+    with pytest.raises(ValueError, match="prefix <= split <= length"):
+        llm_forward_flops(cfg, [10], prefix_lens=[5], split_lens=[4])
+    with pytest.raises(ValueError, match="2 segments"):
+        llm_forward_flops(cfg, [10, 8], prefix_lens=[3], split_lens=[5])
+    with pytest.raises(ValueError, match="causal"):
+        llm_forward_flops(cfg, [10], causal_seq_lens=False, prefix_lens=[3], split_lens=[5])

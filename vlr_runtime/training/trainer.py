@@ -386,9 +386,12 @@ class Trainer:
             llm = vision = 0.0
             for mb in microbatches:
                 grids = [] if mb.image_grid_thw is None else mb.image_grid_thw.tolist()
+                shared = mb.prefix_lens is not None  # attention counted over the keys each token really sees
                 f = training_step_flops(self.hf_config, mb.cu_seqlens.diff().tolist(), grids,
                                         vision_trained="vision" not in freeze, merger_trained="merger" not in freeze,
-                                        num_scored=mb.scored_index.numel())
+                                        num_scored=mb.scored_index.numel(),
+                                        prefix_lens=mb.prefix_lens.tolist() if shared else None,
+                                        split_lens=mb.split_lens.tolist() if shared else None)
                 llm += f.llm + f.head
                 vision += f.vision + f.merger
             devices = ctx.tp * ctx.pp
