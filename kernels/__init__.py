@@ -5,6 +5,7 @@ Every op has an eager reference (``<op>_ref``), an autograd Function and a publi
 """
 
 from vlr_kernels._backend import BackendUnavailable, resolve_backend, set_default_backend
+from vlr_kernels.adamw import adamw_step, adamw_step_ref
 from vlr_kernels.reward_loss import (
     fused_reward_loss,
     fused_reward_loss_ref,
@@ -25,6 +26,8 @@ from vlr_kernels.varlen_attention import varlen_attention, varlen_attention_ref
 
 __all__ = [
     "BackendUnavailable",
+    "adamw_step",
+    "adamw_step_ref",
     "apply_rotary",
     "apply_rotary_qk",
     "apply_rotary_ref",

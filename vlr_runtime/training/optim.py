@@ -4,11 +4,14 @@ gradient norm over tensor-parallel shards."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlr_kernels._backend import check_backend
+from vlr_kernels.adamw import adamw_step
 from vlr_runtime.config import FREEZE_GROUPS, OptimConfig
 
 
@@ -38,35 +41,110 @@ class MasterAdamW:
     (then copied back), so bf16 training does not lose small updates. fp32 parameters are updated in place.
 
     Matrices (``ndim >= 2``) get weight decay; norm weights, biases and the 1-d head bias do not.
+
+    ``self.optimizer`` (a ``torch.optim.AdamW`` over the masters) holds the hyper-parameters and the state
+    (``step``, ``exp_avg``, ``exp_avg_sq``) whichever path runs the update, so checkpoints have one format.
+    Paths of :meth:`step`:
+
+    - fused (default when every parameter is on CUDA): one Triton kernel per parameter
+      (:func:`vlr_kernels.adamw.adamw_step`) reads the 16-bit gradient, updates master and moments and writes the
+      rounded parameter: 28 B of traffic per bf16 element instead of ~44 B.
+    - torch: an fp32 copy of each gradient, ``torch.optim.AdamW`` (fused on CUDA) on the masters, copy back.
+
+    ``fused``: None = fused on CUDA unless the environment sets ``VLR_FUSED_ADAMW=0`` (A/B benchmarks), torch
+    elsewhere; True forces the kernel (on CPU tensors only under ``TRITON_INTERPRET=1``, for tests); False forces
+    torch.
     """
 
-    def __init__(self, params: list[nn.Parameter], cfg: OptimConfig) -> None:
+    def __init__(self, params: list[nn.Parameter], cfg: OptimConfig, fused: bool | None = None) -> None:
         self.params = params
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
                         for p in params]
         decay = [m for p, m in zip(params, self.masters) if p.ndim >= 2]
         no_decay = [m for p, m in zip(params, self.masters) if p.ndim < 2]
-        # On CUDA the fused kernel: one launch per step and no per-element temporaries (the multi-tensor path
-        # allocates sqrt(v) for every element); elsewhere torch's default implementation.
-        fused = bool(params) and all(p.is_cuda for p in params)
+        # On CUDA torch's fused kernel for the torch path: one launch per step and no per-element temporaries (the
+        # multi-tensor path allocates sqrt(v) for every element); elsewhere torch's default implementation. It
+        # also keeps ``step`` on the device, where the Triton kernel reads it.
+        on_cuda = bool(params) and all(p.is_cuda for p in params)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None,
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=on_cuda or None,
         )
+        if fused is None:
+            fused = on_cuda and os.environ.get("VLR_FUSED_ADAMW", "1") != "0"
+        if fused:
+            # raises BackendUnavailable now (not at the first step) when the kernel cannot run on these tensors
+            check_backend("adamw", "triton", params[0].device if params else torch.device("cpu"))
+        self.fused = fused
+        self._param_of = {id(m): p for p, m in zip(params, self.masters)}
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self) -> None:
+    def step(self, grad_scale: float | torch.Tensor = 1.0) -> None:
+        """One AdamW step of every parameter that has a gradient, with the gradients multiplied by ``grad_scale``
+        (the clipping factor: a python float, or a 0-d fp32 tensor on the parameters' device so the step needs no
+        host synchronisation). The gradients themselves are NOT modified (unlike :func:`clip_gradients`); pass
+        the factor here instead of clipping in place. Parameters without a gradient are skipped, their state
+        untouched (as torch's AdamW does)."""
+        if self.fused:
+            self._fused_step(grad_scale)
+        else:
+            self._torch_step(grad_scale)
+
+    def _torch_step(self, grad_scale: float | torch.Tensor) -> None:
+        scale = None if isinstance(grad_scale, float | int) and grad_scale == 1 else grad_scale
+        held: list[tuple[nn.Parameter, torch.Tensor]] = []  # fp32 parameters whose gradient is swapped for a step
         for p, m in zip(self.params, self.masters):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
-        self.optimizer.step()
+            if p.grad is None:
+                if m is not p:
+                    m.grad = None
+            elif m is not p:
+                m.grad = p.grad.float() if scale is None else p.grad.float().mul_(scale)
+            elif scale is not None:
+                held.append((p, p.grad))
+                p.grad = p.grad * scale
+        try:
+            self.optimizer.step()
+        finally:
+            for p, grad in held:
+                p.grad = grad
         with torch.no_grad():
             for p, m in zip(self.params, self.masters):
                 if m is not p:
                     p.copy_(m)
+
+    @torch.no_grad()
+    def _fused_step(self, grad_scale: float | torch.Tensor) -> None:
+        for group in self.optimizer.param_groups:
+            if group["amsgrad"] or group["maximize"]:
+                raise ValueError("the fused AdamW kernel implements neither amsgrad nor maximize")
+            work = [(m, self._param_of[id(m)]) for m in group["params"] if self._param_of[id(m)].grad is not None]
+            if not work:
+                continue
+            states = [self._state(m, group) for m, _ in work]
+            # torch's AdamW counts the step before its kernel reads it: one multi-tensor launch for all of them
+            torch._foreach_add_([s["step"] for s in states], 1)
+            beta1, beta2 = group["betas"]
+            for (m, p), s in zip(work, states):
+                adamw_step(m, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"], lr=group["lr"], beta1=beta1,
+                           beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=grad_scale,
+                           param=None if m is p else p, backend="triton")
+
+    def _state(self, master: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+        """The AdamW state of ``master``, created at its first step as torch's AdamW creates it: zero moments like
+        the master and a 0-d zero ``step``, float32 on the master's device for torch's fused implementation (so on
+        CUDA, where the kernel reads it), else on the CPU (the master's device in the CPU tests)."""
+        state = self.optimizer.state[master]
+        if not state:
+            on_device = group["fused"] or group["capturable"]
+            wide = not group["fused"] and torch.get_default_dtype() == torch.float64
+            state["step"] = torch.zeros((), dtype=torch.float64 if wide else torch.float32,
+                                        device=master.device if on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+        return state
 
     def zero_grad(self) -> None:
         for p in self.params:
