@@ -25,6 +25,7 @@ KERNEL_BENCHMARKS = {
     "bench_swiglu.py": [[]],
     "bench_rotary.py": [["--config", "llm"], ["--config", "vision"]],
     "bench_attention.py": [[]],
+    "bench_adamw.py": [[]],
 }
 
 

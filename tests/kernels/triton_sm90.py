@@ -22,11 +22,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # import_module: the package exports functions named like some of these modules (vlr_kernels.swiglu)
-reward_loss, rmsnorm, rotary, swiglu = (
-    importlib.import_module(f"vlr_kernels.{m}") for m in ("reward_loss", "rmsnorm", "rotary", "swiglu")
+adamw, reward_loss, rmsnorm, rotary, swiglu = (
+    importlib.import_module(f"vlr_kernels.{m}") for m in ("adamw", "reward_loss", "rmsnorm", "rotary", "swiglu")
 )
 
-BF, F32, I64 = "*bf16", "*fp32", "*i64"
+BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 
 # (name, kernel, {arg: type}, constexprs, num_warps) - the launch configurations the Python launchers use
 CASES = [
@@ -47,22 +47,21 @@ CASES = [
         "stride_kt": "i32", "stride_kh": "i32"},
        {"HALF": d // 2, "BACKWARD": bwd, "BLOCK_H": 16, "BLOCK_D": triton.next_power_of_2(d // 2)}, 4)
       for bwd in (False, True) for d in (128, 80)],
-    ("reward_fwd+norm", reward_loss._reward_fwd_kernel,
-     {"h_ptr": BF, "idx_ptr": I64, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF, "rewards_ptr": F32, "rstd_ptr": F32,
-      "n_cols": "i32", "stride_t": "i32", "eps": "fp32"}, {"HAS_NORM": True, "BLOCK_H": 2048}, 4),
-    ("pair_loss+margin", reward_loss._pair_loss_kernel,
-     {"rewards_ptr": F32, "pair_ptr": I64, "margin_ptr": F32, "loss_ptr": F32, "acc_ptr": F32, "n_scored": "i32",
-      "n_pairs": "i32", "center_coef": "fp32"}, {"HAS_MARGIN": True, "BLOCK": 1024}, 4),
+    *[(f"reward_fwd{'+norm+check' if on else ''}", reward_loss._reward_fwd_kernel,
+       {"h_ptr": BF, "idx_ptr": I64, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF, "rewards_ptr": F32, "rstd_ptr": F32,
+        "row_ok_ptr": I32, "n_rows": "i32", "n_cols": "i32", "n_scored": "i32", "stride_t": "i32", "eps": "fp32"},
+       {"HAS_NORM": on, "CHECK": on, "BLOCK_H": 2048, "BLOCK_I": 64}, 4) for on in (False, True)],
+    ("pair_loss+margin+check", reward_loss._pair_loss_kernel,
+     {"rewards_ptr": F32, "pair_ptr": I64, "margin_ptr": F32, "row_ok_ptr": I32, "loss_ptr": F32, "acc_ptr": F32,
+      "ok_ptr": I32, "coef_ptr": F32, "n_scored": "i32", "n_pairs": "i32", "center_coef": "fp32"},
+     {"HAS_MARGIN": True, "CHECK": True, "BLOCK_S": 64, "BLOCK_P": 64}, 4),
     *[(f"reward_bwd{'+norm' if norm else ''}", reward_loss._reward_bwd_kernel,
-       {"h_ptr": BF, "idx_ptr": I64, "pair_ptr": I64, "margin_ptr": F32, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF,
-        "rewards_ptr": F32, "rstd_ptr": F32, "dloss_ptr": F32, "drewards_ptr": F32, "dh_ptr": BF, "dr_ptr": F32,
-        "dw_part_ptr": F32, "dg_part_ptr": F32, "n_cols": "i32", "stride_t": "i32", "stride_dt": "i32",
-        "n_scored": "i32", "n_pairs": "i32", "center_coef": "fp32"},
-       {"HAS_NORM": norm, "HAS_MARGIN": norm, "HAS_DREWARDS": norm, "BLOCK_P": 256, "BLOCK_H": 2048}, 4)
+       {"h_ptr": BF, "idx_ptr": I64, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF, "rewards_ptr": F32, "rstd_ptr": F32,
+        "coef_ptr": F32, "dloss_ptr": F32, "drewards_ptr": F32, "dh_ptr": BF, "dw_ptr": BF, "dg_ptr": BF,
+        "db_ptr": BF, "n_rows": "i32", "n_cols": "i32", "n_scored": "i32", "stride_t": "i32", "n_col_tiles": "i32"},
+       {"HAS_NORM": norm, "HAS_DREWARDS": norm, "BLOCK_S": 32, "BLOCK_C": 64, "ZERO_ROWS": 8, "ZERO_COLS": 512,
+        "BLOCK_I": 64}, 4)
       for norm in (False, True)],
-    ("param_grad+norm", reward_loss._param_grad_kernel,
-     {"dw_part_ptr": F32, "dg_part_ptr": F32, "dr_ptr": F32, "dw_ptr": BF, "dg_ptr": BF, "db_ptr": BF,
-      "n_scored": "i32", "n_cols": "i32"}, {"HAS_NORM": True, "BLOCK_C": 128, "BLOCK_R": 32, "BLOCK_S": 1024}, 8),
 ]
 
 
