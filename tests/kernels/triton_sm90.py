@@ -50,7 +50,7 @@ CASES = [
     *[(f"reward_fwd{'+norm+check' if on else ''}", reward_loss._reward_fwd_kernel,
        {"h_ptr": BF, "idx_ptr": I64, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF, "rewards_ptr": F32, "rstd_ptr": F32,
         "row_ok_ptr": I32, "n_rows": "i32", "n_cols": "i32", "n_scored": "i32", "stride_t": "i32", "eps": "fp32"},
-       {"HAS_NORM": on, "CHECK": on, "BLOCK_H": 2048, "BLOCK_I": 64}, 4) for on in (False, True)],
+       {"HAS_NORM": on, "CHECK": on, "BLOCK_H": 2048, "BLOCK_I": 64}, 8) for on in (False, True)],
     ("pair_loss+margin+check", reward_loss._pair_loss_kernel,
      {"rewards_ptr": F32, "pair_ptr": I64, "margin_ptr": F32, "row_ok_ptr": I32, "loss_ptr": F32, "acc_ptr": F32,
       "ok_ptr": I32, "coef_ptr": F32, "n_scored": "i32", "n_pairs": "i32", "center_coef": "fp32"},
