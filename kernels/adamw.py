@@ -22,7 +22,6 @@ a 0-d fp32 device tensor (a clip factor computed from a device-side norm).
 from __future__ import annotations
 
 import torch
-
 from vlr_kernels._backend import resolve_backend
 from vlr_kernels._triton_compat import tl, triton, triton_jit
 
@@ -133,8 +132,8 @@ def adamw_step(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     """
     _check_inputs(master, grad, exp_avg, exp_avg_sq, step, grad_scale, param)
     name = resolve_backend("adamw", master.device, backend, _BACKENDS)
-    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
-                  param=param)
+    kwargs = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+              "grad_scale": grad_scale, "param": param}
     if name == "torch":
         adamw_step_ref(master, grad, exp_avg, exp_avg_sq, step, **kwargs)
         return

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-
 from vlr_kernels import BackendUnavailable, adamw_step, adamw_step_ref
+
 from vlr_runtime.config import OptimConfig
 from vlr_runtime.training.optim import MasterAdamW
 
 REPO = Path(__file__).resolve().parents[2]
-HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+HP = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
 
 def _scale(kind: str, value: float, device: torch.device) -> float | torch.Tensor:
@@ -154,7 +154,8 @@ def test_master_adamw_fused_path_matches_torch_path():
         for k in ("exp_avg", "exp_avg_sq"):
             _assert_fp32_close(sf[k], st[k], k)
     assert [float(s["step"]) for s in _state_of(opt_f)] == [3.0, 2.0, 3.0]
-    assert torch.equal(p_f[0], opt_f.masters[0].half()) and torch.equal(p_f[1], opt_f.masters[1].half())
+    for params, opt in ((p_t, opt_t), (p_f, opt_f)):
+        assert all(torch.equal(params[i], opt.masters[i].half()) for i in (0, 1))
     assert opt_f.masters[2] is p_f[2]
 
 
