@@ -1,4 +1,6 @@
-// Fused reward head + pairwise loss kernels. One block per scored row; fp32 accumulation whatever the storage dtype.
+// Fused reward head + pairwise loss kernels, the decomposition of kernels/reward_loss.py's Triton ones: forward = one
+// block per scored row + the pair kernel; backward = one kernel (scored columns + zero rows). fp32 accumulation
+// whatever the storage dtype.
 #include "reward_loss.h"
 
 #include <cuda_bf16.h>
@@ -42,11 +44,22 @@ __device__ float block_sum(float v, float* smem) {
 template <typename T, typename W>
 __global__ void reward_fwd_kernel(const T* __restrict__ hidden, const int64_t* __restrict__ idx,
                                   const W* __restrict__ w, const W* __restrict__ b, const W* __restrict__ g,
-                                  float* __restrict__ rewards, float* __restrict__ rstd_out, int64_t n_cols,
-                                  int64_t stride_t, float eps) {
+                                  float* __restrict__ rewards, float* __restrict__ rstd_out, int* __restrict__ row_ok,
+                                  int64_t num_scored, int64_t n_rows, int64_t n_cols, int64_t stride_t, float eps,
+                                  bool check) {
   __shared__ float smem[33];
   const int64_t s = blockIdx.x;
-  const T* x = hidden + idx[s] * stride_t;
+  int64_t row = idx[s];
+  int ok = 1;
+  if (check) {
+    // in bounds, and no other entry names the same row (it would give that gradient row two writers); a bad row
+    // is flagged and row 0 read instead, so the launch never faults
+    float same = 0.f;
+    for (int64_t i = threadIdx.x; i < num_scored; i += blockDim.x) same += idx[i] == row ? 1.f : 0.f;
+    ok = row >= 0 && row < n_rows && block_sum(same, smem) == 1.f;
+    if (!ok) row = 0;
+  }
+  const T* x = hidden + row * stride_t;
   float dot = 0.f, sq = 0.f;
   for (int64_t c = threadIdx.x; c < n_cols; c += blockDim.x) {
     const float xv = to_f(x[c]);
@@ -63,98 +76,156 @@ __global__ void reward_fwd_kernel(const T* __restrict__ hidden, const int64_t* _
   if (threadIdx.x == 0) {
     rewards[s] = dot * rstd + to_f(b[0]);
     rstd_out[s] = rstd;
+    row_ok[s] = ok;
   }
 }
 
+// Thread s of the grid writes coef[s] = dloss/dr_s, scanning every pair in order (deterministic, no atomics): a pair
+// adds -sigmoid(-d)/P to its chosen reward and +sigmoid(-d)/P to its rejected one. Block 0 also writes the loss,
+// the accuracy and the index-check verdict (row_ok == nullptr: no checks, verdict 1).
 __global__ void pair_loss_kernel(const float* __restrict__ r, const int64_t* __restrict__ pairs,
-                                 const float* __restrict__ margin, float* loss, float* acc, int64_t num_scored,
-                                 int64_t num_pairs, float center) {
+                                 const float* __restrict__ margin, const int* __restrict__ row_ok, float* loss,
+                                 float* acc, int* ok, float* __restrict__ coef, int64_t num_scored, int64_t num_pairs,
+                                 float center) {
   __shared__ float smem[33];
-  float l = 0.f, correct = 0.f, sq = 0.f;
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s < num_scored) {
+    float c = 0.f;
+    for (int64_t p = 0; p < num_pairs; ++p) {
+      const int64_t ic = pairs[2 * p], ir = pairs[2 * p + 1];
+      if (ic != s && ir != s) continue;
+      if (ic < 0 || ic >= num_scored || ir < 0 || ir >= num_scored) continue;  // flagged by block 0
+      float d = r[ic] - r[ir];
+      if (margin != nullptr) d -= margin[p];
+      const float e = expf(-fabsf(d));  // sigmoid(-d) from exp(-|d|) <= 1: no overflow
+      const float sig_neg = (d > 0.f ? e : 1.f) / (1.f + e);
+      c += (ic == s ? -sig_neg : 0.f) + (ir == s ? sig_neg : 0.f);
+    }
+    coef[s] = c / static_cast<float>(num_pairs) + 2.f * center * r[s] / static_cast<float>(num_scored);
+  }
+  if (blockIdx.x != 0) return;
+  float l = 0.f, correct = 0.f, sq = 0.f, bad = 0.f;
   for (int64_t p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-    float d = r[pairs[2 * p]] - r[pairs[2 * p + 1]];
+    const int64_t ic = pairs[2 * p], ir = pairs[2 * p + 1];
+    if (ic < 0 || ic >= num_scored || ir < 0 || ir >= num_scored) {
+      bad += 1.f;
+      continue;
+    }
+    float d = r[ic] - r[ir];
     correct += d > 0.f ? 1.f : 0.f;
     if (margin != nullptr) d -= margin[p];
     l += fmaxf(-d, 0.f) + log1pf(expf(-fabsf(d)));  // softplus(-d) = -logsigmoid(d), no overflow
   }
-  for (int64_t i = threadIdx.x; i < num_scored; i += blockDim.x) sq += r[i] * r[i];
+  for (int64_t i = threadIdx.x; i < num_scored; i += blockDim.x) {
+    sq += r[i] * r[i];
+    if (row_ok != nullptr && row_ok[i] == 0) bad += 1.f;
+  }
   l = block_sum(l, smem);
   correct = block_sum(correct, smem);
   sq = block_sum(sq, smem);
+  bad = block_sum(bad, smem);
   if (threadIdx.x == 0) {
     *loss = l / static_cast<float>(num_pairs) + center * sq / static_cast<float>(num_scored);
     *acc = correct / static_cast<float>(num_pairs);
+    *ok = row_ok == nullptr || bad == 0.f;
   }
 }
 
+constexpr int kColTile = 64;                   // columns per scored-columns block
+constexpr int kRowLanes = kThreads / kColTile;  // scored rows in flight per block
+constexpr int kZeroRows = 8;                   // gradient rows per zero block
+
+// Columns [tile * kColTile, +kColTile) of every scored row: dL/dhidden there, and the column sums of dw/dg taken
+// over the S rows in registers + one small shared-memory step (deterministic, no [S, H] partials).
+template <typename T, typename W>
+__device__ void scored_columns(int64_t tile, const T* hidden, const int64_t* idx, const W* w, const W* b, const W* g,
+                               const float* rewards, const float* rstd, const float* coef, const float* dloss,
+                               const float* drewards, T* dhidden, W* dw, W* dg, W* db, int64_t num_scored,
+                               int64_t n_cols, int64_t stride_t) {
+  __shared__ float part[kRowLanes][kColTile];
+  __shared__ float smem[33];
+  const int lane = threadIdx.x / kColTile, col = threadIdx.x % kColTile;
+  const int64_t c = tile * kColTile + col;
+  const bool in = c < n_cols;
+  const float wv = in ? to_f(w[c]) : 0.f;
+  const float gv = in && g != nullptr ? to_f(g[c]) : 1.f;
+  const float bias = to_f(b[0]), dl = dloss[0];
+  float acc = 0.f, g_sum = 0.f;  // sum_s dL/dr_s * xhat_s[c]; sum_s dL/dr_s
+  for (int64_t s = lane; s < num_scored; s += kRowLanes) {
+    float g_r = coef[s] * dl;
+    if (drewards != nullptr) g_r += drewards[s];
+    g_sum += g_r;
+    if (!in) continue;
+    const int64_t row = idx[s];
+    const float xv = to_f(hidden[row * stride_t + c]);
+    float xh = xv, dx = g_r * wv * gv;
+    if (g != nullptr) {
+      // mean(dL/dxhat * xhat) = g_r * (r_s - b) / H, known from the forward: one pass over the row suffices
+      const float rs = rstd[s], proj = g_r * (rewards[s] - bias) / static_cast<float>(n_cols);
+      xh = xv * rs;
+      dx = rs * (dx - xh * proj);
+    }
+    acc += g_r * xh;
+    dhidden[row * n_cols + c] = from_f<T>(dx);
+  }
+  part[lane][col] = acc;
+  __syncthreads();
+  if (lane == 0 && in) {
+    float sum = 0.f;
+    for (int k = 0; k < kRowLanes; ++k) sum += part[k][col];
+    dw[c] = from_f<W>(sum * (g != nullptr ? gv : 1.f));
+    if (g != nullptr) dg[c] = from_f<W>(sum * wv);
+  }
+  if (tile == 0) {
+    const float total = block_sum(col == 0 ? g_sum : 0.f, smem);  // one copy of each lane's row sum
+    if (threadIdx.x == 0) db[0] = from_f<W>(total);
+  }
+}
+
+// Rows [z * kZeroRows, +kZeroRows) of dL/dhidden get zeros unless scored (those belong to scored_columns); 16-byte
+// stores when rows are 16-byte aligned.
+template <typename T>
+__device__ void zero_unscored_rows(int64_t z, const int64_t* idx, T* dhidden, int64_t num_scored, int64_t n_rows,
+                                   int64_t n_cols) {
+  __shared__ int keep[kZeroRows];
+  const int64_t r0 = z * kZeroRows;
+  if (threadIdx.x < kZeroRows) keep[threadIdx.x] = r0 + threadIdx.x < n_rows;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < num_scored; i += blockDim.x) {
+    const int64_t row = idx[i];
+    if (row >= r0 && row < r0 + kZeroRows) keep[row - r0] = 0;
+  }
+  __syncthreads();
+  const int64_t row_bytes = n_cols * static_cast<int64_t>(sizeof(T));
+  const bool vec = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(dhidden) % 16 == 0;
+  for (int r = 0; r < kZeroRows; ++r) {
+    if (!keep[r]) continue;
+    T* out = dhidden + (r0 + r) * n_cols;
+    if (vec) {
+      uint4* out4 = reinterpret_cast<uint4*>(out);
+      for (int64_t v = threadIdx.x; v < row_bytes / 16; v += blockDim.x) out4[v] = make_uint4(0u, 0u, 0u, 0u);
+    } else {
+      for (int64_t c = threadIdx.x; c < n_cols; c += blockDim.x) out[c] = from_f<T>(0.f);
+    }
+  }
+}
+
+// The whole backward in one launch: blocks [0, n_col_tiles) handle the scored rows and the parameter gradients, the
+// rest write the zeros of every other row, so each row of the uninitialised contiguous [T, H] gradient has exactly
+// one writer and no separate fill precedes the kernel.
 template <typename T, typename W>
 __global__ void reward_bwd_kernel(const T* __restrict__ hidden, const int64_t* __restrict__ idx,
-                                  const int64_t* __restrict__ pairs, const float* __restrict__ margin,
                                   const W* __restrict__ w, const W* __restrict__ b, const W* __restrict__ g,
-                                  const float* __restrict__ rewards, const float* __restrict__ rstd_in,
-                                  const float* __restrict__ dloss, const float* __restrict__ drewards,
-                                  T* __restrict__ dhidden, float* __restrict__ dr, float* __restrict__ dw_part,
-                                  float* __restrict__ dg_part, int64_t num_scored, int64_t num_pairs, int64_t n_cols,
-                                  int64_t stride_t, int64_t stride_dt, float center) {
-  __shared__ float smem[33];
-  const int64_t s = blockIdx.x;
-  // dL/dr_s: every pair adds -sigmoid(-d)/P to its chosen reward and +sigmoid(-d)/P to its rejected one
-  float acc = 0.f;
-  for (int64_t p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-    const int64_t ic = pairs[2 * p], ir = pairs[2 * p + 1];
-    if (ic != s && ir != s) continue;
-    float d = rewards[ic] - rewards[ir];
-    if (margin != nullptr) d -= margin[p];
-    const float sig_neg = 1.f / (1.f + expf(d));
-    acc += (ic == s ? -sig_neg : 0.f) + (ir == s ? sig_neg : 0.f);
-  }
-  acc = block_sum(acc, smem);
-  const float r_s = rewards[s];
-  float g_r = (acc / static_cast<float>(num_pairs) + 2.f * center * r_s / static_cast<float>(num_scored)) * dloss[0];
-  if (drewards != nullptr) g_r += drewards[s];
-  if (threadIdx.x == 0) dr[s] = g_r;
-  const float rstd = rstd_in[s];
-  // mean(dL/dxhat * xhat) = g_r * (r_s - b) / H is known from the forward: one pass over the row suffices
-  const float proj = g_r * (r_s - to_f(b[0])) / static_cast<float>(n_cols);
-  const int64_t row = idx[s];
-  const T* x = hidden + row * stride_t;
-  T* dx = dhidden + row * stride_dt;
-  float* dw_row = dw_part + s * n_cols;
-  for (int64_t c = threadIdx.x; c < n_cols; c += blockDim.x) {
-    const float xv = to_f(x[c]), wv = to_f(w[c]);
-    float dxv;
-    if (g != nullptr) {
-      const float gv = to_f(g[c]), xh = xv * rstd;
-      dxv = rstd * (g_r * wv * gv - xh * proj);
-      dw_row[c] = g_r * xh * gv;
-      dg_part[s * n_cols + c] = g_r * xh * wv;
-    } else {
-      dxv = g_r * wv;
-      dw_row[c] = g_r * xv;
-    }
-    dx[c] = from_f<T>(dxv);
-  }
-}
-
-// Column sums of the per-row partials (coalesced: adjacent threads, adjacent columns) and db = sum(dr).
-template <typename W>
-__global__ void param_grad_kernel(const float* __restrict__ dw_part, const float* __restrict__ dg_part,
-                                  const float* __restrict__ dr, W* dw, W* dg, W* db, int64_t num_scored,
-                                  int64_t n_cols) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c < n_cols) {
-    float sw = 0.f, sg = 0.f;
-    for (int64_t s = 0; s < num_scored; ++s) {
-      sw += dw_part[s * n_cols + c];
-      if (dg_part != nullptr) sg += dg_part[s * n_cols + c];
-    }
-    dw[c] = from_f<W>(sw);
-    if (dg_part != nullptr) dg[c] = from_f<W>(sg);
-  }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    float sb = 0.f;
-    for (int64_t s = 0; s < num_scored; ++s) sb += dr[s];
-    db[0] = from_f<W>(sb);
+                                  const float* __restrict__ rewards, const float* __restrict__ rstd,
+                                  const float* __restrict__ coef, const float* __restrict__ dloss,
+                                  const float* __restrict__ drewards, T* __restrict__ dhidden, W* dw, W* dg, W* db,
+                                  int64_t num_scored, int64_t n_rows, int64_t n_cols, int64_t stride_t,
+                                  int64_t n_col_tiles) {
+  if (blockIdx.x < n_col_tiles) {
+    scored_columns<T, W>(blockIdx.x, hidden, idx, w, b, g, rewards, rstd, coef, dloss, drewards, dhidden, dw, dg, db,
+                         num_scored, n_cols, stride_t);
+  } else {
+    zero_unscored_rows<T>(blockIdx.x - n_col_tiles, idx, dhidden, num_scored, n_rows, n_cols);
   }
 }
 
@@ -175,50 +246,47 @@ void dispatch(DType t, F&& f) {
 }  // namespace
 
 cudaError_t launch_reward_fwd(const void* hidden, DType ht, const int64_t* idx, const void* w, const void* b,
-                              const void* g, DType wt, float* rewards, float* rstd, int64_t num_scored,
-                              int64_t n_cols, int64_t stride_t, float eps, cudaStream_t stream) {
+                              const void* g, DType wt, float* rewards, float* rstd, int* row_ok, int64_t num_scored,
+                              int64_t n_rows, int64_t n_cols, int64_t stride_t, float eps, bool check,
+                              cudaStream_t stream) {
   dispatch(ht, [&](auto th) {
     dispatch(wt, [&](auto tw) {
       using T = typename decltype(th)::type;
       using W = typename decltype(tw)::type;
       reward_fwd_kernel<T, W><<<static_cast<unsigned>(num_scored), kThreads, 0, stream>>>(
           static_cast<const T*>(hidden), idx, static_cast<const W*>(w), static_cast<const W*>(b),
-          static_cast<const W*>(g), rewards, rstd, n_cols, stride_t, eps);
+          static_cast<const W*>(g), rewards, rstd, row_ok, num_scored, n_rows, n_cols, stride_t, eps, check);
     });
   });
   return cudaGetLastError();
 }
 
-cudaError_t launch_pair_loss(const float* rewards, const int64_t* pairs, const float* margin, float* loss,
-                             float* acc, int64_t num_scored, int64_t num_pairs, float center, cudaStream_t stream) {
-  pair_loss_kernel<<<1, kThreads * 4, 0, stream>>>(rewards, pairs, margin, loss, acc, num_scored, num_pairs, center);
+cudaError_t launch_pair_loss(const float* rewards, const int64_t* pairs, const float* margin, const int* row_ok,
+                             float* loss, float* acc, int* ok, float* coef, int64_t num_scored, int64_t num_pairs,
+                             float center, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((num_scored + kThreads - 1) / kThreads);
+  pair_loss_kernel<<<blocks, kThreads, 0, stream>>>(rewards, pairs, margin, row_ok, loss, acc, ok, coef, num_scored,
+                                                    num_pairs, center);
   return cudaGetLastError();
 }
 
-cudaError_t launch_reward_bwd(const void* hidden, DType ht, const int64_t* idx, const int64_t* pairs,
-                              const float* margin, const void* w, const void* b, const void* g, DType wt,
-                              const float* rewards, const float* rstd, const float* dloss, const float* drewards,
-                              void* dhidden, float* dr, float* dw_part, float* dg_part, void* dw, void* dg, void* db,
-                              int64_t num_scored, int64_t num_pairs, int64_t n_cols, int64_t stride_t,
-                              int64_t stride_dt, float center, cudaStream_t stream) {
+cudaError_t launch_reward_bwd(const void* hidden, DType ht, const int64_t* idx, const void* w, const void* b,
+                              const void* g, DType wt, const float* rewards, const float* rstd, const float* coef,
+                              const float* dloss, const float* drewards, void* dhidden, void* dw, void* dg, void* db,
+                              int64_t num_scored, int64_t n_rows, int64_t n_cols, int64_t stride_t,
+                              cudaStream_t stream) {
+  const int64_t col_tiles = (n_cols + kColTile - 1) / kColTile;
+  const unsigned blocks = static_cast<unsigned>(col_tiles + (n_rows + kZeroRows - 1) / kZeroRows);
   dispatch(ht, [&](auto th) {
     dispatch(wt, [&](auto tw) {
       using T = typename decltype(th)::type;
       using W = typename decltype(tw)::type;
-      reward_bwd_kernel<T, W><<<static_cast<unsigned>(num_scored), kThreads, 0, stream>>>(
-          static_cast<const T*>(hidden), idx, pairs, margin, static_cast<const W*>(w), static_cast<const W*>(b),
-          static_cast<const W*>(g), rewards, rstd, dloss, drewards, static_cast<T*>(dhidden), dr, dw_part,
-          g != nullptr ? dg_part : nullptr, num_scored, num_pairs, n_cols, stride_t, stride_dt, center);
+      reward_bwd_kernel<T, W><<<blocks, kThreads, 0, stream>>>(
+          static_cast<const T*>(hidden), idx, static_cast<const W*>(w), static_cast<const W*>(b),
+          static_cast<const W*>(g), rewards, rstd, coef, dloss, drewards, static_cast<T*>(dhidden),
+          static_cast<W*>(dw), static_cast<W*>(dg), static_cast<W*>(db), num_scored, n_rows, n_cols, stride_t,
+          col_tiles);
     });
-  });
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const unsigned blocks = static_cast<unsigned>((n_cols + kThreads - 1) / kThreads);
-  dispatch(wt, [&](auto tw) {
-    using W = typename decltype(tw)::type;
-    param_grad_kernel<W><<<blocks, kThreads, 0, stream>>>(dw_part, g != nullptr ? dg_part : nullptr, dr,
-                                                          static_cast<W*>(dw), static_cast<W*>(dg),
-                                                          static_cast<W*>(db), num_scored, n_cols);
   });
   return cudaGetLastError();
 }

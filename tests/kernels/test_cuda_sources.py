@@ -38,13 +38,14 @@ with FakeTensorMode():
     h, g = torch.empty(100, 64, dtype=torch.bfloat16), torch.empty(64, dtype=torch.bfloat16)
     si, pi = torch.zeros(8, dtype=torch.int64), torch.zeros(4, 2, dtype=torch.int64)
     w, b = torch.empty(64, dtype=torch.bfloat16), torch.empty(1, dtype=torch.bfloat16)
-    r, rstd = ops.reward_fwd(h, si, w, b, g, 1e-6)
-    loss, acc = ops.pair_loss_fwd(r, pi, None, 0.0)
-    dh, dw, db, dg = ops.reward_loss_bwd(loss, None, h, si, pi, w, b, g, None, 0.0, r, rstd)
+    r, rstd, row_ok = ops.reward_fwd(h, si, w, b, g, 1e-6, True)
+    loss, acc, ok, coef = ops.pair_loss_fwd(r, pi, None, row_ok, 0.0)
+    dh, dw, db, dg = ops.reward_loss_bwd(loss, None, h, si, w, b, g, r, rstd, coef)
     assert r.shape == (8,) and r.dtype == torch.float32 and loss.shape == () and acc.shape == ()
+    assert row_ok.shape == (8,) and row_ok.dtype == torch.int32 and ok.shape == () and coef.shape == (8,)
     assert dh.shape == h.shape and dh.dtype == h.dtype and dw.shape == (64,) and db.shape == (1,) and dg.shape == (64,)
 try:
-    ops.reward_fwd(torch.randn(4, 8), torch.tensor([0, 1]), torch.randn(8), torch.zeros(1), None, 1e-6)
+    ops.reward_fwd(torch.randn(4, 8), torch.tensor([0, 1]), torch.randn(8), torch.zeros(1), None, 1e-6, False)
     raise SystemExit("a CPU call was accepted")
 except NotImplementedError:
     print("cpu refused")
