@@ -34,10 +34,22 @@ _PARAM_DTYPES = (torch.bfloat16, torch.float16)
 def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, param_ptr, step_ptr, grad_scale, lr, decay,
                   eps, n, BETA1: tl.constexpr, BETA2: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
                   HAS_PARAM: tl.constexpr, BLOCK: tl.constexpr):
-    # Scalars first. The betas are compile-time float64 constants: 1 - beta2 ** step at step 1 is 1e-3 for
-    # beta2 = 0.999, and beta2 rounded to fp32 would already be 3e-5 off there. beta ** step by repeated squaring
-    # (step is an integer-valued float as torch keeps it): float64 pow is not available to every backend (the
-    # interpreter's libdevice), and log2(step) iterations of a scalar loop cost nothing next to the block's loads.
+    # The block's loads are issued before the scalar loop below so their latency overlaps it.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+    if SCALE_IS_PTR:
+        scale = tl.load(grad_scale).to(tl.float32)
+    else:
+        scale = grad_scale
+
+    # The betas are compile-time float64 constants: 1 - beta2 ** step at step 1 is 1e-3 for beta2 = 0.999, and
+    # beta2 rounded to fp32 would already be 3e-5 off there. beta ** step by repeated squaring (step is an
+    # integer-valued float >= 1, as torch keeps it): float64 pow is not available to every backend (the
+    # interpreter's libdevice), and log2(step) iterations of a scalar loop cost little next to the block's loads.
     count = tl.load(step_ptr).to(tl.int64)
     base1 = tl.full((), BETA1, tl.float64)
     base2 = tl.full((), BETA2, tl.float64)
@@ -56,17 +68,8 @@ def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, param_ptr, 
     one_minus_b2 = (1.0 - tl.full((), BETA2, tl.float64)).to(tl.float32)
     b1 = tl.full((), BETA1, tl.float64).to(tl.float32)
     b2 = tl.full((), BETA2, tl.float64).to(tl.float32)
-    if SCALE_IS_PTR:
-        scale = tl.load(grad_scale).to(tl.float32)
-    else:
-        scale = grad_scale
 
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
-    w = tl.load(master_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+    g = g * scale
     w = w * decay
     m = b1 * m + one_minus_b1 * g
     v = b2 * v + one_minus_b2 * (g * g)
