@@ -4,6 +4,8 @@ per-tile ranges of blocks that need a mask, and the host-side launch sizes."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -142,3 +144,66 @@ def dot_precision(dtype: torch.dtype) -> str | None:
 
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class Tile(NamedTuple):
+    """One launch candidate of a kernel, at full size (tiles shrink to short segments)."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    flat: bool = False  # dkdv: one loop over (q head, q block) pairs, see varlen_triton._dkdv_flat
+    split: bool = False  # dkdv: one program per q head, fp32 partial dK/dV that the launcher sums per kv head
+    shared: bool = True  # also a candidate for shared-prompt pairs (False: that specialisation spills)
+
+
+# Candidates per kernel and head-dim class. The first entry is the default; the others are alternatives
+# that the launch tuner (vlr_kernels._tune) times once per problem shape on the device. Every entry compiles
+# for sm_90a at bf16 without register spills (ptxas via triton 3.9, GQA group 7 at head_dim 128, causal and,
+# unless ``shared=False``, shared-prompt pairs; tests/kernels/test_attention_compile.py checks them all).
+_TABLES = {
+    96: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 128, 8, 3)),
+         "dkdv": (Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(64, 64, 8, 2)),
+         "dq": (Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2))},
+    128: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 8, 3), Tile(128, 32, 8, 3)),
+          # the nested head loop fits only 16-row q blocks; the flat loop fits 32x64 (188 regs), 32x128
+          # (241) and, without the shared-prompt mask, 64x64 (240)
+          "dkdv": (Tile(16, 64, 8, 2), Tile(16, 128, 8, 2), Tile(32, 32, 8, 2), Tile(32, 64, 8, 2, flat=True),
+                   Tile(32, 128, 8, 2, flat=True), Tile(64, 64, 8, 2, flat=True, shared=False),
+                   Tile(32, 128, 8, 2, flat=True, split=True),
+                   Tile(64, 64, 8, 2, flat=True, split=True, shared=False)),
+          "dq": (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2), Tile(128, 64, 8, 2))},
+    256: {"fwd": (Tile(64, 32, 8, 2),), "dkdv": (Tile(16, 32, 8, 2),), "dq": (Tile(32, 32, 8, 2),)},
+}
+
+
+def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kernel: str,
+                      block_m: int | None = None, block_n: int | None = None,
+                      shared: bool = False) -> list[dict[str, int]]:
+    """Launch configurations of one kernel (``fwd``, ``dkdv``, ``dq``), default first, duplicates removed:
+    tiles shrink to the longest segment for short windows (fewer registers there: 4 warps are enough);
+    ``block_m``/``block_n`` override every candidate's tiles (tests use them to exercise multi-tile paths);
+    ``shared``: only candidates that fit the shared-prompt specialisation. dkdv configurations carry
+    ``FLAT`` and ``SPLIT`` (see :class:`Tile`)."""
+    table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
+    out: list[dict[str, int]] = []
+    for t in table:
+        if shared and not t.shared:
+            continue
+        bm = block_m or pick_block(max_seqlen_q, t.block_m)
+        bn = block_n or pick_block(max_seqlen_k, t.block_n)
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": t.warps if (bm, bn) == t[:2] else 4,
+               "num_stages": t.stages}
+        if kernel == "dkdv":
+            cfg.update(FLAT=t.flat, SPLIT=t.split)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def launch_configs(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, block_m: int | None = None,
+                   block_n: int | None = None) -> dict[str, dict[str, int]]:
+    """The default configuration of each kernel (``fwd``, ``dkdv``, ``dq``), see :func:`launch_candidates`."""
+    return {name: launch_candidates(head_dim, max_seqlen_q, max_seqlen_k, name, block_m, block_n)[0]
+            for name in ("fwd", "dkdv", "dq")}

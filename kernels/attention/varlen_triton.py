@@ -16,7 +16,7 @@ boundary blocks that do (segment end, causal diagonal, the chosen part of a shar
 rejected-only q tile cannot see (the chosen part) are skipped, which is where shared-prompt pairs save work.
 
 head_dim is covered by two power-of-two chunks ``D0 + D1`` (80 = 64 + 16, 96 = 64 + 32) instead of padding to
-the next power of two (80 -> 128 would waste 37% of the matmul work). Tile sizes: :func:`launch_configs`.
+the next power of two (80 -> 128 would waste 37% of the matmul work). Tile sizes: :func:`vlr_kernels.attention.varlen_tiles.launch_candidates`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from vlr_kernels.attention.varlen_tiles import (
     grid_tiles,
     head_dim_chunks,
     kv_ranges,
+    launch_candidates,
     load_rows,
-    pick_block,
     q_ranges,
     rows_contiguous,
     store_rows,
@@ -151,46 +151,85 @@ def _delta_kernel(Out, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, 
 
 
 @triton.jit
+def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base, lse_ptr, delta_ptr, stride_qt,
+               stride_dot, stride_dqt, offs_n, start_m, len_q, len_k, diff, prefix, split, sm_scale,
+               qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
+               FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+               HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """dK/dV contributions of the q rows ``start_m...`` of one q head to one kv tile (dQ too with FUSE_DQ)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < len_q
+    q0 = load_rows(q_base, offs_m, row_ok, stride_qt, 0, D0, HEAD_DIM)
+    st = tl.dot(k0, tl.trans(q0), input_precision=PREC)
+    if D1 > 0:
+        q1 = load_rows(q_base, offs_m, row_ok, stride_qt, D0, D1, HEAD_DIM)
+        st = tl.dot(k1, tl.trans(q1), st, input_precision=PREC)
+    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E
+    pt = tl.exp2(st * qk_scale - lse[None, :])
+    if MASK:
+        ok = allowed(offs_m[None, :], offs_n[:, None], len_k, diff, prefix, split, CAUSAL, SHARED)
+        pt = tl.where(ok, pt, 0.0)
+    p_in = pt.to(q_base.dtype.element_ty)
+    do0 = load_rows(do_base, offs_m, row_ok, stride_dot, 0, D0, HEAD_DIM)
+    dv0 = tl.dot(p_in, do0, dv0, input_precision=PREC)
+    dpt = tl.dot(v0, tl.trans(do0), input_precision=PREC)
+    if D1 > 0:
+        do1 = load_rows(do_base, offs_m, row_ok, stride_dot, D0, D1, HEAD_DIM)
+        dv1 = tl.dot(p_in, do1, dv1, input_precision=PREC)
+        dpt = tl.dot(v1, tl.trans(do1), dpt, input_precision=PREC)
+    delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+    ds = (pt * (dpt - delta[None, :])).to(q_base.dtype.element_ty)
+    dk0 = tl.dot(ds, q0, dk0, input_precision=PREC)
+    if D1 > 0:
+        dk1 = tl.dot(ds, q1, dk1, input_precision=PREC)
+    if FUSE_DQ:
+        # this kv tile is the segment's only one, so these q rows get their whole dQ from it
+        dst = tl.trans(ds)
+        dq0 = tl.dot(dst, k0, input_precision=PREC) * sm_scale
+        store_rows(dq_base, offs_m, row_ok, stride_dqt, dq0, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            dq1 = tl.dot(dst, k1, input_precision=PREC) * sm_scale
+            store_rows(dq_base, offs_m, row_ok, stride_dqt, dq1, D0, D1, HEAD_DIM)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
 def _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base, lse_ptr, delta_ptr, stride_qt,
                  stride_dot, stride_dqt, offs_n, lo, hi, len_q, len_k, diff, prefix, split, qk_scale,
-                 sm_scale,
-                 MASK: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, FUSE_DQ: tl.constexpr,
-                 BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PREC: tl.constexpr):
+                 sm_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
+                 FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """The q row blocks ``[lo, hi)`` of one q head (bases of that head given)."""
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < len_q
-        q0 = load_rows(q_base, offs_m, row_ok, stride_qt, 0, D0, HEAD_DIM)
-        st = tl.dot(k0, tl.trans(q0), input_precision=PREC)
-        if D1 > 0:
-            q1 = load_rows(q_base, offs_m, row_ok, stride_qt, D0, D1, HEAD_DIM)
-            st = tl.dot(k1, tl.trans(q1), st, input_precision=PREC)
-        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E
-        pt = tl.exp2(st * qk_scale - lse[None, :])
-        if MASK:
-            ok = allowed(offs_m[None, :], offs_n[:, None], len_k, diff, prefix, split, CAUSAL, SHARED)
-            pt = tl.where(ok, pt, 0.0)
-        p_in = pt.to(q_base.dtype.element_ty)
-        do0 = load_rows(do_base, offs_m, row_ok, stride_dot, 0, D0, HEAD_DIM)
-        dv0 = tl.dot(p_in, do0, dv0, input_precision=PREC)
-        dpt = tl.dot(v0, tl.trans(do0), input_precision=PREC)
-        if D1 > 0:
-            do1 = load_rows(do_base, offs_m, row_ok, stride_dot, D0, D1, HEAD_DIM)
-            dv1 = tl.dot(p_in, do1, dv1, input_precision=PREC)
-            dpt = tl.dot(v1, tl.trans(do1), dpt, input_precision=PREC)
-        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
-        ds = (pt * (dpt - delta[None, :])).to(q_base.dtype.element_ty)
-        dk0 = tl.dot(ds, q0, dk0, input_precision=PREC)
-        if D1 > 0:
-            dk1 = tl.dot(ds, q1, dk1, input_precision=PREC)
-        if FUSE_DQ:
-            # this kv tile is the segment's only one, so these q rows get their whole dQ from it
-            dst = tl.trans(ds)
-            dq0 = tl.dot(dst, k0, input_precision=PREC) * sm_scale
-            store_rows(dq_base, offs_m, row_ok, stride_dqt, dq0, 0, D0, HEAD_DIM)
-            if D1 > 0:
-                dq1 = tl.dot(dst, k1, input_precision=PREC) * sm_scale
-                store_rows(dq_base, offs_m, row_ok, stride_dqt, dq1, D0, D1, HEAD_DIM)
+        dk0, dk1, dv0, dv1 = _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base, lse_ptr,
+                                        delta_ptr, stride_qt, stride_dot, stride_dqt, offs_n, start_m, len_q,
+                                        len_k, diff, prefix, split, sm_scale, qk_scale, MASK, CAUSAL, SHARED,
+                                        FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _dkdv_flat(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ, LSE, DELTA, q_start, hq0, stride_qt, stride_qh,
+               stride_dot, stride_doh, stride_dqt, stride_dqh, total_q, offs_n, lo, hi, len_q, len_k, diff,
+               prefix, split, qk_scale, sm_scale, HEADS: tl.constexpr, MASK: tl.constexpr,
+               CAUSAL: tl.constexpr, SHARED: tl.constexpr, FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+               D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """The q row blocks ``[lo, hi)`` of q heads ``hq0 ... hq0 + HEADS - 1`` as ONE loop over (head, block)
+    pairs. Nested loops (a head loop around the block loops) let the compiler hoist the block loops'
+    head-invariant address tensors out of the head loop, where they stay live: at hd 128, GROUP 7 on sm_90
+    that cost ~65 registers per thread and made every tile wider than 16x64 spill. One loop also keeps the
+    software pipeline filled across heads instead of draining it 3 x GROUP times per program."""
+    q_off = q_start.to(tl.int64)
+    n_blk = tl.cdiv(hi - lo, BLOCK_M)
+    for it in range(0, HEADS * n_blk):
+        g = it // n_blk
+        hq = hq0 + g
+        dk0, dk1, dv0, dv1 = _dkdv_step(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + q_off * stride_qt + hq * stride_qh,
+            DO + q_off * stride_dot + hq * stride_doh, DQ + q_off * stride_dqt + hq * stride_dqh,
+            LSE + hq.to(tl.int64) * total_q + q_start, DELTA + hq.to(tl.int64) * total_q + q_start, stride_qt,
+            stride_dot, stride_dqt, offs_n, lo + (it - g * n_blk) * BLOCK_M, len_q, len_k, diff, prefix, split,
+            sm_scale, qk_scale, MASK, CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
     return dk0, dk1, dv0, dv1
 
 
@@ -200,12 +239,17 @@ def _varlen_attn_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     n_seg, total_q, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr, FUSE_DQ: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PREC: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, FLAT: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
+    FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
 ):
+    """One program per (kv tile, group of ``HEADS`` q heads); it writes head ``program_id(1)`` of DK/DV:
+    ``HEADS = GROUP``: the kv head's final dK/dV; ``HEADS = 1``: that q head's partial (the launcher sums
+    the GROUP partials of a kv head)."""
     tile = tl.program_id(0)
-    hk = tl.program_id(1)
+    out_h = tl.program_id(1)
+    hq0 = out_h * HEADS
+    hk = hq0 // GROUP
     seg = tl.load(tile_seg + tile)  # one load, not a binary search: see tile_schedule
     if seg < n_seg:
         q_start = tl.load(cu_q + seg)
@@ -237,30 +281,41 @@ def _varlen_attn_dkdv_kernel(
         lo, full_lo, full_hi, hi = q_ranges(n0, len_q, len_k, prefix, split, CAUSAL, SHARED, BLOCK_M,
                                              BLOCK_N)
         # dK/dV of a kv head sum over the q heads of its GQA group here, in registers, instead of with atomics
-        for g in range(GROUP):
-            hq = hk * GROUP + g
-            q_base = Q + q_start.to(tl.int64) * stride_qt + hq * stride_qh
-            do_base = DO + q_start.to(tl.int64) * stride_dot + hq * stride_doh
-            lse_ptr = LSE + hq.to(tl.int64) * total_q + q_start
-            delta_ptr = DELTA + hq.to(tl.int64) * total_q + q_start
-            dq_base = DQ + q_start.to(tl.int64) * stride_dqt + hq * stride_dqh
-            dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base,
-                                              lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt, offs_n,
-                                              lo, full_lo, len_q, len_k, diff, prefix, split, qk_scale,
-                                              sm_scale, True, CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1,
-                                              HEAD_DIM, PREC)
-            dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base,
-                                              lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt, offs_n,
-                                              full_lo, full_hi, len_q, len_k, diff, prefix, split, qk_scale,
-                                              sm_scale, False, CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1,
-                                              HEAD_DIM, PREC)
-            dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base,
-                                              lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt, offs_n,
-                                              full_hi, hi, len_q, len_k, diff, prefix, split, qk_scale,
-                                              sm_scale, True, CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1,
-                                              HEAD_DIM, PREC)
-        dk_base = DK + k_start.to(tl.int64) * stride_dkt + hk * stride_dkh
-        dv_base = DV + k_start.to(tl.int64) * stride_dvt + hk * stride_dvh
+        if FLAT:
+            for r in tl.static_range(3):
+                # masked rows before the unmasked bulk, the bulk, masked rows after it
+                r_lo = lo if r == 0 else (full_lo if r == 1 else full_hi)
+                r_hi = full_lo if r == 0 else (full_hi if r == 1 else hi)
+                dk0, dk1, dv0, dv1 = _dkdv_flat(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ, LSE, DELTA,
+                                                q_start, hq0, stride_qt, stride_qh, stride_dot, stride_doh,
+                                                stride_dqt, stride_dqh, total_q, offs_n, r_lo, r_hi, len_q,
+                                                len_k, diff, prefix, split, qk_scale, sm_scale, HEADS, r != 1,
+                                                CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
+        else:
+            for g in range(HEADS):
+                hq = hq0 + g
+                q_base = Q + q_start.to(tl.int64) * stride_qt + hq * stride_qh
+                do_base = DO + q_start.to(tl.int64) * stride_dot + hq * stride_doh
+                lse_ptr = LSE + hq.to(tl.int64) * total_q + q_start
+                delta_ptr = DELTA + hq.to(tl.int64) * total_q + q_start
+                dq_base = DQ + q_start.to(tl.int64) * stride_dqt + hq * stride_dqh
+                dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
+                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                                  offs_n, lo, full_lo, len_q, len_k, diff, prefix, split,
+                                                  qk_scale, sm_scale, True, CAUSAL, SHARED, FUSE_DQ, BLOCK_M,
+                                                  D0, D1, HEAD_DIM, PREC)
+                dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
+                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                                  offs_n, full_lo, full_hi, len_q, len_k, diff, prefix, split,
+                                                  qk_scale, sm_scale, False, CAUSAL, SHARED, FUSE_DQ, BLOCK_M,
+                                                  D0, D1, HEAD_DIM, PREC)
+                dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
+                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                                  offs_n, full_hi, hi, len_q, len_k, diff, prefix, split,
+                                                  qk_scale, sm_scale, True, CAUSAL, SHARED, FUSE_DQ, BLOCK_M,
+                                                  D0, D1, HEAD_DIM, PREC)
+        dk_base = DK + k_start.to(tl.int64) * stride_dkt + out_h * stride_dkh
+        dv_base = DV + k_start.to(tl.int64) * stride_dvt + out_h * stride_dvh
         store_rows(dk_base, offs_n, col_ok, stride_dkt, dk0 * sm_scale, 0, D0, HEAD_DIM)
         store_rows(dv_base, offs_n, col_ok, stride_dvt, dv0, 0, D0, HEAD_DIM)
         if D1 > 0:
@@ -354,50 +409,15 @@ def _varlen_attn_dq_kernel(
             store_rows(dq_base, offs_m, row_ok, stride_dqt, dq1 * sm_scale, D0, D1, HEAD_DIM)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class. The first entry is the default; the
-# others are alternatives that the launch tuner (:mod:`vlr_kernels._tune`) times once per problem shape on
-# the device. Every entry compiles for sm_90a at bf16 without register spills (ptxas via triton 3.9, GQA
-# group 7 at head_dim 128; tests/kernels/test_attention_compile.py checks them all).
-_TABLES = {
-    96: {"fwd": ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)),
-         "dkdv": ((64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2)),
-         "dq": ((64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2))},
-    128: {"fwd": ((128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)),
-          "dkdv": ((16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 8, 2)),
-          "dq": ((64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2))},
-    256: {"fwd": ((64, 32, 8, 2),), "dkdv": ((16, 32, 8, 2),), "dq": ((32, 32, 8, 2),)},
-}
-
-
-def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kernel: str,
-                      block_m: int | None = None, block_n: int | None = None) -> list[dict[str, int]]:
-    """Launch configurations of one kernel (``fwd``, ``dkdv``, ``dq``), default first, duplicates removed:
-    tiles shrink to the longest segment for short windows (fewer registers there: 4 warps are enough);
-    ``block_m``/``block_n`` override every candidate's tiles (tests use them to exercise multi-tile paths)."""
-    table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
-    out: list[dict[str, int]] = []
-    for full_m, full_n, warps, stages in table:
-        bm = block_m or pick_block(max_seqlen_q, full_m)
-        bn = block_n or pick_block(max_seqlen_k, full_n)
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps if (bm, bn) == (full_m, full_n) else 4,
-               "num_stages": stages}
-        if cfg not in out:
-            out.append(cfg)
-    return out
-
-
-def launch_configs(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, block_m: int | None = None,
-                   block_n: int | None = None) -> dict[str, dict[str, int]]:
-    """The default configuration of each kernel (``fwd``, ``dkdv``, ``dq``), see :func:`launch_candidates`."""
-    return {name: launch_candidates(head_dim, max_seqlen_q, max_seqlen_k, name, block_m, block_n)[0]
-            for name in ("fwd", "dkdv", "dq")}
-
-
 def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, max_q: int, max_k: int,
-            block_m: int | None, block_n: int | None, launch) -> dict[str, int]:
-    """The default config with explicit tiles or a single candidate; otherwise the tuner's pick for this
-    shape (powers of two of the maximum lengths: the tile shapes, not the exact lengths, decide the best)."""
-    cands = launch_candidates(head_dim, max_q, max_k, kernel, block_m, block_n)
+            block_m: int | None, block_n: int | None, launch, shared: bool,
+            configs: dict[str, dict[str, int]] | None) -> dict[str, int]:
+    """``configs[kernel]`` when given; the default config with explicit tiles or a single candidate;
+    otherwise the tuner's pick for this shape (powers of two of the maximum lengths: the tile shapes, not the
+    exact lengths, decide the best)."""
+    if configs and kernel in configs:
+        return configs[kernel]
+    cands = launch_candidates(head_dim, max_q, max_k, kernel, block_m, block_n, shared)
     if block_m is not None or block_n is not None:
         return cands[0]
     key = (kernel, head_dim, triton.next_power_of_2(max(max_q, 1)),
@@ -420,10 +440,12 @@ def varlen_attention_fwd(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    configs: dict[str, dict[str, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher (inputs already validated). Returns ``out [Tq, Hq, D]`` and ``lse [Hq, Tq]`` fp32
     (natural log). ``block_m``/``block_n`` override the tile sizes (tests use them to exercise multi-tile
-    paths)."""
+    paths); ``configs`` maps a kernel name to the exact launch configuration to use (tests: one candidate
+    of :func:`launch_candidates`)."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     tq, hq, d = q.shape
     n_seg = cu_seqlens_q.numel() - 1
@@ -448,7 +470,7 @@ def varlen_attention_fwd(
         )
 
     launch(_choose("fwd", (causal, shared, group, q.dtype), q.device, d, max_seqlen_q, max_seqlen_k, block_m,
-                   block_n, launch))
+                   block_n, launch, shared, configs))
     return out, lse
 
 
@@ -470,9 +492,10 @@ def varlen_attention_bwd(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    configs: dict[str, dict[str, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher: ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` from ``dout [Tq, Hq, D]`` and the saved
-    ``out``/``lse`` of :func:`varlen_attention_fwd`."""
+    ``out``/``lse`` of :func:`varlen_attention_fwd` (``block_m``, ``block_n``, ``configs``: as there)."""
     q, k, v, out, dout = (rows_contiguous(x) for x in (q, k, v, out, dout))
     tq, hq, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
@@ -488,7 +511,8 @@ def varlen_attention_bwd(
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
     )
     shared = prefix_lens is not None
-    meta = {"GROUP": hq // hkv, "CAUSAL": causal, "SHARED": shared, "D0": d0, "D1": d1, "HEAD_DIM": d,
+    group = hq // hkv
+    meta = {"GROUP": group, "CAUSAL": causal, "SHARED": shared, "D0": d0, "D1": d1, "HEAD_DIM": d,
             "PREC": dot_precision(q.dtype)}
     seg_meta = (cu_seqlens_q, cu_seqlens_k)
     pair_meta = (prefix_lens, split_lens) if shared else (cu_seqlens_q, cu_seqlens_q)
@@ -509,28 +533,37 @@ def varlen_attention_bwd(
             softmax_scale, **meta, **cfg,
         )
 
-    default_dq = launch_candidates(d, max_seqlen_q, max_seqlen_k, "dq", block_m, block_n)[0]
+    default_dq = (configs or {}).get("dq") or launch_candidates(d, max_seqlen_q, max_seqlen_k, "dq", block_m,
+                                                                block_n, shared)[0]
 
     def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = default_dq) -> None:
         # a candidate that does not fuse dQ is timed together with the dQ pass it then needs
+        cfg = dict(cfg)
         bn = cfg["BLOCK_N"]
         n_tiles = grid_tiles(tk, n_seg, max_seqlen_k, bn)
-        _varlen_attn_dkdv_kernel[(n_tiles, hkv)](
-            q, k, v, dout, lse, delta, dk, dv, dq, *seg_meta, *tile_schedule(cu_seqlens_k, bn, n_tiles),
-            *pair_meta,
-            *common_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0),
-            dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value, softmax_scale, FUSE_DQ=fuses_dq(cfg),
-            **meta, **cfg,
+        heads = 1 if cfg.pop("SPLIT") else group
+        # one program per q head: fp32 partials [Tk, Hq, D], summed over each kv head's group below
+        # (LLM, 28/4 heads, hd 128: 2 x 206 MB written and read, ~0.2 ms of H200 bandwidth, by count)
+        dk_out, dv_out = (dk, dv) if heads == group else (
+            torch.empty((tk, hq, d), device=q.device, dtype=torch.float32) for _ in range(2))
+        _varlen_attn_dkdv_kernel[(n_tiles, hq // heads)](
+            q, k, v, dout, lse, delta, dk_out, dv_out, dq, *seg_meta, *tile_schedule(cu_seqlens_k, bn, n_tiles),
+            *pair_meta, *common_strides, dk_out.stride(0), dk_out.stride(1), dv_out.stride(0), dv_out.stride(1),
+            dq.stride(0), dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value, softmax_scale,
+            HEADS=heads, FUSE_DQ=fuses_dq(cfg), **meta, **cfg,
         )
+        if heads != group:
+            dk.copy_(dk_out.view(tk, hkv, group, d).sum(2))
+            dv.copy_(dv_out.view(tk, hkv, group, d).sum(2))
         if dq_cfg is not None and not fuses_dq(cfg):
             launch_dq(dq_cfg)
 
     dkdv_cfg = _choose("dkdv", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
-                       launch_dkdv)
+                       launch_dkdv, shared, configs)
     launch_dkdv(dkdv_cfg, dq_cfg=None)
     if not fuses_dq(dkdv_cfg):
         launch_dq(_choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
-                          launch_dq))
+                          launch_dq, shared, configs))
     return dq, dk, dv
 
 

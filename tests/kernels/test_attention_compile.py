@@ -46,7 +46,8 @@ def compile_kernel(kernel, constexprs, num_warps, num_stages):
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     regs, spill_bytes = _resource_usage(compiled.asm["cubin"])
-    return {"regs": regs, "spill_bytes": spill_bytes}
+    # Hopper's warpgroup MMA (wgmma) needs >= 64 rows per warpgroup; thinner dots fall back to mma.sync
+    return {"regs": regs, "spill_bytes": spill_bytes, "wgmma": "wgmma.mma_async" in compiled.asm["ptx"]}
 
 def variant(name, kernel, head_dim, cfg, causal=True, shared=True, **constexprs):
     d0, d1 = head_dim_chunks(head_dim)
@@ -60,14 +61,19 @@ def variant(name, kernel, head_dim, cfg, causal=True, shared=True, **constexprs)
 for hd, seq, group, mask, label in ((80, 8100, 1, False, "hd80"), (128, 4096, 7, True, "hd128_gqa")):
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "fwd")):
         variant(f"fwd_{label}_{i}", vt._varlen_attn_fwd_kernel, hd, cfg, mask, mask, GROUP=group)
+    shared_ok = vt.launch_candidates(hd, seq, seq, "dkdv", shared=True)
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dkdv")):
-        variant(f"dkdv_{label}_{i}", vt._varlen_attn_dkdv_kernel, hd, cfg, mask, mask, GROUP=group,
-                FUSE_DQ=False)
+        flat = "_flat" if cfg["FLAT"] else ""
+        heads = 1 if cfg["SPLIT"] else group
+        consts = {k: v for k, v in cfg.items() if k != "SPLIT"}
+        variant(f"dkdv_{label}_{i}{flat}", vt._varlen_attn_dkdv_kernel, hd, consts, mask, mask and cfg in shared_ok,
+                GROUP=group, HEADS=heads, FUSE_DQ=False)
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dq")):
         variant(f"dq_{label}_{i}", vt._varlen_attn_dq_kernel, hd, cfg, mask, mask, GROUP=group)
 for i, cfg in enumerate(vt.launch_candidates(80, 64, 64, "dkdv")):
-    variant(f"dkdv_hd80_fused_dq_{i}", vt._varlen_attn_dkdv_kernel, 80, cfg, False, False, GROUP=1,
-            FUSE_DQ=True)
+    consts = {k: v for k, v in cfg.items() if k != "SPLIT"}
+    variant(f"dkdv_hd80_fused_dq_{i}", vt._varlen_attn_dkdv_kernel, 80, consts, False, False, GROUP=1,
+            HEADS=1, FUSE_DQ=True)
 delta = compile_kernel(vt._delta_kernel, dict(BLOCK_T=32, BLOCK_D=128, HEAD_DIM=80), 4, 2)
 print(json.dumps({"name": "delta", **delta}), flush=True)
 """
@@ -88,3 +94,6 @@ def test_kernels_compile_for_sm90_without_spills():
     assert names[-1] == "delta" and len(names) > 8
     for r in results:
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0, f"register spills in {r}"
+        if r["name"].endswith("_flat"):  # the wider dK/dV tiles exist for the tensor cores' wide MMA
+            assert r["wgmma"], f"{r['name']} does not use wgmma"
+    assert sum(r["name"].endswith("_flat") for r in results) >= 4, names

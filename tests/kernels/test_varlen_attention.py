@@ -126,9 +126,10 @@ def check_triton(
     block_n=None,
     dense=False,
     max_slack=0,
+    configs=None,
 ):
     """Triton fwd (out, lse) and bwd (dq, dk, dv) vs float64 (``dense``: the token-by-token mask reference);
-    ``max_slack`` over-states max_seqlen."""
+    ``max_slack`` over-states max_seqlen; ``configs`` forces kernels' launch configurations."""
     q, k, v = (t.to(DEVICE) for t in make(lens_q, lens_k, hq, hkv, d, dtype))
     cq, ck = cu(lens_q).to(DEVICE), cu(lens_k).to(DEVICE)
     mq, mk = max(lens_q, default=0) + max_slack, max(lens_k, default=0) + max_slack
@@ -137,11 +138,12 @@ def check_triton(
     if shared is not None:
         pre, spl = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in shared)
     out, lse = varlen_attention_fwd(
-        q, k, v, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m, block_n=block_n
+        q, k, v, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m, block_n=block_n, configs=configs
     )
     dout = torch.randn_like(out)
     dq, dk, dv = varlen_attention_bwd(
-        dout, q, k, v, out, lse, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m, block_n=block_n
+        dout, q, k, v, out, lse, cq, ck, mq, mk, causal, scale, pre, spl, block_m=block_m, block_n=block_n,
+        configs=configs,
     )
     q64, k64, v64 = to64(q, k, v)
     for t in (q64, k64, v64):
@@ -243,6 +245,40 @@ def test_triton_fp16():
 )
 def test_triton_shared_prompt_pairs_vs_dense_mask(lens, prefix, split):
     check_triton(lens, lens, 4, 2, 32, True, shared=(prefix, split), block_m=16, block_n=16, dense=True)
+
+
+def dkdv_config(block_m, block_n, flat, split, warps=4):
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": 2, "FLAT": flat,
+            "SPLIT": split}
+
+
+@pytest.mark.parametrize("flat,split", [(True, False), (True, True), (False, True)],
+                         ids=["flat", "flat-split", "nested-split"])
+def test_triton_dkdv_variants(flat, split):
+    """The dK/dV kernel's (q head, q block) loop and its per-q-head programs with fp32 partials summed per kv
+    head: several q blocks per kv tile with masked/unmasked ranges, GQA and MQA, end-aligned causal rows
+    without keys, shared-prompt pairs, fp16, and the fused dQ of one-tile segments."""
+    small = {"dkdv": dkdv_config(16, 16, flat, split)}
+    check_triton([1, 7, 64, 0, 20], [1, 7, 64, 0, 20], 4, 2, 80, True, configs=small)
+    check_triton([3, 9, 40, 5], [7, 4, 33, 0], 3, 1, 64, True, configs=small)
+    check_triton([20 + 25 + 19, 5 + 3 + 2], [64, 10], 4, 2, 32, True, dtype=torch.float16,
+                 shared=([20, 5], [45, 8]), dense=True, configs=small)
+    # windows: every segment within one 64-row kv tile, so the dK/dV pass also writes dQ
+    windows = [1, 7, 64, 0, 20, 33]
+    check_triton(windows, windows, 4, 2, 80, False, configs={"dkdv": dkdv_config(32, 64, flat, split)})
+
+
+def test_dkdv_candidates_cover_the_variants():
+    """hd 128 (LLM) offers the flat and split dK/dV candidates after the measured default; the shared-prompt
+    specialisation leaves out the tiles that spill there."""
+    from vlr_kernels.attention.varlen_tiles import launch_candidates
+
+    cands = launch_candidates(128, 4096, 4096, "dkdv")
+    assert cands[0] == dkdv_config(16, 64, False, False, warps=8)
+    assert {(c["FLAT"], c["SPLIT"]) for c in cands} == {(False, False), (True, False), (True, True)}
+    shared = launch_candidates(128, 4096, 4096, "dkdv", shared=True)
+    assert dkdv_config(64, 64, True, False, warps=8) in cands
+    assert dkdv_config(64, 64, True, False, warps=8) not in shared and shared[0] == cands[0]
 
 
 def test_public_triton_autograd_noncontiguous_inputs():
