@@ -17,7 +17,7 @@ from torch import nn
 from vlr_kernels import BackendUnavailable, adamw_step, adamw_step_ref
 
 from vlr_runtime.config import OptimConfig
-from vlr_runtime.training.optim import MasterAdamW
+from vlr_runtime.training.optim import MasterAdamW, clip_factor, clip_gradients
 
 REPO = Path(__file__).resolve().parents[2]
 HP = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
@@ -189,6 +189,25 @@ def test_master_adamw_fused_resume_through_state_dict_is_exact():
             for sa, sb in zip(_state_of(resumed), _state_of(full)):
                 assert all(torch.equal(sa[k], sb[k]) for k in sb)
             assert all(torch.equal(a, b) for a, b in zip(params, full_params))
+
+
+def test_clip_factor_as_grad_scale_equals_clipping_in_place():
+    """The factor clip_gradients applies, as a float or (from a device norm, no host sync) a 0-d fp32 tensor;
+    MasterAdamW stepping with it equals clipping in place then stepping."""
+    for norm, max_norm, expected in ((5.0, 1.0, 1.0 / (5.0 + 1e-6)), (0.5, 1.0, 1.0), (5.0, 0.0, 1.0)):
+        assert clip_factor(norm, max_norm) == pytest.approx(expected, rel=1e-12)
+        as_tensor = clip_factor(torch.tensor(norm, dtype=torch.float64), max_norm)
+        assert float(as_tensor) == pytest.approx(expected, rel=1e-6)
+        assert not torch.is_tensor(as_tensor) or (as_tensor.dtype == torch.float32 and as_tensor.ndim == 0)
+    cfg = OptimConfig(lr=1e-2)
+    clipped, scaled = _params(torch.device("cpu"), torch.float32), _params(torch.device("cpu"), torch.float32)
+    for ps in (clipped, scaled):
+        for p in ps:
+            p.grad = torch.full_like(p, 3.0)
+    clip_gradients(clipped, 4.0, 1.0)
+    MasterAdamW(clipped, cfg).step()
+    MasterAdamW(scaled, cfg).step(grad_scale=clip_factor(torch.tensor(4.0), 1.0))
+    assert all(torch.equal(a, b) for a, b in zip(clipped, scaled))
 
 
 def test_master_adamw_fused_needs_the_interpreter_on_cpu(monkeypatch):

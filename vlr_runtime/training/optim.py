@@ -216,11 +216,22 @@ def global_grad_norm(params: list[nn.Parameter], tp_rank: int, model_parallel_gr
     return float(sq.sqrt())
 
 
+def clip_factor(grad_norm: float | torch.Tensor, max_norm: float) -> float | torch.Tensor:
+    """The factor gradient clipping multiplies every gradient by: ``max_norm / (grad_norm + 1e-6)`` when the
+    (global) norm exceeds ``max_norm > 0``, else 1. Pass it to ``MasterAdamW.step(grad_scale=...)`` instead of
+    calling :func:`clip_gradients`; a 0-d tensor norm gives a 0-d tensor (no host synchronisation)."""
+    if max_norm <= 0:
+        return 1.0
+    if torch.is_tensor(grad_norm):
+        return torch.where(grad_norm > max_norm, max_norm / (grad_norm.float() + 1e-6), 1.0)
+    return max_norm / (grad_norm + 1e-6) if grad_norm > max_norm else 1.0
+
+
 def clip_gradients(params: list[nn.Parameter], grad_norm: float, max_norm: float) -> None:
-    """Scale every gradient by ``max_norm / grad_norm`` when the (global) norm exceeds ``max_norm > 0``."""
-    if max_norm <= 0 or grad_norm <= max_norm:
+    """Scale every gradient in place by :func:`clip_factor` (when the norm exceeds ``max_norm > 0``)."""
+    scale = clip_factor(grad_norm, max_norm)
+    if scale == 1.0:
         return
-    scale = max_norm / (grad_norm + 1e-6)
     for p in params:
         if p.grad is not None:
             p.grad.mul_(scale)
