@@ -261,14 +261,15 @@ def test_fused_adamw_bf16_on_cuda_matches_torch_fused(monkeypatch):
     (p_k, opt_k, ref64), (p_t, opt_t, _) = runs[True], runs[False]
     for i, (mk, mt, r) in enumerate(zip(opt_k.masters, opt_t.masters, ref64)):
         err_k, err_t = (mk.double() - r).abs().max().item(), (mt.double() - r).abs().max().item()
-        assert err_k <= 2 * err_t + 1e-7, f"master {i}: kernel error {err_k:.3e} vs torch fused {err_t:.3e}"
+        floor = 5e-7 * r.abs().max().item()  # ~4 fp32 ulps: torch's kernel does part of its math in float64
+        assert err_k <= 2 * err_t + floor, f"master {i}: kernel error {err_k:.3e} vs torch fused {err_t:.3e}"
         assert torch.equal(p_k[i], mk.to(torch.bfloat16))
         differ = (p_k[i] != p_t[i]).float().mean().item()
         assert differ < 1e-3, f"param {i}: {differ:.2%} of bf16 values differ from torch's fused path"
 
     # no host synchronisation in the step: it captures and replays like the eager step
     twin = [nn.Parameter(p.detach().clone()) for p in p_k]
-    opt_twin = MasterAdamW(twin, cfg)
+    opt_twin = MasterAdamW(twin, cfg, fused=True)
     opt_twin.optimizer.load_state_dict(copy.deepcopy(opt_k.optimizer.state_dict()))
     for a, b in zip(opt_twin.master_copies(), opt_k.master_copies()):
         a.detach().copy_(b)
@@ -283,3 +284,4 @@ def test_fused_adamw_bf16_on_cuda_matches_torch_fused(monkeypatch):
     opt_twin.step(grad_scale=scale)
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(opt_k.masters, opt_twin.masters))
+    assert all(torch.equal(a, b) for a, b in zip(p_k, twin))
