@@ -56,7 +56,8 @@ __global__ void reward_fwd_kernel(const T* __restrict__ hidden, const int64_t* _
     // is flagged and row 0 read instead, so the launch never faults
     float same = 0.f;
     for (int64_t i = threadIdx.x; i < num_scored; i += blockDim.x) same += idx[i] == row ? 1.f : 0.f;
-    ok = row >= 0 && row < n_rows && block_sum(same, smem) == 1.f;
+    same = block_sum(same, smem);  // every thread takes part (it synchronises the block)
+    ok = row >= 0 && row < n_rows && same == 1.f;
     if (!ok) row = 0;
   }
   const T* x = hidden + row * stride_t;

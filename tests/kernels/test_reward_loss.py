@@ -87,6 +87,24 @@ def test_reward_scores_and_strided_hidden():
     assert_close64(reward_scores(hidden, scored, w, b, nw, backend="torch"), ref, torch.float32, "ref scores")
 
 
+def test_strided_hidden_fwd_bwd():
+    """hidden with row stride 200 != H: the kernels read with the stride, the gradient lands in the right columns of
+    the underlying buffer (and zeros everywhere else)."""
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(23, 80, 5, [[0, 1], [2, 4], [3, 1]], torch.float32, True, True)
+    wide = torch.randn(23, 200)
+    wide[:, 7:87] = hidden.detach()
+    wide.requires_grad_()
+    loss, _, _ = fused_reward_loss(wide[:, 7:87], scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton")
+    loss.backward()
+    h64, w64, b64, nw64 = to64(hidden, w, b, nw)
+    loss64 = fused_reward_loss_ref(h64, scored, pairs, w64, b64, nw64, 1e-6, m.double(), 0.1)[0]
+    loss64.backward()
+    assert_close64(loss, loss64, torch.float32, "loss")
+    assert_close64(wide.grad[:, 7:87], h64.grad, torch.float32, "dhidden")
+    assert torch.count_nonzero(wide.grad[:, :7]) == 0 and torch.count_nonzero(wide.grad[:, 87:]) == 0
+    assert_close64(w.grad, w64.grad, torch.float32, "dhead_weight", scale=4)
+
+
 def test_reference_matches_hf_style_full_path():
     """The reference (gather, then norm + head) equals the peers' path: RMSNorm module on all tokens, linear head on
     all tokens, gather, -logsigmoid - all in float64."""
@@ -134,6 +152,7 @@ def test_stable_log_sigmoid_for_large_margins():
         (lambda a: a.update(scored_index=a["scored_index"].int()), "scored_index must be"),
         (lambda a: a.update(scored_index=a["scored_index"][:0]), "empty"),
         (lambda a: a.update(scored_index=torch.tensor([0, 99])), ">= T"),
+        (lambda a: a.update(scored_index=torch.tensor([-1, 4])), "< 0"),
         (lambda a: a.update(scored_index=torch.tensor([3, 3])), "duplicate"),
         (lambda a: a.update(pair_index=torch.tensor([[0, 2]])), ">= S"),
         (lambda a: a.update(pair_index=torch.tensor([[0, -1]])), "< 0"),

@@ -1,0 +1,172 @@
+"""fused_reward_loss's device work: which kernels one fwd+bwd launches, what it allocates, and that the one-kernel
+backward writes every row of a gradient buffer whose memory was dirty (Triton through the interpreter on CPU; the same
+on a GPU for both backends)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import vlr_kernels.reward_loss as rl
+from torch.utils._python_dispatch import TorchDispatchMode
+from vlr_kernels import fused_reward_loss, fused_reward_loss_ref
+
+from tests.kernels.helpers import assert_close64, to64
+from tests.kernels.reward_helpers import reward_inputs
+from tests.kernels.test_reward_loss import _many_pairs
+
+# aten ops that allocate, alias or describe a tensor: no device kernel. Any other op would be a launch on CUDA.
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "detach",
+             "alias", "as_strided", "expand", "t", "slice", "select", "unsqueeze", "squeeze"}
+TRITON_KERNELS = ("_reward_fwd_kernel", "_pair_loss_kernel", "_reward_bwd_kernel")
+
+
+class _Recorder(TorchDispatchMode):
+    """Records (op name, numel of each fresh output) of the aten ops run outside Triton launches; launches are
+    recorded by name. The interpreter's own copies of kernel arguments happen inside launches and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[int]]] = []
+        self.launches: list[str] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            self.ops.append((func.overloadpacket.__name__, [t.numel() for t in outs if isinstance(t, torch.Tensor)]))
+        return out
+
+    def take(self) -> tuple[list[str], list[tuple[str, list[int]]]]:
+        launches, ops = self.launches, self.ops
+        self.launches, self.ops = [], []
+        return launches, ops
+
+
+class _CountedKernel:
+    """Stands in for a Triton kernel object: ``kernel[grid](...)`` records the launch and pauses the recorder."""
+
+    def __init__(self, name: str, kernel, rec: _Recorder):
+        self.name, self.kernel, self.rec = name, kernel, rec
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.rec.launches.append(self.name)
+            self.rec.paused = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                self.rec.paused = False
+
+        return run
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
+def test_fwd_bwd_is_three_launches_and_no_torch_compute(monkeypatch, check):
+    """Forward: row kernel + pair kernel, no [T, H] allocation; backward: one kernel into an uninitialised
+    gradient (``empty``, no fill). No torch op that would be a device kernel, except the index-check verdict (read on
+    CPU as one ``_local_scalar_dense``; on CUDA it is one ``torch._assert_async``)."""
+    t_rows, h = 41, 80
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(t_rows, h, 4, [[0, 1], [2, 3], [0, 3]], torch.float32, True,
+                                                       True)
+    rec = _Recorder()
+    for name in TRITON_KERNELS:
+        monkeypatch.setattr(rl, name, _CountedKernel(name, getattr(rl, name), rec))
+    seed = torch.ones(())
+    with rec:
+        loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton",
+                                       check_indices=check)
+        fwd_launches, fwd_ops = rec.take()
+        torch.autograd.backward(loss, seed)
+        bwd_launches, bwd_ops = rec.take()
+    assert fwd_launches == ["_reward_fwd_kernel", "_pair_loss_kernel"]
+    assert bwd_launches == ["_reward_bwd_kernel"]
+    compute = [name for name, _ in fwd_ops + bwd_ops if name not in NO_KERNEL]
+    assert compute == (["_local_scalar_dense"] if check else []), compute
+    assert max(n for _, sizes in fwd_ops for n in sizes) < t_rows * h, "the forward allocated a [T, H] buffer"
+    big = [name for name, sizes in bwd_ops if t_rows * h in sizes]
+    assert big[0] == "empty" and all(name in ("empty", "detach") for name in big), big
+    assert hidden.grad.shape == (t_rows, h) and torch.isfinite(hidden.grad).all()
+
+
+def test_backward_writes_every_row_of_a_dirty_buffer():
+    """The backward kernel alone, into a NaN-filled buffer: scored rows match float64, every other row is exactly
+    zero. Shapes cross every block edge: T % 8 != 0 (zero rows), H > 512 and H % 64 != 0 (zero/scored columns),
+    S > 64 (index scans, scored-row tiles of 32, pair programs of 64), P > 64, plus a gradient on the rewards."""
+    t_rows, h, s = 101, 600, 70
+    pairs = _many_pairs(s, 80, seed=3)
+    hidden, scored, pairs_t, w, b, nw, m = reward_inputs(t_rows, h, s, pairs, torch.float32, True, True)
+    args = rl._kernel_inputs(hidden.detach(), scored, pairs_t, w.detach(), b.detach(), nw.detach(), m)
+    h_k, scored_k, pairs_k, w_k, b_k, nw_k, m_k = args
+    rewards, rstd, row_ok = rl.reward_fwd(h_k, scored_k, w_k, b_k, nw_k, 1e-6, check=True)
+    loss, _, ok, coef = rl.pair_loss_fwd(rewards, pairs_k, m_k, row_ok, 0.05, check=True)
+    assert ok.item() == 1 and bool(row_ok.all())
+    drewards = torch.linspace(-1, 1, s)
+    dirty = torch.full((t_rows, h), float("nan"))
+    dh, dw, db, dg = rl.reward_loss_bwd(torch.tensor(0.5), drewards, h_k, scored_k, w_k, b_k, nw_k, rewards, rstd,
+                                        coef, dhidden=dirty)
+    assert dh is dirty
+
+    h64, w64, b64, nw64 = to64(hidden, w, b, nw)
+    loss64, rewards64, _ = fused_reward_loss_ref(h64, scored, pairs_t, w64, b64, nw64, 1e-6, m.double(), 0.05)
+    (0.5 * loss64 + (rewards64 * drewards.double()).sum()).backward()
+    assert_close64(loss, loss64, torch.float32, "loss")
+    unscored = torch.ones(t_rows, dtype=torch.bool)
+    unscored[scored] = False
+    assert torch.equal(dh[unscored], torch.zeros_like(dh[unscored]))
+    assert_close64(dh, h64.grad, torch.float32, "dhidden")
+    assert_close64(dw, w64.grad, torch.float32, "dhead_weight", scale=4)
+    assert_close64(db.reshape(()), b64.grad, torch.float32, "dhead_bias", scale=4)
+    assert_close64(dg, nw64.grad, torch.float32, "dnorm_weight", scale=4)
+
+
+def test_backward_rejects_a_bad_gradient_buffer():
+    hidden, scored, pairs, w, b, _, _ = reward_inputs(9, 16, 2, [[0, 1]], torch.float32, False, False)
+    h_k, scored_k, pairs_k, w_k, b_k, _, _ = rl._kernel_inputs(hidden.detach(), scored, pairs, w.detach(),
+                                                               b.detach(), None, None)
+    rewards, rstd, row_ok = rl.reward_fwd(h_k, scored_k, w_k, b_k, None, 1e-6)
+    coef = rl.pair_loss_fwd(rewards, pairs_k, None, row_ok, 0.0)[3]
+    for bad in (torch.empty(9, 16).t().contiguous().t(), torch.empty(9, 15), torch.empty(9, 16, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="dhidden must be a contiguous"):
+            rl.reward_loss_bwd(torch.tensor(1.0), None, h_k, scored_k, w_k, b_k, None, rewards, rstd, coef,
+                               dhidden=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
+def test_gpu_kernels_memory_and_dirty_allocator(backend, check):
+    """On the device: the caching allocator hands the gradient a block just filled with NaN, yet every unscored row
+    comes back zero; the forward allocates O(S) bytes; fwd+bwd runs 3 kernels (+1 assertion with the checks)."""
+    if backend == "cuda":
+        pytest.importorskip("vlr_kernels._cuda", reason="CUDA extension not built (pip install --no-build-isolation -e .)")
+    from torch.profiler import ProfilerActivity, profile
+
+    t_rows, h = 4099, 3584
+    pairs = [[2 * i, 2 * i + 1] for i in range(16)] + [[0, 5]]
+    hidden, scored, pairs_t, w, b, nw, m = reward_inputs(t_rows, h, 32, pairs, torch.bfloat16, True, True)
+    torch.full((t_rows, h), float("nan"), dtype=torch.bfloat16, device="cuda")  # freed at once, block stays cached
+    seed = torch.ones((), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss, _, _ = fused_reward_loss(hidden, scored, pairs_t, w, b, nw, 1e-6, m, 0.01, backend=backend,
+                                       check_indices=check)
+        torch.cuda.synchronize()
+        fwd_peak = torch.cuda.max_memory_allocated() - base
+        torch.autograd.backward(loss, seed)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 3 + check, kernels
+    assert fwd_peak < 64 * 1024, f"forward allocated {fwd_peak} bytes"
+    unscored = torch.ones(t_rows, dtype=torch.bool, device="cuda")
+    unscored[scored] = False
+    assert torch.count_nonzero(hidden.grad[unscored]) == 0 and not hidden.grad[unscored].isnan().any()
+    h64, w64, b64, nw64 = to64(hidden, w, b, nw)
+    loss64 = fused_reward_loss_ref(h64, scored, pairs_t, w64, b64, nw64, 1e-6, m.double(), 0.01)[0]
+    loss64.backward()
+    assert_close64(hidden.grad, h64.grad, torch.bfloat16, "dhidden")
+    assert_close64(w.grad, w64.grad, torch.bfloat16, "dhead_weight", scale=4)
