@@ -62,6 +62,10 @@ CASES = [
        {"HAS_NORM": norm, "HAS_DREWARDS": norm, "BLOCK_S": 32, "BLOCK_C": 64, "ZERO_ROWS": 8, "ZERO_COLS": 512,
         "BLOCK_I": 64}, 4)
       for norm in (False, True)],
+    ("adamw+param", adamw._adamw_kernel,
+     {"master_ptr": F32, "grad_ptr": BF, "exp_avg_ptr": F32, "exp_avg_sq_ptr": F32, "param_ptr": BF, "step_ptr": F32,
+      "grad_scale": F32, "lr": "fp32", "decay": "fp32", "eps": "fp32", "n": "i64"},
+     {"BETA1": 0.9, "BETA2": 0.98, "SCALE_IS_PTR": True, "HAS_PARAM": True, "BLOCK": 1024}, 4),
 ]
 
 
