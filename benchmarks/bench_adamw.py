@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, copy_bandwidth_gbps, graph_time_ms
+from _common import Recorder, base_parser, bench_device, copy_bandwidth_gbps, graph_time_ms, want
 
 from vlr_runtime.config import OptimConfig
 from vlr_runtime.training.optim import MasterAdamW, clip_gradients
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> str:
         return opt, lambda: opt.step(grad_scale=scale)
 
     for name, make in (("torch", torch_provider), ("ours", ours_provider)):
-        if args.providers and name not in args.providers.split(","):
+        if not want(name, args.providers):
             continue
         try:
             opt, step = make()
