@@ -26,7 +26,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Recorder, base_parser, bench_device, copy_bandwidth_gbps, graph_time_ms, want
-
 from vlr_runtime.config import OptimConfig
 from vlr_runtime.training.optim import MasterAdamW, clip_gradients
 

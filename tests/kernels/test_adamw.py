@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from vlr_kernels import BackendUnavailable, adamw_step, adamw_step_ref
 
+from vlr_kernels import BackendUnavailable, adamw_step, adamw_step_ref
 from vlr_runtime.config import OptimConfig
 from vlr_runtime.training.optim import MasterAdamW, clip_factor, clip_gradients
 

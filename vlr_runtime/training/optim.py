@@ -9,9 +9,9 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+
 from vlr_kernels._backend import check_backend
 from vlr_kernels.adamw import adamw_step
-
 from vlr_runtime.config import FREEZE_GROUPS, OptimConfig
 
 
