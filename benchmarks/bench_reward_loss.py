@@ -7,7 +7,7 @@ Providers:
   hf_compile     torch.compile of hf_eager
   gather_compile torch.compile of gather-first (norm + head on the 2P scored rows only)
   triton / cuda  vlr_kernels.fused_reward_loss (index checks off, as in a trusted training loop)
-  triton_checked the same with the on-device index checks (torch._assert_async) left on
+  triton_checked the same with the index checks left on (inside the forward kernels, + one torch._assert_async)
 Liger-Kernel has no reward-head / pairwise-loss op, so it has no row here.
 Bytes counted (the floor of the fused op): fwd reads the 2P rows; bwd reads them again and writes dL/dhidden [T, H]
 (the zero fill dominates).

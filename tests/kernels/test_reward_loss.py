@@ -39,6 +39,8 @@ CASES = {
     "k_rejected_1v3": (29, 96, 4, [[0, 1], [0, 2], [0, 3]], True, False, 0.0, ()),
     "h3584_block_tail": (9, 3584, 4, [[0, 1], [3, 2]], True, True, 0.01, ()),
     "h173_many_pairs": (301, 173, 40, _many_pairs(40, 70), True, True, 0.05, (1,)),
+    # the sequence-parallel layout (gather_scored_rows): every row is scored, no row gets zeros
+    "all_rows_scored": (6, 40, 6, [[0, 1], [2, 3], [4, 5], [0, 3]], True, True, 0.1, ()),
 }
 
 
