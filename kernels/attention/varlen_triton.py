@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from vlr_kernels._tune import pick
+from vlr_kernels.attention.varlen_windows import _window_bwd_kernel, _window_fwd_kernel, window_candidates
 from vlr_kernels.attention.varlen_tiles import (
     LN2,
     LOG2E,
@@ -411,15 +412,16 @@ def _varlen_attn_dq_kernel(
 
 def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, max_q: int, max_k: int,
             block_m: int | None, block_n: int | None, launch, shared: bool,
-            configs: dict[str, dict[str, int]] | None) -> dict[str, int]:
+            configs: dict[str, dict[str, int]] | None, extra: list[dict[str, int]] = ()) -> dict[str, int]:
     """``configs[kernel]`` when given; the default config with explicit tiles or a single candidate;
     otherwise the tuner's pick for this shape (powers of two of the maximum lengths: the tile shapes, not the
-    exact lengths, decide the best)."""
+    exact lengths, decide the best) among the table's candidates and ``extra`` ones."""
     if configs and kernel in configs:
         return configs[kernel]
     cands = launch_candidates(head_dim, max_q, max_k, kernel, block_m, block_n, shared)
     if block_m is not None or block_n is not None:
         return cands[0]
+    cands += extra
     key = (kernel, head_dim, triton.next_power_of_2(max(max_q, 1)),
            triton.next_power_of_2(max(max_k, 1)), *shape_key)
     return pick(key, cands, launch, device)
@@ -458,6 +460,14 @@ def varlen_attention_fwd(
     group = hq // k.shape[1]
 
     def launch(cfg: dict[str, int]) -> None:
+        if cfg.get("WINDOW"):
+            cfg = {k: v for k, v in cfg.items() if k != "WINDOW"}
+            _window_fwd_kernel[(n_seg, hq // cfg["HEADS"])](
+                q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0),
+                k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), tq,
+                softmax_scale * LOG2E.value, GROUP=group, CAUSAL=causal, D0=d0, D1=d1, HEAD_DIM=d,
+                PREC=dot_precision(q.dtype), **cfg)
+            return
         bm = cfg["BLOCK_M"]
         n_tiles = grid_tiles(tq, n_seg, max_seqlen_q, bm)
         _varlen_attn_fwd_kernel[(n_tiles, hq)](
@@ -469,8 +479,9 @@ def varlen_attention_fwd(
             PREC=dot_precision(q.dtype), **cfg,
         )
 
+    windows = [] if shared else window_candidates(d, max_seqlen_q, max_seqlen_k, hq, group, "fwd")
     launch(_choose("fwd", (causal, shared, group, q.dtype), q.device, d, max_seqlen_q, max_seqlen_k, block_m,
-                   block_n, launch, shared, configs))
+                   block_n, launch, shared, configs, windows))
     return out, lse
 
 
@@ -501,15 +512,10 @@ def varlen_attention_bwd(
     tk, hkv = k.shape[0], k.shape[1]
     n_seg = cu_seqlens_q.numel() - 1
     d0, d1 = head_dim_chunks(d)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if tq == 0 or tk == 0 or hq == 0 or n_seg == 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = _output_like(q), _output_like(k), _output_like(v)
     delta = torch.empty((hq, tq), device=q.device, dtype=torch.float32)
-    block_t = 32
-    _delta_kernel[(triton.cdiv(tq, block_t), hq)](
-        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
-        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
-    )
     shared = prefix_lens is not None
     group = hq // hkv
     meta = {"GROUP": group, "CAUSAL": causal, "SHARED": shared, "D0": d0, "D1": d1, "HEAD_DIM": d,
@@ -537,7 +543,22 @@ def varlen_attention_bwd(
                                                                 block_n, shared)[0]
 
     def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = default_dq) -> None:
-        # a candidate that does not fuse dQ is timed together with the dQ pass it then needs
+        # timed with the passes each candidate needs: delta, and the dQ pass unless it fuses dQ
+        if cfg.get("WINDOW"):
+            cfg = {k: v for k, v in cfg.items() if k != "WINDOW"}
+            _window_bwd_kernel[(n_seg, hkv // cfg["HEADS"])](
+                q, k, v, out, dout, lse, dq, dk, dv, *seg_meta, *common_strides[:6], out.stride(0),
+                out.stride(1), *common_strides[6:], dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+                dv.stride(0), dv.stride(1), tq, softmax_scale * LOG2E.value, softmax_scale, GROUP=group,
+                CAUSAL=causal, D0=d0, D1=d1, HEAD_DIM=d, PREC=meta["PREC"], **cfg)
+            return
+        block_t = 32
+        _delta_kernel[(triton.cdiv(tq, block_t), hq)](
+            out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
+            BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
+        )
+        if fuses_dq(cfg):
+            dq.zero_()  # q rows that see no key of their segment are in no kv tile's q range
         cfg = dict(cfg)
         bn = cfg["BLOCK_N"]
         n_tiles = grid_tiles(tk, n_seg, max_seqlen_k, bn)
@@ -558,13 +579,21 @@ def varlen_attention_bwd(
         if dq_cfg is not None and not fuses_dq(cfg):
             launch_dq(dq_cfg)
 
+    windows = [] if shared else window_candidates(d, max_seqlen_q, max_seqlen_k, hkv, group, "dkdv")
     dkdv_cfg = _choose("dkdv", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
-                       launch_dkdv, shared, configs)
+                       launch_dkdv, shared, configs, windows)
     launch_dkdv(dkdv_cfg, dq_cfg=None)
-    if not fuses_dq(dkdv_cfg):
+    if not dkdv_cfg.get("WINDOW") and not fuses_dq(dkdv_cfg):
         launch_dq(_choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
                           launch_dq, shared, configs))
     return dq, dk, dv
+
+
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer that every backward path writes row by row: uninitialised on the GPU (a zero fill
+    of dq, dk, dv is ~250 MB of writes for the ViT windows), NaN under the interpreter so that the CPU tests
+    see any row a kernel misses."""
+    return torch.empty_like(x) if x.is_cuda else torch.full_like(x, float("nan"))
 
 
 class VarlenAttentionFunction(torch.autograd.Function):

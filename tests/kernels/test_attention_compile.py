@@ -74,6 +74,15 @@ for i, cfg in enumerate(vt.launch_candidates(80, 64, 64, "dkdv")):
     consts = {k: v for k, v in cfg.items() if k != "SPLIT"}
     variant(f"dkdv_hd80_fused_dq_{i}", vt._varlen_attn_dkdv_kernel, 80, consts, False, False, GROUP=1,
             HEADS=1, FUSE_DQ=True)
+# the one-tile window kernels the tuner may pick for the ViT windows (hd 80, 16 heads, <= 64 tokens)
+from vlr_kernels.attention import varlen_windows as vw
+for kernel, fn in (("fwd", vw._window_fwd_kernel), ("dkdv", vw._window_bwd_kernel)):
+    for i, cfg in enumerate(vw.window_candidates(80, 64, 64, 16, 1, kernel)):
+        consts = {k: v for k, v in cfg.items() if k not in ("WINDOW", "num_warps", "num_stages")}
+        d0, d1 = head_dim_chunks(80)
+        out = compile_kernel(fn, dict(GROUP=1, CAUSAL=False, D0=d0, D1=d1, HEAD_DIM=80, PREC=None, **consts),
+                             cfg["num_warps"], cfg["num_stages"])
+        print(json.dumps({"name": f"window_{kernel}_{i}", **out}), flush=True)
 delta = compile_kernel(vt._delta_kernel, dict(BLOCK_T=32, BLOCK_D=128, HEAD_DIM=80), 4, 2)
 print(json.dumps({"name": "delta", **delta}), flush=True)
 """
@@ -97,3 +106,4 @@ def test_kernels_compile_for_sm90_without_spills():
         if r["name"].endswith("_flat"):  # the wider dK/dV tiles exist for the tensor cores' wide MMA
             assert r["wgmma"], f"{r['name']} does not use wgmma"
     assert sum(r["name"].endswith("_flat") for r in results) >= 4, names
+    assert {"window_fwd_0", "window_dkdv_0"} <= set(names), names

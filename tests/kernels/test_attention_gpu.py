@@ -129,3 +129,46 @@ def test_sdpa_backend_runs_fused_kernels(case):
     exact = _run(ref, q.double(), k.double(), v.double(), dout.double())
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), fused, eager, exact):
         assert_bf16_rule(a, b, c, f"{case} sdpa {name}", floor=2e-3)
+
+
+def _candidate_cases() -> list[tuple[str, dict]]:
+    """Every launch candidate the tuner may pick for the LLM backward (hd 128, GQA 7; the shared-prompt
+    specialisation gets its own list) and the one-tile window kernels, each forced on its own."""
+    from vlr_kernels.attention.varlen_tiles import launch_candidates
+    from vlr_kernels.attention.varlen_windows import window_candidates
+
+    out = []
+    for case in ("llm_gqa", "pairs"):
+        lens, _, _, d, _, shared = CASES[case]
+        for cfg in launch_candidates(d, max(lens), max(lens), "dkdv", shared=shared is not None):
+            out.append((case, {"dkdv": cfg}))
+    lens, hq, hkv, d, _, _ = CASES["windows"]
+    for kernel in ("fwd", "dkdv"):
+        heads = hq if kernel == "fwd" else hkv
+        out += [("windows", {kernel: cfg})
+                for cfg in window_candidates(d, max(lens), max(lens), heads, hq // hkv, kernel)]
+    return out
+
+
+@pytest.mark.parametrize("case,configs", _candidate_cases(),
+                         ids=[f"{c}-{kernel}-{'-'.join(str(int(x)) for x in cfg[kernel].values())}"
+                              for c, cfg in _candidate_cases() for kernel in cfg])
+def test_every_candidate_bf16_rule(case, configs):
+    from vlr_kernels.attention.varlen_triton import varlen_attention_bwd, varlen_attention_fwd
+
+    lens, hq, hkv, d, causal, shared = CASES[case]
+    (q, k, v, dout), cu, meta = _inputs(lens, hq, hkv, d, shared, torch.bfloat16)
+    m, scale = max(lens), d**-0.5
+    pre, spl = meta.get("prefix_lens"), meta.get("split_lens")
+    out, lse = varlen_attention_fwd(q, k, v, cu, cu, m, m, causal, scale, pre, spl, configs=configs)
+    got = [out, *varlen_attention_bwd(dout, q, k, v, out, lse, cu, cu, m, m, causal, scale, pre, spl,
+                                      configs=configs)]
+
+    def ref(q, k, v):
+        return varlen_attention_ref(q, k, v, cu, cu, m, m, causal, **meta)
+
+    eager = _run(ref, q, k, v, dout)
+    exact = _run(ref, q.double(), k.double(), v.double(), dout.double())
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, eager, exact):
+        assert torch.isfinite(a).all(), f"{case} {configs} {name}: non-finite values (a row left unwritten?)"
+        assert_bf16_rule(a, b, c, f"{case} {configs} {name}", floor=2e-3)

@@ -252,20 +252,46 @@ def dkdv_config(block_m, block_n, flat, split, warps=4):
             "SPLIT": split}
 
 
-@pytest.mark.parametrize("flat,split", [(True, False), (True, True), (False, True)],
-                         ids=["flat", "flat-split", "nested-split"])
-def test_triton_dkdv_variants(flat, split):
+@pytest.mark.parametrize("split", [False, True], ids=["flat", "flat-split"])
+def test_triton_dkdv_variants(split):
     """The dK/dV kernel's (q head, q block) loop and its per-q-head programs with fp32 partials summed per kv
     head: several q blocks per kv tile with masked/unmasked ranges, GQA and MQA, end-aligned causal rows
     without keys, shared-prompt pairs, fp16, and the fused dQ of one-tile segments."""
-    small = {"dkdv": dkdv_config(16, 16, flat, split)}
+    small = {"dkdv": dkdv_config(16, 16, True, split)}
     check_triton([1, 7, 64, 0, 20], [1, 7, 64, 0, 20], 4, 2, 80, True, configs=small)
     check_triton([3, 9, 40, 5], [7, 4, 33, 0], 3, 1, 64, True, configs=small)
     check_triton([20 + 25 + 19, 5 + 3 + 2], [64, 10], 4, 2, 32, True, dtype=torch.float16,
                  shared=([20, 5], [45, 8]), dense=True, configs=small)
     # windows: every segment within one 64-row kv tile, so the dK/dV pass also writes dQ
     windows = [1, 7, 64, 0, 20, 33]
-    check_triton(windows, windows, 4, 2, 80, False, configs={"dkdv": dkdv_config(32, 64, flat, split)})
+    check_triton(windows, windows, 4, 2, 80, False, configs={"dkdv": dkdv_config(32, 64, True, split)})
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_triton_one_tile_window_kernels(causal):
+    """The one-tile kernels (a program per segment and 2 heads, pipelined head loop; in-kernel delta; dQ, dK, dV
+    written directly): windows of 0..64 rows at hd 80, end-aligned causal rows without keys, GQA forward with
+    the general backward, fp16."""
+    from vlr_kernels.attention.varlen_windows import window_candidates
+
+    fwd = window_candidates(80, 64, 64, 4, 1, "fwd")[0]
+    bwd = window_candidates(80, 64, 64, 4, 1, "dkdv")[0]
+    assert fwd["HEADS"] == bwd["HEADS"] == 2 and fwd["BLOCK"] == 64
+    windows = [1, 7, 64, 0, 20, 33]
+    check_triton(windows, windows, 4, 4, 80, causal, configs={"fwd": fwd, "dkdv": bwd})
+    small = {"fwd": {**fwd, "BLOCK": 16}, "dkdv": {**bwd, "BLOCK": 16}}
+    check_triton([3, 9, 5], [7, 4, 0], 2, 2, 16, causal, dtype=torch.float16, configs=small)
+    check_triton([3, 9, 5], [7, 4, 0], 4, 2, 16, causal, configs={"fwd": small["fwd"]})
+
+
+def test_window_candidates_only_for_one_tile_segments():
+    from vlr_kernels.attention.varlen_windows import window_candidates
+
+    assert [c["HEADS"] for c in window_candidates(80, 64, 64, 16, 1, "fwd")] == [2, 4]
+    assert window_candidates(80, 65, 64, 16, 1, "fwd") == []  # a segment needs two tiles
+    assert window_candidates(128, 64, 64, 28, 7, "fwd") == []  # head_dim class not compile-checked
+    assert window_candidates(80, 64, 64, 8, 2, "dkdv") == []  # GQA backward: the general kernels
+    assert [c["HEADS"] for c in window_candidates(80, 30, 30, 6, 1, "dkdv")] == [2]
 
 
 def test_dkdv_candidates_cover_the_variants():
