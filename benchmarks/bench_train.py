@@ -15,8 +15,8 @@ One step = zero grads, forward, backward, gradient clipping (max norm 1), AdamW 
   ours     RewardModel on the batch our trainer builds by default (``data.shared_prompt: true``, the real
            ``data.collate``): each pair one segment [prompt | chosen | rejected], the image encoded once per pair;
            the trainer's path at tp=pp=dp=1 without parallel.distributed_optimizer (its default):
-           parallel.forward_backward, training.optim.global_grad_norm + clip_gradients, MasterAdamW (fp32 master
-           weights and moments). The trainer's NaN/Inf check and metrics are not part of the timed step.
+           parallel.forward_backward, training.optim.global_grad_norm + clip_factor, MasterAdamW (fp32 master
+           weights and moments; on CUDA one fused Triton pass per parameter that applies the clip factor). The trainer's NaN/Inf check and metrics are not part of the timed step.
   ours_plain  the same with ``data.shared_prompt: false``: 4 segments of 1,028 tokens (every prompt computed twice, as
            transformers does), the image still encoded once per pair.
   ours_megatron  the shared-prompt batch with parallel.distributed_optimizer true: megatron DDP + megatron's
@@ -82,6 +82,8 @@ class Provider:
     checked: dict[str, torch.Tensor]
     """HF name -> the provider's parameter holding it (compared after the first step)."""
     optimizer_note: str
+    grad_scale: Callable[[], float] = lambda: 1.0
+    """The clip factor of the last step still to be applied to the ``.grad`` it leaves (1: clipped in place)."""
 
     def step(self) -> torch.Tensor:
         for _, run in self.phases:
@@ -144,7 +146,7 @@ def _our_provider(ours, batch) -> Provider:
     from vlr_runtime.config import OptimConfig
     from vlr_runtime.model.hf_names import hf_param_specs
     from vlr_runtime.parallel import forward_backward
-    from vlr_runtime.training.optim import MasterAdamW, clip_gradients, freeze_groups, global_grad_norm
+    from vlr_runtime.training.optim import MasterAdamW, clip_factor, freeze_groups, global_grad_norm
 
     trainable = freeze_groups(ours.param_groups(), ["vision"])
     opt = MasterAdamW(trainable, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
@@ -157,13 +159,17 @@ def _our_provider(ours, batch) -> Provider:
         (result,) = forward_backward(ours, [batch])
         state["loss"] = result.loss
 
-    phases = [("zero grads", opt.zero_grad), ("forward+backward", forward_and_backward),
-              ("clip", lambda: clip_gradients(trainable, global_grad_norm(trainable, 0, mp_group), MAX_NORM)),
-              ("optimizer", opt.step)]
+    def clip() -> None:  # the trainer's order: global norm, then the clip factor the optimizer applies
+        state["scale"] = clip_factor(global_grad_norm(trainable, 0, mp_group), MAX_NORM)
+
+    phases = [("zero grads", opt.zero_grad), ("forward+backward", forward_and_backward), ("clip", clip),
+              ("optimizer", lambda: opt.step(grad_scale=state["scale"]))]
     params = dict(ours.named_parameters())
     named = {spec.parts[0].name: params[spec.param] for spec in hf_param_specs(ours.args) if len(spec.parts) == 1}
-    return Provider(phases, lambda: state["loss"], named,
-                    "MasterAdamW (fp32 master weights + moments; torch AdamW, fused on CUDA)")
+    path = ("one fused Triton pass per parameter, the clip factor applied as it reads the gradient" if opt.fused
+            else "torch AdamW on fp32 gradient copies scaled by the clip factor")
+    return Provider(phases, lambda: state["loss"], named, f"MasterAdamW (fp32 master weights + moments; {path})",
+                    grad_scale=lambda: float(state["scale"]))
 
 
 def _our_megatron_provider(ours, batch) -> Provider:
@@ -414,8 +420,10 @@ def main(argv: list[str] | None = None) -> str:
                 rec.skip(name, f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
                 continue
             if prov.checked:
-                # the step leaves its clipped gradients in .grad (they are cleared at the start of the next step)
-                grads[name] = {n: prov.checked[n].grad.detach().float().cpu().reshape(-1).clone() for n in names}
+                # the step leaves its gradients in .grad (cleared at the start of the next step): clipped in place
+                # by hf_sdpa, with the clip factor still to apply by ours (MasterAdamW applies it as it reads them)
+                scale = prov.grad_scale()
+                grads[name] = {n: prov.checked[n].grad.detach().float().cpu().reshape(-1) * scale for n in names}
             print(f"[train_step] {name}: first training step loss {firsts[name]:.5f}", flush=True)
             r = results[name] = _measure(name, prov, device, warmup, rep, tokens, work[name].flops, peak_flops,
                                          ours_bytes if name == "hf_sdpa" else 0)

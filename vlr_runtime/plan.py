@@ -9,8 +9,9 @@ Memory model (bytes per GPU, bf16 weights, Adam), for the two optimizer paths of
   without it (the trainer's ``MasterAdamW``) 2 B (autograd's gradients in the parameter dtype);
 * optimizer-step transient: torch's multi-tensor AdamW (what runs without Transformer Engine / apex) allocates
   ``sqrt(v)`` for every parameter it updates at once (4 B per fp32 master element, on this rank's DP shard with the
-  distributed optimizer); ``MasterAdamW`` (the fused CUDA AdamW: no per-element temporaries) holds fp32 copies of
-  all gradients during the step (4 B);
+  distributed optimizer); ``MasterAdamW`` on CUDA (one fused Triton pass per parameter that reads the 16-bit
+  gradient directly) allocates nothing per element (its torch path, ``VLR_FUSED_ADAMW=0``, would hold fp32 copies
+  of all gradients: 4 B);
 * activations of one microbatch per LLM layer and token, in bf16, with FlashAttention (no s x s scores kept):
   none recompute -> inputs of both norms and their outputs, q/k/v, attention output, gate/up outputs and their product:
   ``5h + (h + 2·kv·hd) + 3·I`` elements; selective recompute (attention core recomputed) keeps the same here because
@@ -138,7 +139,7 @@ def estimate(
     else:
         grads = 2 * n_trained
         optim = 12 * n_trained
-        step_transient = 4 * n_trained  # the fp32 gradient copies; the fused AdamW allocates nothing per element
+        step_transient = 0  # MasterAdamW's fused kernel: no fp32 gradient copies, no per-element temporaries
 
     if work.recompute == "full":
         per_token = h / (tp if work.sequence_parallel else 1)

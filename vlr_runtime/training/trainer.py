@@ -54,7 +54,7 @@ from vlr_runtime.training.metrics import MetricsLog
 from vlr_runtime.training.optim import (
     MasterAdamW,
     average_dp_gradients,
-    clip_gradients,
+    clip_factor,
     freeze_groups,
     global_grad_norm,
     lr_at,
@@ -352,8 +352,8 @@ class Trainer:
             _, stats["grad_norm"], _ = self.optimizer.step()  # clips to optim.grad_clip inside
         else:
             self.optimizer.set_lr(lr)
-            clip_gradients(self.trainable, stats["grad_norm"], self.cfg.optim.grad_clip)
-            self.optimizer.step()
+            # clipping folded into the optimizer's read of the gradients (no in-place pass over them)
+            self.optimizer.step(grad_scale=clip_factor(stats["grad_norm"], self.cfg.optim.grad_clip))
         self._zero_grad()
         self.step += 1
         row = {"step": self.step, **stats, "lr": lr}
