@@ -81,42 +81,54 @@ __global__ void reward_fwd_kernel(const T* __restrict__ hidden, const int64_t* _
   }
 }
 
-// Thread s of the grid writes coef[s] = dloss/dr_s, scanning every pair in order (deterministic, no atomics): a pair
-// adds -sigmoid(-d)/P to its chosen reward and +sigmoid(-d)/P to its rejected one. Block 0 also writes the loss,
-// the accuracy and the index-check verdict (row_ok == nullptr: no checks, verdict 1).
+// Thread s of the grid writes coef[s] = dloss/dr_s: a pair adds -sigmoid(-d)/P to its chosen reward and
+// +sigmoid(-d)/P to its rejected one. Pairs are staged kThreads at a time in shared memory (each pair's slope and
+// loss term computed once per block), then every thread scans the chunk in order (deterministic, no atomics).
+// Block 0 also writes the loss, the accuracy and the index-check verdict (row_ok == nullptr: verdict 1).
 __global__ void pair_loss_kernel(const float* __restrict__ r, const int64_t* __restrict__ pairs,
                                  const float* __restrict__ margin, const int* __restrict__ row_ok, float* loss,
                                  float* acc, int* ok, float* __restrict__ coef, int64_t num_scored, int64_t num_pairs,
                                  float center) {
   __shared__ float smem[33];
+  __shared__ int64_t chosen[kThreads], rejected[kThreads];
+  __shared__ float slope[kThreads];  // sigmoid(-d) of each staged pair, 0 for an out-of-range one
   const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (s < num_scored) {
-    float c = 0.f;
-    for (int64_t p = 0; p < num_pairs; ++p) {
-      const int64_t ic = pairs[2 * p], ir = pairs[2 * p + 1];
-      if (ic != s && ir != s) continue;
-      if (ic < 0 || ic >= num_scored || ir < 0 || ir >= num_scored) continue;  // flagged by block 0
-      float d = r[ic] - r[ir];
-      if (margin != nullptr) d -= margin[p];
-      const float e = expf(-fabsf(d));  // sigmoid(-d) from exp(-|d|) <= 1: no overflow
-      const float sig_neg = (d > 0.f ? e : 1.f) / (1.f + e);
-      c += (ic == s ? -sig_neg : 0.f) + (ir == s ? sig_neg : 0.f);
+  float c = 0.f, l = 0.f, correct = 0.f, bad = 0.f;
+  for (int64_t base = 0; base < num_pairs; base += blockDim.x) {
+    const int64_t p = base + threadIdx.x;
+    int64_t ic = -1, ir = -1;
+    float sig_neg = 0.f;
+    if (p < num_pairs) {
+      ic = pairs[2 * p];
+      ir = pairs[2 * p + 1];
+      if (ic < 0 || ic >= num_scored || ir < 0 || ir >= num_scored) {
+        bad += 1.f;
+        ic = ir = -1;  // matches no row and is never dereferenced
+      } else {
+        float d = r[ic] - r[ir];
+        correct += d > 0.f ? 1.f : 0.f;
+        if (margin != nullptr) d -= margin[p];
+        // softplus(-d) = -logsigmoid(d) and its slope sigmoid(-d), both from e = exp(-|d|) <= 1: no overflow
+        const float e = expf(-fabsf(d));
+        l += fmaxf(-d, 0.f) + log1pf(e);
+        sig_neg = (d > 0.f ? e : 1.f) / (1.f + e);
+      }
     }
+    chosen[threadIdx.x] = ic;
+    rejected[threadIdx.x] = ir;
+    slope[threadIdx.x] = sig_neg;
+    __syncthreads();
+    const int64_t staged = num_pairs - base < blockDim.x ? num_pairs - base : blockDim.x;
+    for (int64_t k = 0; k < staged; ++k) {
+      c += (chosen[k] == s ? -slope[k] : 0.f) + (rejected[k] == s ? slope[k] : 0.f);
+    }
+    __syncthreads();
+  }
+  if (s < num_scored) {
     coef[s] = c / static_cast<float>(num_pairs) + 2.f * center * r[s] / static_cast<float>(num_scored);
   }
   if (blockIdx.x != 0) return;
-  float l = 0.f, correct = 0.f, sq = 0.f, bad = 0.f;
-  for (int64_t p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-    const int64_t ic = pairs[2 * p], ir = pairs[2 * p + 1];
-    if (ic < 0 || ic >= num_scored || ir < 0 || ir >= num_scored) {
-      bad += 1.f;
-      continue;
-    }
-    float d = r[ic] - r[ir];
-    correct += d > 0.f ? 1.f : 0.f;
-    if (margin != nullptr) d -= margin[p];
-    l += fmaxf(-d, 0.f) + log1pf(expf(-fabsf(d)));  // softplus(-d) = -logsigmoid(d), no overflow
-  }
+  float sq = 0.f;
   for (int64_t i = threadIdx.x; i < num_scored; i += blockDim.x) {
     sq += r[i] * r[i];
     if (row_ok != nullptr && row_ok[i] == 0) bad += 1.f;
@@ -174,7 +186,7 @@ __device__ void scored_columns(int64_t tile, const T* hidden, const int64_t* idx
   if (lane == 0 && in) {
     float sum = 0.f;
     for (int k = 0; k < kRowLanes; ++k) sum += part[k][col];
-    dw[c] = from_f<W>(sum * (g != nullptr ? gv : 1.f));
+    dw[c] = from_f<W>(sum * gv);  // gv = 1 without a norm
     if (g != nullptr) dg[c] = from_f<W>(sum * wv);
   }
   if (tile == 0) {
