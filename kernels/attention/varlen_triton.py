@@ -16,7 +16,9 @@ boundary blocks that do (segment end, causal diagonal, the chosen part of a shar
 rejected-only q tile cannot see (the chosen part) are skipped, which is where shared-prompt pairs save work.
 
 head_dim is covered by two power-of-two chunks ``D0 + D1`` (80 = 64 + 16, 96 = 64 + 32) instead of padding to
-the next power of two (80 -> 128 would waste 37% of the matmul work). Tile sizes: :func:`vlr_kernels.attention.varlen_tiles.launch_candidates`.
+the next power of two (80 -> 128 would waste 37% of the matmul work). Tile sizes:
+:func:`vlr_kernels.attention.varlen_tiles.launch_candidates`; one-tile segments (ViT windows) also have the
+kernels of :mod:`vlr_kernels.attention.varlen_windows`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 from vlr_kernels._tune import pick
-from vlr_kernels.attention.varlen_windows import _window_bwd_kernel, _window_fwd_kernel, window_candidates
 from vlr_kernels.attention.varlen_tiles import (
     LN2,
     LOG2E,
@@ -41,6 +42,7 @@ from vlr_kernels.attention.varlen_tiles import (
     store_rows,
     tile_schedule,
 )
+from vlr_kernels.attention.varlen_windows import _window_bwd_kernel, _window_fwd_kernel, window_candidates
 
 
 @triton.jit
@@ -222,7 +224,7 @@ def _dkdv_flat(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ, LSE, DELTA, q_star
     software pipeline filled across heads instead of draining it 3 x GROUP times per program."""
     q_off = q_start.to(tl.int64)
     n_blk = tl.cdiv(hi - lo, BLOCK_M)
-    for it in range(0, HEADS * n_blk):
+    for it in range(HEADS * n_blk):
         g = it // n_blk
         hq = hq0 + g
         dk0, dk1, dv0, dv1 = _dkdv_step(
