@@ -10,6 +10,7 @@
 #   tests      GPU-marked tests (bf16 tolerance rule, cuda backend, torch.compile tracing, model/score parity);
 #              TESTS="path::name ..." narrows them (default: all of tests/)
 #   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
+#              (default providers hf_sdpa, ours, ours_plain; TRAIN_ARGS="" adds ours_megatron)
 #   attention  bench_attention.py: the four varlen-attention workloads, every provider
 #   kernels    run_all.py for the other kernel benchmarks; KERNELS="bench_a.py,bench_b.py" narrows them
 #   model      bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower (not in the
@@ -53,10 +54,12 @@ has build && run_stage build "${LIMIT_BUILD:-60}" env MAX_JOBS=16 "$PY" -m pip i
 # shellcheck disable=SC2086  # TESTS and the *_ARGS variables are word lists
 has tests && run_stage tests "${LIMIT_TESTS:-110}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu ${TESTS:-tests} -p no:cacheprovider \
   -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20
-has train && run_stage train "${LIMIT_TRAIN:-110}" "$PY" benchmarks/bench_train.py ${TRAIN_ARGS:-} "$@"
-has attention && run_stage attention "${LIMIT_ATTENTION:-180}" "$PY" benchmarks/bench_attention.py ${ATTN_ARGS:-} "$@"
-has kernels && run_stage kernels "${LIMIT_KERNELS:-110}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-60}" \
-  --only "${KERNELS:-bench_reward_loss.py,bench_rmsnorm.py,bench_swiglu.py,bench_rotary.py}" ${KERNEL_ARGS:-} "$@"
+has train && run_stage train "${LIMIT_TRAIN:-130}" "$PY" benchmarks/bench_train.py \
+  ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain} "$@"
+has attention && run_stage attention "${LIMIT_ATTENTION:-170}" "$PY" benchmarks/bench_attention.py ${ATTN_ARGS:-} "$@"
+has kernels && run_stage kernels "${LIMIT_KERNELS:-100}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-40}" \
+  --only "${KERNELS:-bench_reward_loss.py,bench_rmsnorm.py,bench_rotary.py,bench_adamw.py,bench_swiglu.py}" \
+  ${KERNEL_ARGS:-} "$@"
 has model && run_stage model "${LIMIT_MODEL:-180}" "$PY" benchmarks/bench_model.py ${MODEL_ARGS:-} "$@"
 [ -f benchmarks/results/kernels.csv ] && cp benchmarks/results/kernels.csv "$LOGDIR/"
 
