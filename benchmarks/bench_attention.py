@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: CPU smoke run
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, markdown_table, want  # noqa: E402
+from _common import Recorder, base_parser, bench_device, compiled, markdown_table, time_ms, want  # noqa: E402
 
 from vlr_kernels._backend import has_module  # noqa: E402
 from vlr_kernels.varlen_attention import segment_mask, varlen_attention  # noqa: E402
@@ -294,6 +294,53 @@ def acceptance(rec: Recorder) -> str:
     return "\n".join(lines)
 
 
+def _describe(kernel: str, cfg: dict[str, int]) -> str:
+    """``ours dkdv 32x128 w8 s3 flat`` for a launch configuration of :mod:`vlr_kernels.attention`."""
+    if cfg.get("WINDOW"):
+        tile = f"{cfg['BLOCK']}x{cfg['BLOCK']} heads{cfg['HEADS']} pipe{cfg['STAGES']} window"
+    else:
+        tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
+    flags = [name.lower() for name in ("FLAT", "SPLIT") if cfg.get(name)]
+    return " ".join([f"ours {kernel} {tile} w{cfg['num_warps']} s{cfg['num_stages']}", *flags])
+
+
+def candidate_times(rec: Recorder, w: Workload, device: torch.device, dtype: torch.dtype, warmup: int,
+                    rep: int) -> None:
+    """``--candidates``: every launch candidate of our kernels on this workload, forced one at a time (the
+    tuner keeps only the fastest; these rows check each variant's prediction in benchmarks/NOTES.md). dkdv
+    and dq rows time the whole backward launcher (delta, dK/dV, dQ: the other kernel at the tuner's pick)."""
+    from vlr_kernels.attention.varlen_tiles import launch_candidates
+    from vlr_kernels.attention.varlen_triton import varlen_attention_bwd, varlen_attention_fwd
+    from vlr_kernels.attention.varlen_windows import window_candidates
+
+    q, k, v, dout = (x.detach() for x in inputs(w, device, dtype))
+    cu, m, scale = cu_seqlens(w.lens, device), max(w.lens), w.head_dim**-0.5
+    meta = [None if x is None else torch.tensor(x, dtype=torch.int32, device=device)
+            for x in (w.prefix, w.split)]
+    args = (cu, cu, m, m, w.causal, scale, *meta)
+    out, lse = varlen_attention_fwd(q, k, v, *args)
+    group = w.heads_q // w.heads_kv
+    for kernel in ("fwd", "dkdv", "dq"):
+        cands = launch_candidates(w.head_dim, m, m, kernel, shared=w.prefix is not None)
+        if w.prefix is None and kernel != "dq":
+            heads = w.heads_q if kernel == "fwd" else w.heads_kv
+            cands += window_candidates(w.head_dim, m, m, heads, group, kernel)
+        for cfg in cands:
+            name = _describe(kernel, cfg)
+            if kernel == "fwd":
+                fn = lambda cfg=cfg: varlen_attention_fwd(q, k, v, *args, configs={"fwd": cfg})
+            else:
+                fn = lambda cfg=cfg, kernel=kernel: varlen_attention_bwd(
+                    dout, q, k, v, out, lse, *args, configs={kernel: cfg})
+            try:
+                p50, p20, p80 = time_ms(fn, device, warmup, rep)
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot launch here is a skip
+                rec.skip(name, f"{w.name}: {type(exc).__name__}: {exc}".splitlines()[0][:200])
+                continue
+            rec.add(name, "fwd" if kernel == "fwd" else "bwd", "ms", w.name, p50, p20, p80)
+            print(f"[{w.name}] {name}: {p50:.3f} ms", flush=True)
+
+
 def _progress(rec: Recorder, workload: str) -> None:
     """This workload's rows and the targets so far, printed as soon as it is done (a run stopped by a time
     limit keeps what it measured)."""
@@ -307,6 +354,8 @@ def _progress(rec: Recorder, workload: str) -> None:
 def main(argv: list[str] | None = None) -> str:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--workloads", default="windows,full,llm,pairs", help="comma-separated subset")
+    p.add_argument("--candidates", action="store_true",
+                   help="also time every launch candidate of our kernels on its own (one row each)")
     args = p.parse_args(argv)
     device = bench_device()
     # bf16 is broken in the Triton interpreter: the CPU smoke run is fp32
@@ -323,14 +372,15 @@ def main(argv: list[str] | None = None) -> str:
             for name, factory in providers(w, device, args.providers).items():
                 if name != "flash_attn" or has_module("flash_attn"):
                     bench(rec, w, name, factory, device, dtype, warmup, rep)
-            _progress(rec, w.name)
-            continue
-        dup, rows = duplicated(w)
-        for name, factory in providers(w, device, args.providers).items():
-            bench(rec, w, name + "_shared", factory, device, dtype, warmup, rep, delivered_tokens=dup.tokens)
-        for name, factory in providers(dup, device, args.providers).items():
-            if name != "flash_attn" or has_module("flash_attn"):
-                bench(rec, dup, name + "_duplicated", factory, device, dtype, warmup, rep, rows, dup.tokens)
+        else:
+            dup, rows = duplicated(w)
+            for name, factory in providers(w, device, args.providers).items():
+                bench(rec, w, name + "_shared", factory, device, dtype, warmup, rep, delivered_tokens=dup.tokens)
+            for name, factory in providers(dup, device, args.providers).items():
+                if name != "flash_attn" or has_module("flash_attn"):
+                    bench(rec, dup, name + "_duplicated", factory, device, dtype, warmup, rep, rows, dup.tokens)
+        if args.candidates:
+            candidate_times(rec, w, device, dtype, warmup, rep)
         _progress(rec, w.name)
     print(summary(rec), flush=True)
     print(acceptance(rec), flush=True)

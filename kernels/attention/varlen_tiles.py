@@ -167,13 +167,16 @@ _TABLES = {
          "dkdv": (Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(64, 64, 8, 2)),
          "dq": (Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2))},
     128: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 8, 3), Tile(128, 32, 8, 3)),
-          # the nested head loop fits only 16-row q blocks; the flat loop fits 32x64 (188 regs), 32x128
-          # (241) and, without the shared-prompt mask, 64x64 (240)
-          "dkdv": (Tile(16, 64, 8, 2), Tile(16, 128, 8, 2), Tile(32, 32, 8, 2), Tile(32, 64, 8, 2, flat=True),
-                   Tile(32, 128, 8, 2, flat=True), Tile(64, 64, 8, 2, flat=True, shared=False),
-                   Tile(32, 128, 8, 2, flat=True, split=True),
-                   Tile(64, 64, 8, 2, flat=True, split=True, shared=False)),
-          "dq": (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2), Tile(128, 64, 8, 2))},
+          # The nested head loop fits only 16-row q blocks; the flat loop fits 32x64 (191 regs), 32x128
+          # (244) and, without the shared-prompt mask, 64x64 (249). 2 stages: the loop waits for all its
+          # copies at the top of each iteration (TTGIR async_wait num=0), so loads overlap only other
+          # programs' math; 3 keep the next block's loads in flight (more shared memory: fewer programs/SM).
+          "dkdv": (Tile(16, 64, 8, 2), Tile(16, 128, 8, 2), Tile(32, 32, 8, 2), Tile(32, 64, 8, 3, flat=True),
+                   Tile(32, 128, 8, 2, flat=True), Tile(32, 128, 8, 3, flat=True),
+                   Tile(64, 64, 8, 2, flat=True, shared=False), Tile(64, 64, 8, 3, flat=True, shared=False),
+                   Tile(32, 128, 8, 2, flat=True, split=True)),
+          "dq": (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2), Tile(128, 64, 8, 2),
+                 Tile(64, 64, 8, 3))},
     256: {"fwd": (Tile(64, 32, 8, 2),), "dkdv": (Tile(16, 32, 8, 2),), "dq": (Tile(32, 32, 8, 2),)},
 }
 

@@ -2,11 +2,12 @@
 windows), so a program needs no loop over key blocks and no online softmax.
 
 One program per (segment, group of q heads) runs a head loop whose body is straight-line code (load, two or
-five small dots, store); ``tl.range(..., num_stages=2)`` software-pipelines it, so the loads of head
-``h + 1`` are in flight while head ``h`` computes - the windows workload is memory-bound (~0.24 ms floor
-fwd+bwd on an H200) and the one-program-per-(window, head) kernels issue their loads, then wait, then
-compute. A program also finds its segment without the tile map (program ``i`` is segment ``i``: one tile
-per segment, empty ones exit) and amortises the segment lookup over its heads.
+five small dots, store); ``tl.range(..., num_stages=STAGES)`` software-pipelines it, so (at 3 stages, see
+:func:`window_candidates`) the loads of head ``h + 1`` are in flight while head ``h`` computes - the
+windows workload is memory-bound (~0.24 ms floor fwd+bwd on an H200) and the one-program-per-(window,
+head) kernels issue their loads, then wait, then compute. A program also finds its segment without the tile
+map (program ``i`` is segment ``i``: one tile per segment, empty ones exit) and amortises the segment lookup
+over its heads.
 
 The backward computes ``delta = rowsum(O * dO)`` in the same program (the general path runs a separate pass
 that reads O and dO once more) and writes dQ, dK and dV directly: a one-tile segment has one contributor to
@@ -46,7 +47,7 @@ def _window_fwd_kernel(
     Q, K, V, Out, LSE, cu_q, cu_k, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, total_q, qk_scale,
     GROUP: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, D0: tl.constexpr,
-    D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     seg = tl.program_id(0)
     h0 = tl.program_id(1) * HEADS
@@ -62,7 +63,7 @@ def _window_fwd_kernel(
     k_seg = K + k_start.to(tl.int64) * stride_kt
     v_seg = V + k_start.to(tl.int64) * stride_vt
     o_seg = Out + q_start.to(tl.int64) * stride_ot
-    for i in tl.range(0, HEADS, num_stages=2):
+    for i in tl.range(0, HEADS, num_stages=STAGES):
         h = h0 + i
         hk = h // GROUP
         q0, q1 = _load_head(q_seg + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
@@ -93,7 +94,7 @@ def _window_bwd_kernel(
     stride_vh, stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
     stride_dvt, stride_dvh, total_q, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     seg = tl.program_id(0)
     hk0 = tl.program_id(1) * HEADS
@@ -107,7 +108,7 @@ def _window_bwd_kernel(
     ok = allowed(offs[:, None], offs[None, :], len_k, len_k - len_q, 0, 0, CAUSAL, False)
     q_off = q_start.to(tl.int64)
     k_off = k_start.to(tl.int64)
-    for i in tl.range(0, HEADS, num_stages=2):
+    for i in tl.range(0, HEADS, num_stages=STAGES):
         hk = hk0 + i
         k0, k1 = _load_head(K + k_off * stride_kt + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
         v0, v1 = _load_head(V + k_off * stride_vt + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
@@ -117,7 +118,8 @@ def _window_bwd_kernel(
         dv1 = tl.zeros((BLOCK, D1 if D1 > 0 else 16), tl.float32)
         for g in tl.static_range(GROUP):
             h = hk * GROUP + g
-            q0, q1 = _load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
+            q0, q1 = _load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1,
+                                HEAD_DIM)
             do0, do1 = _load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
                                   HEAD_DIM)
             o0, o1 = _load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
@@ -134,8 +136,8 @@ def _window_bwd_kernel(
             dv0 = tl.dot(pt, do0, dv0, input_precision=PREC)
             dk0 = tl.dot(dst, q0, dk0, input_precision=PREC)
             dq_base = DQ + q_off * stride_dqt + h * stride_dqh
-            store_rows(dq_base, offs, row_ok, stride_dqt, tl.dot(ds, k0, input_precision=PREC) * sm_scale, 0, D0,
-                       HEAD_DIM)
+            store_rows(dq_base, offs, row_ok, stride_dqt, tl.dot(ds, k0, input_precision=PREC) * sm_scale, 0,
+                       D0, HEAD_DIM)
             if D1 > 0:
                 dv1 = tl.dot(pt, do1, dv1, input_precision=PREC)
                 dk1 = tl.dot(dst, q1, dk1, input_precision=PREC)
@@ -154,11 +156,15 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
                       kernel: str) -> list[dict[str, int]]:
     """One-tile configurations (``WINDOW`` marks them for the launchers) for ``fwd`` or ``dkdv`` when every
     segment fits a 64-row tile and ``head_dim <= 96`` (the vision tower's class, which the sm_90 compile test
-    covers), else none: ``heads`` (q heads for ``fwd``, kv heads for ``dkdv``) per program 2 or 4 where they
-    divide, with a 2-stage pipelined head loop. The backward needs 8 warps (4 spill) and ``group == 1``
-    (its unrolled GQA loop does not fit shared memory at group 7)."""
+    covers), else none. ``HEADS`` (q heads for ``fwd``, kv heads for ``dkdv``) per program where they divide
+    ``heads``; ``STAGES`` of the head loop's pipeline. With triton 3.9 at sm_90 a 2-stage loop waits for ALL
+    its copies at the top of each iteration (``async_wait num=0`` in the TTGIR): no load overlaps the math of
+    the same program, only other programs' (fwd: 68 KB of shared memory, 3 programs per SM); 3 stages keep
+    the next head's loads in flight (fwd 100 KB: 2 per SM; bwd 158 KB: 1). The backward needs 8 warps (4
+    spill) and ``group == 1`` (its unrolled GQA loop does not fit shared memory at group 7)."""
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
     block = max(16, triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
-    return [{"WINDOW": 1, "BLOCK": block, "HEADS": n, "num_warps": 4 if kernel == "fwd" else 8,
-             "num_stages": 2} for n in (2, 4) if heads % n == 0]
+    warps = 4 if kernel == "fwd" else 8
+    return [{"WINDOW": 1, "BLOCK": block, "HEADS": n, "STAGES": stages, "num_warps": warps, "num_stages": 2}
+            for n, stages in ((4, 2), (2, 3)) if heads % n == 0]

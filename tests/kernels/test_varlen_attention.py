@@ -267,27 +267,28 @@ def test_triton_dkdv_variants(split):
     check_triton(windows, windows, 4, 2, 80, False, configs={"dkdv": dkdv_config(32, 64, True, split)})
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_triton_one_tile_window_kernels(causal):
-    """The one-tile kernels (a program per segment and 2 heads, pipelined head loop; in-kernel delta; dQ, dK, dV
-    written directly): windows of 0..64 rows at hd 80, end-aligned causal rows without keys, GQA forward with
-    the general backward, fp16."""
+@pytest.mark.parametrize("which", [0, 1], ids=["4heads-2stages", "2heads-3stages"])
+def test_triton_one_tile_window_kernels(which):
+    """The one-tile kernels (a program per segment and 2 or 4 heads, pipelined head loop; in-kernel delta; dQ,
+    dK, dV written directly): windows of 0..64 rows at hd 80, end-aligned causal rows without keys, fp16, GQA
+    forward with the general backward."""
     from vlr_kernels.attention.varlen_windows import window_candidates
 
-    fwd = window_candidates(80, 64, 64, 4, 1, "fwd")[0]
-    bwd = window_candidates(80, 64, 64, 4, 1, "dkdv")[0]
-    assert fwd["HEADS"] == bwd["HEADS"] == 2 and fwd["BLOCK"] == 64
+    fwd = window_candidates(80, 64, 64, 4, 1, "fwd")[which]
+    bwd = window_candidates(80, 64, 64, 4, 1, "dkdv")[which]
+    assert fwd["BLOCK"] == 64 and (fwd["HEADS"], fwd["STAGES"]) == (bwd["HEADS"], bwd["STAGES"])
     windows = [1, 7, 64, 0, 20, 33]
-    check_triton(windows, windows, 4, 4, 80, causal, configs={"fwd": fwd, "dkdv": bwd})
+    check_triton(windows, windows, 4, 4, 80, which == 1, configs={"fwd": fwd, "dkdv": bwd})
     small = {"fwd": {**fwd, "BLOCK": 16}, "dkdv": {**bwd, "BLOCK": 16}}
-    check_triton([3, 9, 5], [7, 4, 0], 2, 2, 16, causal, dtype=torch.float16, configs=small)
-    check_triton([3, 9, 5], [7, 4, 0], 4, 2, 16, causal, configs={"fwd": small["fwd"]})
+    check_triton([3, 9, 5], [7, 4, 0], 4, 4, 16, True, dtype=torch.float16, configs=small)
+    check_triton([3, 9, 5], [7, 4, 0], 8, 2, 16, which != 1, configs={"fwd": small["fwd"]})
 
 
 def test_window_candidates_only_for_one_tile_segments():
     from vlr_kernels.attention.varlen_windows import window_candidates
 
-    assert [c["HEADS"] for c in window_candidates(80, 64, 64, 16, 1, "fwd")] == [2, 4]
+    cands = window_candidates(80, 64, 64, 16, 1, "fwd")
+    assert [(c["HEADS"], c["STAGES"]) for c in cands] == [(4, 2), (2, 3)]
     assert window_candidates(80, 65, 64, 16, 1, "fwd") == []  # a segment needs two tiles
     assert window_candidates(128, 64, 64, 28, 7, "fwd") == []  # head_dim class not compile-checked
     assert window_candidates(80, 64, 64, 8, 2, "dkdv") == []  # GQA backward: the general kernels
