@@ -375,10 +375,12 @@ def main(argv: list[str] | None = None) -> str:
         else:
             dup, rows = duplicated(w)
             for name, factory in providers(w, device, args.providers).items():
-                bench(rec, w, name + "_shared", factory, device, dtype, warmup, rep, delivered_tokens=dup.tokens)
+                bench(rec, w, name + "_shared", factory, device, dtype, warmup, rep,
+                      delivered_tokens=dup.tokens)
             for name, factory in providers(dup, device, args.providers).items():
                 if name != "flash_attn" or has_module("flash_attn"):
-                    bench(rec, dup, name + "_duplicated", factory, device, dtype, warmup, rep, rows, dup.tokens)
+                    bench(rec, dup, name + "_duplicated", factory, device, dtype, warmup, rep, rows,
+                          dup.tokens)
         if args.candidates:
             candidate_times(rec, w, device, dtype, warmup, rep)
         _progress(rec, w.name)

@@ -231,8 +231,8 @@ def _dkdv_flat(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ, LSE, DELTA, q_star
             dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + q_off * stride_qt + hq * stride_qh,
             DO + q_off * stride_dot + hq * stride_doh, DQ + q_off * stride_dqt + hq * stride_dqh,
             LSE + hq.to(tl.int64) * total_q + q_start, DELTA + hq.to(tl.int64) * total_q + q_start, stride_qt,
-            stride_dot, stride_dqt, offs_n, lo + (it - g * n_blk) * BLOCK_M, len_q, len_k, diff, prefix, split,
-            sm_scale, qk_scale, MASK, CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
+            stride_dot, stride_dqt, offs_n, lo + (it - g * n_blk) * BLOCK_M, len_q, len_k, diff, prefix,
+            split, sm_scale, qk_scale, MASK, CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
     return dk0, dk1, dv0, dv1
 
 
@@ -303,20 +303,20 @@ def _varlen_attn_dkdv_kernel(
                 delta_ptr = DELTA + hq.to(tl.int64) * total_q + q_start
                 dq_base = DQ + q_start.to(tl.int64) * stride_dqt + hq * stride_dqh
                 dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
-                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
-                                                  offs_n, lo, full_lo, len_q, len_k, diff, prefix, split,
-                                                  qk_scale, sm_scale, True, CAUSAL, SHARED, FUSE_DQ, BLOCK_M,
-                                                  D0, D1, HEAD_DIM, PREC)
+                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                  stride_dqt, offs_n, lo, full_lo, len_q, len_k, diff, prefix,
+                                                  split, qk_scale, sm_scale, True, CAUSAL, SHARED, FUSE_DQ,
+                                                  BLOCK_M, D0, D1, HEAD_DIM, PREC)
                 dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
-                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
-                                                  offs_n, full_lo, full_hi, len_q, len_k, diff, prefix, split,
-                                                  qk_scale, sm_scale, False, CAUSAL, SHARED, FUSE_DQ, BLOCK_M,
-                                                  D0, D1, HEAD_DIM, PREC)
+                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                  stride_dqt, offs_n, full_lo, full_hi, len_q, len_k, diff,
+                                                  prefix, split, qk_scale, sm_scale, False, CAUSAL, SHARED,
+                                                  FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
                 dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
-                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
-                                                  offs_n, full_hi, hi, len_q, len_k, diff, prefix, split,
-                                                  qk_scale, sm_scale, True, CAUSAL, SHARED, FUSE_DQ, BLOCK_M,
-                                                  D0, D1, HEAD_DIM, PREC)
+                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                  stride_dqt, offs_n, full_hi, hi, len_q, len_k, diff, prefix,
+                                                  split, qk_scale, sm_scale, True, CAUSAL, SHARED, FUSE_DQ,
+                                                  BLOCK_M, D0, D1, HEAD_DIM, PREC)
         dk_base = DK + k_start.to(tl.int64) * stride_dkt + out_h * stride_dkh
         dv_base = DV + k_start.to(tl.int64) * stride_dvt + out_h * stride_dvh
         store_rows(dk_base, offs_n, col_ok, stride_dkt, dk0 * sm_scale, 0, D0, HEAD_DIM)
@@ -570,10 +570,10 @@ def varlen_attention_bwd(
         dk_out, dv_out = (dk, dv) if heads == group else (
             torch.empty((tk, hq, d), device=q.device, dtype=torch.float32) for _ in range(2))
         _varlen_attn_dkdv_kernel[(n_tiles, hq // heads)](
-            q, k, v, dout, lse, delta, dk_out, dv_out, dq, *seg_meta, *tile_schedule(cu_seqlens_k, bn, n_tiles),
-            *pair_meta, *common_strides, dk_out.stride(0), dk_out.stride(1), dv_out.stride(0), dv_out.stride(1),
-            dq.stride(0), dq.stride(1), n_seg, tq, softmax_scale * LOG2E.value, softmax_scale,
-            HEADS=heads, FUSE_DQ=fuses_dq(cfg), **meta, **cfg,
+            q, k, v, dout, lse, delta, dk_out, dv_out, dq, *seg_meta,
+            *tile_schedule(cu_seqlens_k, bn, n_tiles), *pair_meta, *common_strides, dk_out.stride(0),
+            dk_out.stride(1), dv_out.stride(0), dv_out.stride(1), dq.stride(0), dq.stride(1), n_seg, tq,
+            softmax_scale * LOG2E.value, softmax_scale, HEADS=heads, FUSE_DQ=fuses_dq(cfg), **meta, **cfg,
         )
         if heads != group:
             dk.copy_(dk_out.view(tk, hkv, group, d).sum(2))

@@ -66,8 +66,8 @@ for hd, seq, group, mask, label in ((80, 8100, 1, False, "hd80"), (128, 4096, 7,
         flat = "_flat" if cfg["FLAT"] else ""
         heads = 1 if cfg["SPLIT"] else group
         consts = {k: v for k, v in cfg.items() if k != "SPLIT"}
-        variant(f"dkdv_{label}_{i}{flat}", vt._varlen_attn_dkdv_kernel, hd, consts, mask, mask and cfg in shared_ok,
-                GROUP=group, HEADS=heads, FUSE_DQ=False)
+        variant(f"dkdv_{label}_{i}{flat}", vt._varlen_attn_dkdv_kernel, hd, consts, mask,
+                mask and cfg in shared_ok, GROUP=group, HEADS=heads, FUSE_DQ=False)
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dq")):
         variant(f"dq_{label}_{i}", vt._varlen_attn_dq_kernel, hd, cfg, mask, mask, GROUP=group)
 for i, cfg in enumerate(vt.launch_candidates(80, 64, 64, "dkdv")):
