@@ -204,9 +204,3 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
             out.append(cfg)
     return out
 
-
-def launch_configs(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, block_m: int | None = None,
-                   block_n: int | None = None) -> dict[str, dict[str, int]]:
-    """The default configuration of each kernel (``fwd``, ``dkdv``, ``dq``), see :func:`launch_candidates`."""
-    return {name: launch_candidates(head_dim, max_seqlen_q, max_seqlen_k, name, block_m, block_n)[0]
-            for name in ("fwd", "dkdv", "dq")}

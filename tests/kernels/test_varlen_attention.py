@@ -279,6 +279,7 @@ def test_triton_one_tile_window_kernels(which):
     assert fwd["BLOCK"] == 64 and (fwd["HEADS"], fwd["STAGES"]) == (bwd["HEADS"], bwd["STAGES"])
     windows = [1, 7, 64, 0, 20, 33]
     check_triton(windows, windows, 4, 4, 80, which == 1, configs={"fwd": fwd, "dkdv": bwd})
+    check_triton([5, 64, 17], [5, 64, 17], 4, 4, 96, which == 0, configs={"fwd": fwd, "dkdv": bwd})  # 64 + 32
     small = {"fwd": {**fwd, "BLOCK": 16}, "dkdv": {**bwd, "BLOCK": 16}}
     check_triton([3, 9, 5], [7, 4, 0], 4, 4, 16, True, dtype=torch.float16, configs=small)
     check_triton([3, 9, 5], [7, 4, 0], 8, 2, 16, which != 1, configs={"fwd": small["fwd"]})
