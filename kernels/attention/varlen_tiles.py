@@ -203,4 +203,3 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
         if cfg not in out:
             out.append(cfg)
     return out
-
