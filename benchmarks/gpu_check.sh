@@ -52,12 +52,12 @@ m.__version__)" || status=1
 has build && run_stage build "${LIMIT_BUILD:-60}" env MAX_JOBS=16 "$PY" -m pip install -v --no-index \
   --no-build-isolation --no-deps -e .
 # shellcheck disable=SC2086  # TESTS and the *_ARGS variables are word lists
-has tests && run_stage tests "${LIMIT_TESTS:-110}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu ${TESTS:-tests} -p no:cacheprovider \
+has tests && run_stage tests "${LIMIT_TESTS:-100}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu ${TESTS:-tests} -p no:cacheprovider \
   -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20
 has train && run_stage train "${LIMIT_TRAIN:-130}" "$PY" benchmarks/bench_train.py \
   ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain} "$@"
-has attention && run_stage attention "${LIMIT_ATTENTION:-170}" "$PY" benchmarks/bench_attention.py ${ATTN_ARGS:-} "$@"
-has kernels && run_stage kernels "${LIMIT_KERNELS:-100}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-40}" \
+has attention && run_stage attention "${LIMIT_ATTENTION:-190}" "$PY" benchmarks/bench_attention.py ${ATTN_ARGS:-} "$@"
+has kernels && run_stage kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-40}" \
   --only "${KERNELS:-bench_reward_loss.py,bench_rmsnorm.py,bench_rotary.py,bench_adamw.py,bench_swiglu.py}" \
   ${KERNEL_ARGS:-} "$@"
 has model && run_stage model "${LIMIT_MODEL:-180}" "$PY" benchmarks/bench_model.py ${MODEL_ARGS:-} "$@"
