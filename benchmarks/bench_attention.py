@@ -353,7 +353,8 @@ def _progress(rec: Recorder, workload: str) -> None:
 
 def main(argv: list[str] | None = None) -> str:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--workloads", default="windows,full,llm,pairs", help="comma-separated subset")
+    p.add_argument("--workloads", default="windows,full,llm,pairs",
+                   help="comma-separated subset, run in this order")
     p.add_argument("--candidates", action="store_true",
                    help="also time every launch candidate of our kernels on its own (one row each)")
     args = p.parse_args(argv)
@@ -364,9 +365,11 @@ def main(argv: list[str] | None = None) -> str:
     rec = Recorder("varlen_attention", device, args.csv)
     if not has_module("flash_attn"):
         rec.skip("flash_attn", "package not installed")
-    for w in workloads(args.quick):
-        if w.name not in args.workloads.split(","):
-            continue
+    by_name = {w.name: w for w in workloads(args.quick)}
+    chosen = args.workloads.split(",")
+    if set(chosen) - set(by_name):
+        p.error(f"unknown workload(s) {sorted(set(chosen) - set(by_name))}; choose from {list(by_name)}")
+    for w in (by_name[name] for name in chosen):
         print(f"=== {w.name}: {w.tokens} tokens, {len(w.lens)} segments, max {max(w.lens)}", flush=True)
         if w.prefix is None:
             for name, factory in providers(w, device, args.providers).items():

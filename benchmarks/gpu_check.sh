@@ -11,7 +11,8 @@
 #              TESTS="path::name ..." narrows them (default: all of tests/)
 #   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
 #              (default providers hf_sdpa, ours, ours_plain; TRAIN_ARGS="" adds ours_megatron)
-#   attention  bench_attention.py: the four varlen-attention workloads, every provider
+#   attention  bench_attention.py: the four varlen-attention workloads, every provider (the open targets first:
+#              windows, llm, pairs, then full)
 #   kernels    run_all.py for the other kernel benchmarks; KERNELS="bench_a.py,bench_b.py" narrows them
 #   model      bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower (not in the
 #              default STAGES)
@@ -56,7 +57,8 @@ has tests && run_stage tests "${LIMIT_TESTS:-100}" env VLR_TUNE="${VLR_TUNE:-0}"
   -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20
 has train && run_stage train "${LIMIT_TRAIN:-130}" "$PY" benchmarks/bench_train.py \
   ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain} "$@"
-has attention && run_stage attention "${LIMIT_ATTENTION:-190}" "$PY" benchmarks/bench_attention.py ${ATTN_ARGS:-} "$@"
+has attention && run_stage attention "${LIMIT_ATTENTION:-190}" "$PY" benchmarks/bench_attention.py \
+  ${ATTN_ARGS---workloads windows,llm,pairs,full} "$@"
 has kernels && run_stage kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-40}" \
   --only "${KERNELS:-bench_reward_loss.py,bench_rmsnorm.py,bench_rotary.py,bench_adamw.py,bench_swiglu.py}" \
   ${KERNEL_ARGS:-} "$@"
