@@ -6,20 +6,32 @@ events, median of a few launches on the caller's own tensors; ``launch(config)``
 fully overwrites) and remembers the fastest for the process. On the CPU (Triton interpreter), during
 CUDA-graph capture or with ``VLR_TUNE=0`` the first candidate - the documented default - is used without
 timing. ``choices()`` lists what was picked, for benchmark notes.
+
+``save_choices(path)`` / ``load_choices(path)`` persist the picks (JSON, keyed by ``repr(key)``, tagged with the
+device name): a process that loads them launches exactly the configurations of the one that saved them, without
+timing anything. The trainer keeps one file per rank in its run directory, so a resumed run computes with the same
+kernels - timing noise could otherwise pick another, equally correct configuration that rounds differently.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
 C = TypeVar("C")
 _PICKED: dict[Hashable, object] = {}
+_LOADED: dict[str, object] = {}  # repr(key) -> JSON form of the config, from load_choices
+
+
+def _as_json(config: object) -> object:
+    return json.loads(json.dumps(config))
 
 
 def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], device: torch.device,
@@ -28,6 +40,13 @@ def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], de
     here."""
     if key in _PICKED:
         return _PICKED[key]  # type: ignore[return-value]
+    saved = _LOADED.get(repr(key))
+    if saved is not None:
+        # a loaded pick that is no longer a candidate (the tables changed since) is tuned again
+        match = next((c for c in candidates if _as_json(c) == saved), None)
+        if match is not None:
+            _PICKED[key] = match
+            return match
     if (len(candidates) == 1 or device.type != "cuda" or os.environ.get("VLR_TUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
@@ -58,3 +77,35 @@ def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], de
 def choices() -> dict[Hashable, object]:
     """Every tuned ``key -> config`` of this process."""
     return dict(_PICKED)
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def save_choices(path: str | Path) -> None:
+    """Write every pick of this process (and the loaded ones not used yet) to ``path`` (JSON, replaced
+    atomically; the parent directory is created)."""
+    path = Path(path)
+    picks = {**_LOADED, **{repr(k): _as_json(v) for k, v in _PICKED.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"device": _device_name(), "choices": picks}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_choices(path: str | Path) -> int:
+    """Use the picks saved in ``path`` for the keys this process has not tuned yet; returns how many were loaded.
+    A file written on another device type is ignored (0): the best configuration depends on the card. Raises
+    ValueError for a file that is not a saved set of choices."""
+    try:
+        data = json.loads(Path(path).read_text())
+        device, picks = data["device"], data["choices"]
+        if not isinstance(device, str) or not isinstance(picks, dict):
+            raise TypeError("wrong field types")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a launch-tuner choices file ({exc})") from exc
+    if device != _device_name():
+        return 0
+    _LOADED.update(picks)
+    return len(picks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from vlr_kernels import _tune
@@ -31,3 +33,38 @@ def test_gpu_picks_the_fastest_and_skips_failures(monkeypatch):
     assert _tune.choices() == {("k", 1): "fast"}
     with pytest.raises(RuntimeError, match="no launch configuration"):
         _tune.pick(("k", 2), ["broken"] * 2, launch, dev)
+
+
+def test_saved_choices_are_launched_again_without_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(_tune, "_LOADED", {})
+    key = ("rms_norm_bwd", 3584, torch.bfloat16, True, torch.device("cuda", 0))
+    cands = [(16, 4, False), (32, 2, True), {"BLOCK_M": 32, "FLAT": True}]
+    monkeypatch.setattr(_tune, "_PICKED", {key: cands[1], ("attn", 128): cands[2]})
+    path = tmp_path / "tuning" / "rank00000.json"
+    _tune.save_choices(path)
+    monkeypatch.setattr(_tune, "_PICKED", {})
+    assert _tune.load_choices(path) == 2
+    calls = []
+    # a saved pick wins over the default even where nothing is timed (here: the CPU), and nothing is launched
+    assert _tune.pick(key, cands[:2], calls.append, torch.device("cpu")) == (32, 2, True)
+    assert _tune.pick(("attn", 128), cands, calls.append, torch.device("cpu")) == {"BLOCK_M": 32, "FLAT": True}
+    # a saved pick that is no longer a candidate is not forced: the usual rule applies (the default here)
+    assert _tune.pick(("attn", 128, "other"), cands, calls.append, torch.device("cpu")) == cands[0]
+    monkeypatch.setattr(_tune, "_LOADED", {"('attn', 64)": [1, 2, 3]})
+    assert _tune.pick(("attn", 64), cands, calls.append, torch.device("cpu")) == cands[0]
+    assert calls == []
+    # picks loaded but not used yet are kept by the next save
+    _tune.save_choices(path)
+    assert "('attn', 64)" in json.loads(path.read_text())["choices"]
+
+
+def test_choices_of_another_device_or_a_bad_file_are_not_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(_tune, "_LOADED", {})
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "choices": {"('k', 1)": [32, 2, True]}}))
+    monkeypatch.setattr(_tune, "_device_name", lambda: "NVIDIA H200")
+    assert _tune.load_choices(path) == 0 and _tune._LOADED == {}
+    for text in ("not json", json.dumps({"choices": {}}), json.dumps({"device": "x", "choices": []})):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="not a launch-tuner choices file"):
+            _tune.load_choices(path)

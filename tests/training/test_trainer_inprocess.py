@@ -213,3 +213,34 @@ def test_distributed_optimizer_checkpoint_without_full_tensors(tmp_path, single_
     teardown()
     with pytest.raises(ConfigError, match=r"written with checkpoint.full_tensors false and resumes only on its own"):
         _trainer(tmp_path, *run, *common, "--parallel.distributed_optimizer", "false")
+
+
+def test_launch_tuner_choices_are_kept_for_a_resumed_run(tmp_path, single_process, monkeypatch):
+    """What the tuner picked during a step is saved per rank in the run directory and loaded by the next trainer on
+    it, so a resumed run launches the same kernel configurations (on the CPU nothing is tuned: the pick is faked)."""
+    from vlr_kernels import _tune
+
+    from vlr_runtime.parallel import teardown
+    from vlr_runtime.training.trainer import Trainer
+
+    monkeypatch.setattr(_tune, "_PICKED", {})
+    monkeypatch.setattr(_tune, "_LOADED", {})
+    real_step = Trainer._train_step
+
+    def step_that_tunes(self):
+        _tune._PICKED[("some_kernel", 3584)] = {"BLOCK": 64, "num_warps": 8}
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", step_that_tunes)
+    common = ("--run.dir", str(tmp_path / "run"), "--train.max_steps", "1", "--checkpoint.export", "false")
+    _trainer(tmp_path, *common).train()
+    teardown()
+    saved = tmp_path / "run" / "tuning" / "rank00000.json"
+    assert json.loads(saved.read_text())["choices"] == {"('some_kernel', 3584)": {"BLOCK": 64, "num_warps": 8}}
+
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    monkeypatch.setattr(_tune, "_PICKED", {})
+    _trainer(tmp_path, *common)
+    teardown()
+    cands = [{"BLOCK": 32, "num_warps": 4}, {"BLOCK": 64, "num_warps": 8}]
+    assert _tune.pick(("some_kernel", 3584), cands, lambda c: None, torch.device("cpu")) == cands[1]

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from safetensors.torch import load_file
+from vlr_kernels import _tune
 
 from vlr_runtime.checkpoint.hf import VALUE_HEAD_FILE, export_hf_checkpoint, load_hf_checkpoint
 from vlr_runtime.checkpoint.manager import (
@@ -192,6 +193,12 @@ class Trainer:
         self.eval_sets = [load_eval_set(name, files, self.preprocessor, max(1, cfg.train.pairs_per_step // ctx.dp))
                           for name, files in sources.evals.items()]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints")
+        # this rank's launch-tuner picks: reloaded on a restart so the resumed run launches the same kernels
+        self.tuning_file = self.run_dir / "tuning" / f"rank{ctx.rank:05d}.json"
+        self._tuned = 0
+        if self.tuning_file.exists():
+            log.info("launch-tuner choices: %d loaded from %s", _tune.load_choices(self.tuning_file),
+                     self.tuning_file)
         self.step = 0
         self._resume()
         self._batches = iter(self.loader)  # a generator: it reads the (resumed) loader position at its first step
@@ -531,6 +538,9 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 self.metrics.write(self._train_step())
+                if len(_tune.choices()) > self._tuned:  # new shapes were tuned during this step
+                    _tune.save_choices(self.tuning_file)
+                    self._tuned = len(_tune.choices())
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 \
                         and self.step < self.total_steps:
                     self._log_eval()
