@@ -7,6 +7,8 @@ Backward stores only ``s`` and the per-row ``rstd`` (fp32, 4 bytes a row).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from vlr_kernels._backend import resolve_backend
 from vlr_kernels._triton_compat import tl, triton, triton_jit
@@ -50,12 +52,29 @@ def _rms_norm_fwd_kernel(
 
 
 @triton_jit
+def _rms_norm_bwd_row(dy_raw, s_raw, rstd, w, ds_ptr, dx_ptr, offs, mask, n_cols, HAS_DS: tl.constexpr):
+    # one row's dx, stored; returns its dweight term dy * xhat. The row sum takes s, not xhat = s * rstd, so
+    # it does not wait for the rstd load: sum(dy * w * xhat) = rstd * sum(dy * w * s)
+    dy = dy_raw.to(tl.float32)
+    s = s_raw.to(tl.float32)
+    dyw = dy * w
+    c = tl.sum(dyw * s, axis=0) * (rstd * rstd * rstd / n_cols)
+    dx = rstd * dyw - c * s
+    if HAS_DS:
+        dx += tl.load(ds_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    return dy * (s * rstd)
+
+
+@triton_jit
 def _rms_norm_bwd_kernel(
     dy_ptr, ds_ptr, s_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, n_cols,
-    HAS_DS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DS: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # one program per contiguous slice of rows, its dweight partial kept in registers; with PREFETCH the next
-    # row's dy and s are loaded before this row's reduction, so two rows' loads are in flight per program
+    # one program per contiguous slice of rows, its dweight partial kept in registers. Rows in flight per
+    # program: PREFETCH loads the next row's dy, s and rstd into registers before this row's math; STAGES > 1
+    # lets the compiler's pipeliner copy the next STAGES - 1 rows into shared memory asynchronously (cp.async on
+    # sm_80+, no registers held), so a program waits on one row's latency per STAGES - 1 rows
     pid = tl.program_id(0)
     rows_per_program = tl.cdiv(n_rows, tl.num_programs(0))
     cols = tl.arange(0, BLOCK_N)
@@ -64,41 +83,57 @@ def _rms_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    row_off = row_start.to(tl.int64) * n_cols  # scalar 64-bit row offset (T*H may exceed 2**31), 32-bit cols
-    zero = cols * 0  # row tests broadcast to a vector: a scalar bool in a mask is rejected by the interpreter
-    first = mask & (zero + row_start < row_end)
-    dy_next = tl.load(dy_ptr + row_off + cols, mask=first, other=0.0)
-    s_next = tl.load(s_ptr + row_off + cols, mask=first, other=0.0)
-    for row in range(row_start, row_end):
-        if PREFETCH:
-            dy_raw, s_raw = dy_next, s_next
+    if PREFETCH:
+        row_off = row_start.to(tl.int64) * n_cols  # scalar 64-bit row offset (T*H may exceed 2**31), 32-bit cols
+        zero = cols * 0  # row tests broadcast to a vector: a scalar bool in a mask is rejected by the interpreter
+        first = mask & (zero + row_start < row_end)
+        dy_next = tl.load(dy_ptr + row_off + cols, mask=first, other=0.0)
+        s_next = tl.load(s_ptr + row_off + cols, mask=first, other=0.0)
+        rstd_next = tl.load(rstd_ptr + tl.minimum(row_start, n_rows - 1))
+        for row in range(row_start, row_end):
+            dy_raw, s_raw, rstd = dy_next, s_next, rstd_next
             more = mask & (zero + row + 1 < row_end)
             dy_next = tl.load(dy_ptr + row_off + n_cols + cols, mask=more, other=0.0)
             s_next = tl.load(s_ptr + row_off + n_cols + cols, mask=more, other=0.0)
-        else:
-            dy_raw = tl.load(dy_ptr + row_off + cols, mask=mask, other=0.0)
-            s_raw = tl.load(s_ptr + row_off + cols, mask=mask, other=0.0)
-        dy = dy_raw.to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = s_raw.to(tl.float32) * rstd
-        dyw = dy * w
-        dx = rstd * (dyw - xhat * (tl.sum(dyw * xhat, axis=0) / n_cols))
-        if HAS_DS:
-            dx += tl.load(ds_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row_off + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat
-        row_off += n_cols
+            rstd_next = tl.load(rstd_ptr + tl.minimum(row + 1, n_rows - 1))
+            dw_acc += _rms_norm_bwd_row(dy_raw, s_raw, rstd, w, ds_ptr, dx_ptr, row_off + cols, mask, n_cols,
+                                        HAS_DS)
+            row_off += n_cols
+    else:
+        for row in tl.range(row_start, row_end, num_stages=STAGES):
+            offs = tl.cast(row, tl.int64) * n_cols + cols
+            dy_raw = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+            s_raw = tl.load(s_ptr + offs, mask=mask, other=0.0)
+            rstd = tl.load(rstd_ptr + row)
+            dw_acc += _rms_norm_bwd_row(dy_raw, s_raw, rstd, w, ds_ptr, dx_ptr, offs, mask, n_cols, HAS_DS)
     tl.store(dw_part_ptr + pid * n_cols + cols, dw_acc, mask=mask)
 
 
-# Backward launch shapes (num_warps, programs per SM, prefetch), the first the default: a register-heavy row
-# (BLOCK_N = 4096 at 16 warps uses 128 registers a thread, one resident program per SM) is latency-bound, so the
-# candidates trade warps per row against rows in flight; the fastest is picked once per shape on the device.
-_BWD_CONFIGS = ((16, 4, False), (32, 1, True), (32, 2, True), (32, 1, False), (32, 4, False))
+# Backward launch shapes (num_warps, programs per SM, prefetch, stages), the first the default. One row in flight
+# per program is latency-bound: sm_90 at N=3584 (BLOCK_N 4096) fits 2 programs of 16 warps per SM (~64
+# registers), so the default keeps at most 2 rows in flight per SM and none while it computes. The candidates
+# raise that: register prefetch at 32 warps (1 program per SM), or 3-4 stage shared-memory pipelines at 16 or 8
+# warps x 2 programs per SM (2-3 rows ahead per program; the grid matches what is resident, so no second wave).
+# The fastest is picked once per shape on the device.
+_BWD_CONFIGS = (
+    (16, 4, False, 1), (32, 1, True, 1), (32, 2, True, 1), (32, 1, False, 1), (32, 4, False, 1),
+    (16, 2, False, 3), (16, 2, False, 4), (8, 2, False, 4),
+)
 
 
 def _num_warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
+
+
+@functools.cache
+def _block_n(n: int) -> int:
+    # cached: triton.next_power_of_2 is a constexpr_function, microseconds of host time per call
+    return triton.next_power_of_2(n)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def rms_norm_fwd(
@@ -110,7 +145,7 @@ def rms_norm_fwd(
     y = torch.empty((m, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     s = x if residual is None else torch.empty_like(x)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_n = triton.next_power_of_2(n)
+    block_n = _block_n(n)
     _rms_norm_fwd_kernel[(m,)](
         x, residual if residual is not None else x, weight, y, s, rstd, n, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
@@ -125,19 +160,20 @@ def rms_norm_bwd(
     Returns ``(dx [M, N] in s's dtype, dweight [N] in weight's dtype)``."""
     m, n = s.shape
     dx = torch.empty_like(s)
-    block_n = triton.next_power_of_2(n)
-    sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 1
+    block_n = _block_n(n)
+    sms = _sm_count(s.device.index) if s.is_cuda else 1
     partials: list[torch.Tensor] = []
 
-    def launch(cfg: tuple[int, int, bool]) -> None:
+    def launch(cfg: tuple[int, int, bool, int]) -> None:
         # dweight partials sized to this launch's grid: every row is written (a program without rows writes
         # zeros), so no stale row of an earlier launch with a larger grid can enter the sum
-        warps, per_sm, prefetch = cfg
+        warps, per_sm, prefetch, stages = cfg
         programs = min(m, per_sm * sms) if s.is_cuda else min(m, 4)
         dw_part = torch.empty((programs, n), dtype=torch.float32, device=s.device)
         _rms_norm_bwd_kernel[(programs,)](
             dy, ds if ds is not None else dy, s, weight, rstd, dx, dw_part, m, n,
-            HAS_DS=ds is not None, PREFETCH=prefetch, BLOCK_N=block_n, num_warps=min(warps, _num_warps(block_n) * 2),
+            HAS_DS=ds is not None, PREFETCH=prefetch, STAGES=stages, BLOCK_N=block_n,
+            num_warps=min(warps, _num_warps(block_n) * 2),
         )
         partials[:] = [dw_part]
 

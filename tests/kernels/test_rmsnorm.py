@@ -45,19 +45,24 @@ def test_triton_matches_float64_reference(shape, dtype, residual):
         assert_close64(r.grad, r64.grad, dtype, "dresidual")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("config", rmsnorm_module._BWD_CONFIGS, ids=str)
 @pytest.mark.parametrize("shape", [(7, 83), (3, 200), (9, 1)], ids=str)
-def test_every_backward_launch_config_matches_reference(monkeypatch, shape, config):
-    """Each candidate the launch tuner may pick (warps, programs per SM, prefetch) computes the same gradients:
-    rows split unevenly over programs, programs left without rows, the prefetch of a missing next row."""
+def test_every_backward_launch_config_matches_reference(monkeypatch, shape, config, residual, dtype):
+    """Each candidate the launch tuner may pick (warps, programs per SM, prefetch, pipeline stages) computes the
+    same gradients: rows split unevenly over programs, programs left without rows, the prefetch of a missing next
+    row, pipelines longer than a program's rows."""
     monkeypatch.setattr(rmsnorm_module, "_BWD_CONFIGS", (config,))
     monkeypatch.setattr(tune_module, "_PICKED", {})
-    (x, w, r), _, grads = _run(shape, torch.float32, True, "triton", seed=3)
+    (x, w, r), _, grads = _run(shape, dtype, residual, "triton", seed=3)
     x64, w64, r64 = to64(x, w, r)
-    torch.autograd.backward(rms_norm_ref(x64, w64, 1e-6, r64), [gr.double() for gr in grads])
-    assert_close64(x.grad, x64.grad, torch.float32, "dx")
-    assert_close64(w.grad, w64.grad, torch.float32, "dweight", scale=8)
-    assert_close64(r.grad, r64.grad, torch.float32, "dresidual")
+    outs64 = rms_norm_ref(x64, w64, 1e-6, r64)
+    torch.autograd.backward(outs64 if residual else (outs64,), [gr.double() for gr in grads])
+    assert_close64(x.grad, x64.grad, dtype, "dx")
+    assert_close64(w.grad, w64.grad, dtype, "dweight", scale=8)
+    if residual:
+        assert_close64(r.grad, r64.grad, dtype, "dresidual")
 
 
 def test_reference_is_hf_module():

@@ -28,15 +28,18 @@ adamw, reward_loss, rmsnorm, rotary, swiglu = (
 
 BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 
+RMS_BWD_TYPES = {"dy_ptr": BF, "ds_ptr": BF, "s_ptr": BF, "w_ptr": BF, "rstd_ptr": F32, "dx_ptr": BF,
+                 "dw_part_ptr": F32, "n_rows": "i32", "n_cols": "i32"}
+
 # (name, kernel, {arg: type}, constexprs, num_warps) - the launch configurations the Python launchers use
 CASES = [
     ("rms_norm_fwd+res", rmsnorm._rms_norm_fwd_kernel,
      {"x_ptr": BF, "r_ptr": BF, "w_ptr": BF, "y_ptr": BF, "s_ptr": BF, "rstd_ptr": F32, "n_cols": "i32",
       "eps": "fp32"}, {"HAS_RESIDUAL": True, "BLOCK_N": 4096}, 16),
-    *[(f"rms_norm_bwd+ds{'+prefetch' if prefetch else ''}", rmsnorm._rms_norm_bwd_kernel,
-       {"dy_ptr": BF, "ds_ptr": BF, "s_ptr": BF, "w_ptr": BF, "rstd_ptr": F32, "dx_ptr": BF, "dw_part_ptr": F32,
-        "n_rows": "i32", "n_cols": "i32"}, {"HAS_DS": True, "PREFETCH": prefetch, "BLOCK_N": 4096}, warps)
-      for warps, _, prefetch in rmsnorm._BWD_CONFIGS],
+    *[(f"rms_norm_bwd+ds{'+prefetch' if prefetch else ''}{f'+stages{stages}' if stages > 1 else ''}",
+       rmsnorm._rms_norm_bwd_kernel, RMS_BWD_TYPES,
+       {"HAS_DS": True, "PREFETCH": prefetch, "STAGES": stages, "BLOCK_N": 4096}, warps)
+      for warps, _, prefetch, stages in rmsnorm._BWD_CONFIGS],
     ("swiglu_fwd", swiglu._swiglu_fwd_kernel, {"g_ptr": BF, "u_ptr": BF, "y_ptr": BF, "n": "i64"},
      {"BLOCK": 1024}, 4),
     ("swiglu_bwd", swiglu._swiglu_bwd_kernel,
@@ -82,28 +85,62 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(usage["REG"]), int(usage["STACK"]) + int(usage["LOCAL"])
 
 
+def _compile_as_launched(kernel, types: dict[str, str], values: dict[str, int], consts: dict, num_warps: int):
+    """Compile ``kernel`` for sm_90 with the specialisation the launcher gets at run time: 16-byte aligned pointers,
+    and the integer arguments whose ``values`` are multiples of 16 marked as such, as triton does."""
+    sig, attrs = {}, {}
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            continue
+        sig[p.name] = types[p.name]
+        if p.name.endswith("_ptr") or values.get(p.name, 1) % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def _global_accesses(ptx: str) -> set[str]:
+    """The distinct global load/store instructions of ``ptx``, and its asynchronous global-to-shared copies as
+    ``cp.async.<cache>.<bytes>B``."""
+    copies = {f"cp.async.{kind}.{int(size, 0)}B"
+              for kind, size in re.findall(r"cp\.async\.(\w+)\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+|\d+)", ptx)}
+    return set(re.findall(r"(?:ld|st)\.global[.\w:]*", ptx)) | copies
+
+
 def _rotary_global_accesses(head_dim: int, heads: int = 16) -> set[str]:
-    """The distinct global load/store instructions of the rotary kernel's PTX for ``[T, heads, head_dim]`` bf16,
-    compiled with the specialisation the launcher gets at run time (16-byte aligned pointers, and the integer
-    arguments that are multiples of 16 marked as such, as triton does)."""
+    """The distinct global accesses of the rotary kernel's PTX for ``[T, heads, head_dim]`` bf16 as launched."""
     values = {"heads_q": heads, "heads_k": heads, "n_q_blocks": 1, "stride_qt": heads * head_dim,
               "stride_qh": head_dim, "stride_kt": heads * head_dim, "stride_kh": head_dim}
     consts = {"HALF": head_dim // 2, "BACKWARD": False, "BLOCK_H": 16,
               "BLOCK_D": triton.next_power_of_2(head_dim // 2)}
-    sig, attrs = {}, {}
-    for i, p in enumerate(rotary._rotary_kernel.params):
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name.endswith("_ptr"):
-            sig[p.name] = F32 if p.name in ("cos_ptr", "sin_ptr") else BF
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[p.name] = "i32"
-            if values[p.name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=rotary._rotary_kernel, signature=sig, constexprs=consts, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    return set(re.findall(r"(?:ld|st)\.global[.\w:]*", ptx))
+    types = {p.name: (F32 if p.name in ("cos_ptr", "sin_ptr") else BF) if p.name.endswith("_ptr") else "i32"
+             for p in rotary._rotary_kernel.params if not p.is_constexpr}
+    return _global_accesses(_compile_as_launched(rotary._rotary_kernel, types, values, consts, 4).asm["ptx"])
+
+
+def _rms_norm_bwd_as_launched() -> int:
+    """Every RMSNorm backward candidate at 16384 x 3584 bf16 with a residual gradient, as launched: registers,
+    spills, shared memory and the row accesses. Returns the number of failed claims: a spill; a row access
+    narrower than 16 bytes below 32 warps (at 32 warps a thread holds 4 of the 4096 columns: 8 bytes); a
+    pipelined candidate (stages > 1) whose row loads are not 16-byte cp.async copies into shared memory."""
+    failed = 0
+    for warps, per_sm, prefetch, stages in rmsnorm._BWD_CONFIGS:
+        consts = {"HAS_DS": True, "PREFETCH": prefetch, "STAGES": stages, "BLOCK_N": 4096}
+        compiled = _compile_as_launched(rmsnorm._rms_norm_bwd_kernel, RMS_BWD_TYPES,
+                                        {"n_rows": 16384, "n_cols": 3584}, consts, warps)
+        regs, spill = _resource_usage(compiled.asm["cubin"])
+        # the scalar accesses are rstd's (4 bytes, also as a cp.async); the rest are rows (dy, ds, s, dx, w and
+        # the dweight partial)
+        rows = {a for a in _global_accesses(compiled.asm["ptx"]) if a not in ("ld.global.b32", "cp.async.ca.4B")}
+        wide = (".v4.", ".v2.") if warps == 32 else (".v4.",)
+        narrow = {a for a in rows if not a.startswith("cp.async") and not any(v in a for v in wide)}
+        copies = {a for a in rows if a.startswith("cp.async")}
+        bad = spill > 0 or bool(narrow) or (stages > 1 and copies != {"cp.async.cg.16B"})
+        failed += bad
+        print(f"rms_norm_bwd as launched {(warps, per_sm, prefetch, stages)}: regs={regs} spill_bytes={spill} "
+              f"shared={compiled.metadata.shared} accesses={sorted(rows)}{' FAILED' if bad else ''}")
+    return failed
 
 
 def main() -> int:
@@ -125,7 +162,8 @@ def main() -> int:
         accesses = _rotary_global_accesses(head_dim)
         narrow += sum(".v4." not in a for a in accesses)
         print(f"rotary hd{head_dim} global accesses: {sorted(accesses)}")
-    return 0 if worst_spill == 0 and narrow == 0 else 1
+    failed = _rms_norm_bwd_as_launched()
+    return 0 if worst_spill == 0 and narrow == 0 and failed == 0 else 1
 
 
 if __name__ == "__main__":
