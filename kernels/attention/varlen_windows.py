@@ -43,26 +43,30 @@ def _scores(q0, q1, k0, k1, D1: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _window(cu_q, cu_k, seg, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Segment ``seg``'s q/k starts, row and column masks over the one tile, and its attention mask."""
+    q_start = tl.load(cu_q + seg)
+    len_q = tl.load(cu_q + seg + 1) - q_start
+    k_start = tl.load(cu_k + seg)
+    len_k = tl.load(cu_k + seg + 1) - k_start
+    offs = tl.arange(0, BLOCK)
+    ok = allowed(offs[:, None], offs[None, :], len_k, len_k - len_q, 0, 0, CAUSAL, False)
+    return q_start.to(tl.int64), k_start.to(tl.int64), offs, offs < len_q, offs < len_k, ok
+
+
+@triton.jit
 def _window_fwd_kernel(
     Q, K, V, Out, LSE, cu_q, cu_k, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, total_q, qk_scale,
     GROUP: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
-    seg = tl.program_id(0)
     h0 = tl.program_id(1) * HEADS
-    q_start = tl.load(cu_q + seg)
-    len_q = tl.load(cu_q + seg + 1) - q_start
-    k_start = tl.load(cu_k + seg)
-    len_k = tl.load(cu_k + seg + 1) - k_start
-    offs = tl.arange(0, BLOCK)
-    row_ok = offs < len_q
-    col_ok = offs < len_k
-    ok = allowed(offs[:, None], offs[None, :], len_k, len_k - len_q, 0, 0, CAUSAL, False)
-    q_seg = Q + q_start.to(tl.int64) * stride_qt
-    k_seg = K + k_start.to(tl.int64) * stride_kt
-    v_seg = V + k_start.to(tl.int64) * stride_vt
-    o_seg = Out + q_start.to(tl.int64) * stride_ot
+    q_start, k_start, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK)
+    q_seg = Q + q_start * stride_qt
+    k_seg = K + k_start * stride_kt
+    v_seg = V + k_start * stride_vt
+    o_seg = Out + q_start * stride_ot
     for i in tl.range(0, HEADS, num_stages=STAGES):
         h = h0 + i
         hk = h // GROUP
@@ -96,18 +100,8 @@ def _window_bwd_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
-    seg = tl.program_id(0)
     hk0 = tl.program_id(1) * HEADS
-    q_start = tl.load(cu_q + seg)
-    len_q = tl.load(cu_q + seg + 1) - q_start
-    k_start = tl.load(cu_k + seg)
-    len_k = tl.load(cu_k + seg + 1) - k_start
-    offs = tl.arange(0, BLOCK)
-    row_ok = offs < len_q
-    col_ok = offs < len_k
-    ok = allowed(offs[:, None], offs[None, :], len_k, len_k - len_q, 0, 0, CAUSAL, False)
-    q_off = q_start.to(tl.int64)
-    k_off = k_start.to(tl.int64)
+    q_off, k_off, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK)
     for i in tl.range(0, HEADS, num_stages=STAGES):
         hk = hk0 + i
         k0, k1 = _load_head(K + k_off * stride_kt + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
@@ -127,7 +121,7 @@ def _window_bwd_kernel(
             delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
             if D1 > 0:
                 delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
-            lse = tl.load(LSE + h.to(tl.int64) * total_q + q_start + offs, mask=row_ok, other=0.0) * LOG2E
+            lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
             p = tl.where(ok, tl.exp2(_scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
             dp = _scores(do0, do1, v0, v1, D1, PREC)
             ds = (p * (dp - delta[:, None])).to(q0.dtype)
