@@ -54,7 +54,7 @@ has build && run_stage build "${LIMIT_BUILD:-60}" env MAX_JOBS=16 "$PY" -m pip i
   --no-build-isolation --no-deps -e .
 # shellcheck disable=SC2086  # TESTS and the *_ARGS variables are word lists
 has tests && run_stage tests "${LIMIT_TESTS:-100}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu ${TESTS:-tests} -p no:cacheprovider \
-  -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20
+  -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
 has train && run_stage train "${LIMIT_TRAIN:-130}" "$PY" benchmarks/bench_train.py \
   ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain} "$@"
 has attention && run_stage attention "${LIMIT_ATTENTION:-190}" "$PY" benchmarks/bench_attention.py \
