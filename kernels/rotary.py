@@ -8,9 +8,12 @@ heads; M-RoPE and the vision rope differ only in how cos/sin are built, so one k
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from vlr_kernels._backend import resolve_backend
 from vlr_kernels._triton_compat import tl, triton, triton_jit
+from vlr_kernels._tune import pick
 
 _BACKENDS = ("triton", "torch")
 
@@ -79,48 +82,69 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 @triton_jit
 def _rotate_heads(
-    x_ptr, y_ptr, t, hb, n_heads, stride_xt, stride_xh, c1, c2, s1, s2,
+    x_ptr, y_ptr, ts, tmask, hb, n_heads, stride_xt, stride_xh, c1, c2, s1, s2,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # y1 = x1*c1 - x2*s1,  y2 = x2*c2 + x1*s2  (rotate-half); y is contiguous [T, heads, 2*HALF]
+    # y1 = x1*c1 - x2*s1,  y2 = x2*c2 + x1*s2  (rotate-half) on a [tokens, heads, half] tile; c/s are [tokens,
+    # half]; y is contiguous [T, heads, 2*HALF]
     hs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     ds = tl.arange(0, BLOCK_D)
-    mask = (hs[:, None] < n_heads) & (ds[None, :] < HALF)
-    x_offs = t * stride_xt + hs[:, None] * stride_xh + ds[None, :]
+    mask = tmask[:, None, None] & (hs[None, :, None] < n_heads) & (ds[None, None, :] < HALF)
+    x_offs = ts[:, None, None] * stride_xt + hs[None, :, None] * stride_xh + ds[None, None, :]
     x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    y_offs = t * n_heads * 2 * HALF + hs[:, None] * 2 * HALF + ds[None, :]
-    tl.store(y_ptr + y_offs, (x1 * c1[None, :] - x2 * s1[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + y_offs + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    y_offs = ts[:, None, None] * n_heads * 2 * HALF + hs[None, :, None] * 2 * HALF + ds[None, None, :]
+    y1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
+    y2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
+    tl.store(y_ptr + y_offs, y1.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_offs + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_jit
 def _rotary_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, yq_ptr, yk_ptr, heads_q, heads_k, n_q_blocks,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, yq_ptr, yk_ptr, n_tokens, heads_q, heads_k, n_q_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    HALF: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # HALF is a compile-time constant: with a run-time half of 40 (head_dim 80) the compiler cannot prove the
     # masks uniform over 8 lanes and falls back to 2-byte loads and stores (seen in the sm_90 PTX); as a constant
     # the loads are 16 bytes wide for head_dim 80 as for 128
-    # grid (T, q head blocks + k head blocks): q and k of a token share one read of its cos/sin row
-    t = tl.program_id(0).to(tl.int64)
+    # grid (token blocks, q head blocks + k head blocks): q and k of a token share one read of its cos/sin row;
+    # BLOCK_T tokens per program put more bytes in flight per thread (head_dim 80 fills 40 of 64 lanes)
+    ts = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ts < n_tokens
     hb = tl.program_id(1)
     ds = tl.arange(0, BLOCK_D)
-    dmask = ds < HALF
-    c1 = tl.load(cos_ptr + t * 2 * HALF + ds, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * 2 * HALF + HALF + ds, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * 2 * HALF + ds, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * 2 * HALF + HALF + ds, mask=dmask, other=0.0).to(tl.float32)
+    cs_mask = tmask[:, None] & (ds[None, :] < HALF)
+    cs_offs = ts[:, None] * 2 * HALF + ds[None, :]
+    c1 = tl.load(cos_ptr + cs_offs, mask=cs_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + cs_offs + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + cs_offs, mask=cs_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + cs_offs + HALF, mask=cs_mask, other=0.0).to(tl.float32)
     if BACKWARD:
         # the transposed rotation: dx1 = g1*c1 + g2*s2,  dx2 = g2*c2 - g1*s1
         s1, s2 = -s2, -s1
     if hb < n_q_blocks:
-        _rotate_heads(q_ptr, yq_ptr, t, hb, heads_q, stride_qt, stride_qh, c1, c2, s1, s2, HALF, BLOCK_H,
+        _rotate_heads(q_ptr, yq_ptr, ts, tmask, hb, heads_q, stride_qt, stride_qh, c1, c2, s1, s2, HALF, BLOCK_H,
                       BLOCK_D)
     else:
-        _rotate_heads(k_ptr, yk_ptr, t, hb - n_q_blocks, heads_k, stride_kt, stride_kh, c1, c2, s1, s2,
+        _rotate_heads(k_ptr, yk_ptr, ts, tmask, hb - n_q_blocks, heads_k, stride_kt, stride_kh, c1, c2, s1, s2,
                       HALF, BLOCK_H, BLOCK_D)
+
+
+# Launch shapes (tokens per program, num_warps), the first the default; the fastest is picked once per shape on
+# the device (the forward and the backward share the pick: same kernel, same bytes)
+_CONFIGS = ((1, 4), (2, 4), (4, 4), (4, 8))
+
+
+@functools.cache
+def _blocks(heads_q: int, heads_k: int, head_dim: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_H, q head blocks, all head blocks, BLOCK_D)``; cached because triton.cdiv/next_power_of_2 are
+    constexpr_functions (microseconds of host time per call)."""
+    block_h = min(triton.next_power_of_2(max(heads_q, heads_k)), 16)
+    n_q_blocks = triton.cdiv(heads_q, block_h)
+    return block_h, n_q_blocks, n_q_blocks + triton.cdiv(heads_k, block_h), triton.next_power_of_2(head_dim // 2)
 
 
 def rotary_fwd(
@@ -133,14 +157,18 @@ def rotary_fwd(
     heads_k = k.shape[1] if k is not None else 0
     yq = torch.empty((t, heads_q, d), dtype=q.dtype, device=q.device)
     yk = torch.empty((t, heads_k, d), dtype=k.dtype, device=k.device) if k is not None else None
-    block_h = min(triton.next_power_of_2(max(heads_q, heads_k)), 16)
-    n_q_blocks = triton.cdiv(heads_q, block_h)
+    block_h, n_q_blocks, n_blocks, block_d = _blocks(heads_q, heads_k, d)
     kk = k if k is not None else q
-    _rotary_kernel[(t, n_q_blocks + triton.cdiv(heads_k, block_h))](
-        q, kk, cos, sin, yq, yk if yk is not None else yq, heads_q, heads_k, n_q_blocks,
-        q.stride(0), q.stride(1), kk.stride(0), kk.stride(1),
-        HALF=d // 2, BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4,
-    )
+
+    def launch(cfg: tuple[int, int]) -> None:
+        block_t, warps = cfg
+        _rotary_kernel[((t + block_t - 1) // block_t, n_blocks)](
+            q, kk, cos, sin, yq, yk if yk is not None else yq, t, heads_q, heads_k, n_q_blocks,
+            q.stride(0), q.stride(1), kk.stride(0), kk.stride(1),
+            HALF=d // 2, BACKWARD=backward, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps,
+        )
+
+    launch(pick(("rotary", heads_q, heads_k, d, q.dtype, q.device), _CONFIGS, launch, q.device))
     return yq, yk
 
 

@@ -3,11 +3,14 @@ interpreter on CPU) vs the float64 reference and vs HF's apply functions; gradch
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.vision_utils import get_vision_position_ids
+from vlr_kernels import _tune as tune_module
 from vlr_kernels import (
     apply_rotary,
     apply_rotary_qk,
@@ -18,6 +21,8 @@ from vlr_kernels import (
 )
 
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
+
+rotary_module = importlib.import_module("vlr_kernels.rotary")  # the package exports names that shadow modules
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -85,6 +90,27 @@ def test_triton_matches_float64_reference(t_rows, heads, head_dim, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_fused_qk_gqa_matches_float64_reference(dtype):
     t_rows, hq, hk, d = 9, 7, 3, 128  # GQA with head counts that fill no block evenly
+    cos, sin = (t.to(DEV) for t in _mrope_inputs(t_rows, d))
+    q = torch.randn(t_rows, hq, d, device=DEV).to(dtype).requires_grad_()
+    k = torch.randn(t_rows, hk, d, device=DEV).to(dtype).requires_grad_()
+    yq, yk = apply_rotary_qk(q, k, cos, sin, backend="triton")
+    dq, dk = torch.randn_like(yq), torch.randn_like(yk)
+    torch.autograd.backward((yq, yk), (dq, dk))
+    q64, k64 = to64(q, k)
+    yq64, yk64 = apply_rotary_qk(q64, k64, cos.double(), sin.double(), backend="torch")
+    torch.autograd.backward((yq64, yk64), (dq.double(), dk.double()))
+    for name, a, b in (("q", yq, yq64), ("k", yk, yk64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad)):
+        assert_close64(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("config", rotary_module._CONFIGS, ids=str)
+@pytest.mark.parametrize("t_rows, hq, hk, d", [(13, 3, 2, 80), (6, 7, 3, 128)], ids=str)
+def test_every_launch_config_matches_reference(monkeypatch, t_rows, hq, hk, d, config, dtype):
+    """Each candidate the launch tuner may pick (tokens per program, warps): token counts that fill no token
+    block, q and k head blocks, both directions."""
+    monkeypatch.setattr(rotary_module, "_CONFIGS", (config,))
+    monkeypatch.setattr(tune_module, "_PICKED", {})
     cos, sin = (t.to(DEV) for t in _mrope_inputs(t_rows, d))
     q = torch.randn(t_rows, hq, d, device=DEV).to(dtype).requires_grad_()
     k = torch.randn(t_rows, hk, d, device=DEV).to(dtype).requires_grad_()
