@@ -10,7 +10,9 @@ Workloads (issue 5):
            segment per pair (ours, sdpa loop) vs the duplicated layout [prompt|chosen], [prompt|rejected]
 Providers: sdpa_loop (one SDPA call per segment, as transformers' vision tower), sdpa_padded (padded batch +
 bool mask), flex (FlexAttention with a document block mask; compiled on CUDA), flash_attn (when installed),
-ours (vlr_kernels.varlen_attention, backend triton). TFLOP/s counts only unmasked (q, k) pairs: 4*Hq*D per
+torch_varlen (torch.nn.attention.varlen.varlen_attn: the FlashAttention-2 varlen kernels built into CUDA torch
+>= 2.10, no shared-prompt mask; kv heads repeated for GQA where its signature has no enable_gqa, inside the timed
+call as a user would have to), ours (vlr_kernels.varlen_attention, backend triton). TFLOP/s counts only unmasked (q, k) pairs: 4*Hq*D per
 pair forward, 2.5x that backward. For ``pairs`` the ``Mtok/s`` rows count the tokens of the duplicated layout,
 so shared and duplicated providers are compared on the same work delivered.
 """
@@ -139,6 +141,34 @@ def ours(w: Workload, device: torch.device, backend: str = "triton") -> Attentio
                                             backend=backend)
 
 
+def torch_varlen(w: Workload, device: torch.device) -> Attention:
+    """torch's built-in varlen FlashAttention (CUDA torch >= 2.10); raises where it does not exist (a skip row)."""
+    import inspect
+
+    if device.type != "cuda":
+        raise RuntimeError("torch.nn.attention.varlen runs on CUDA only")
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen") from exc
+    params = inspect.signature(varlen_attn).parameters
+    cu, m = cu_seqlens(w.lens, device), max(w.lens)
+    kwargs: dict = {}
+    if w.causal:  # the first releases took is_causal, later ones a (left, right) window
+        kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
+    group = w.heads_q // w.heads_kv
+    native_gqa = "enable_gqa" in params
+    if group > 1 and native_gqa:
+        kwargs["enable_gqa"] = True
+
+    def run(q, k, v):
+        if group > 1 and not native_gqa:
+            k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
+        return varlen_attn(q, k, v, cu, cu, m, m, **kwargs)
+
+    return run
+
+
 def sdpa_padded(w: Workload, device: torch.device) -> Attention:
     """Gather into ``[N, H, max_len, D]``, one SDPA call with a bool mask, gather back (all of it timed)."""
     t = segment_tensors(w, device)
@@ -199,6 +229,7 @@ def providers(w: Workload, device: torch.device, selected: str) -> dict[str, Cal
     }
     if w.prefix is None:
         out["flash_attn"] = lambda: ours(w, device, "flash_attn")
+        out["torch_varlen"] = lambda: torch_varlen(w, device)
     out["ours"] = lambda: ours(w, device)
     return {name: f for name, f in out.items() if want(name, selected)}
 
