@@ -16,8 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps
-from vlr_kernels import rms_norm, rms_norm_ref
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps, graph_time_ms
+from vlr_kernels import _tune, rms_norm, rms_norm_ref
+from vlr_kernels import rmsnorm as rmsnorm_module
 
 
 def _liger(n_cols, weight):
@@ -29,11 +30,41 @@ def _liger(n_cols, weight):
     return norm
 
 
+def candidate_times(rec: Recorder, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor | None, dy: torch.Tensor,
+                    nbytes: int, ceiling: float, warmup: int, rep: int) -> None:
+    """``--candidates``: the backward launcher (kernel + dweight partial sum) with each launch candidate forced in
+    turn, host-launched and (on CUDA) as a graph replay, one row each: the tuner keeps only the fastest, these rows
+    check each candidate's prediction in benchmarks/NOTES.md."""
+    x2, w2 = x.detach(), w.detach()
+    _, s, rstd = rmsnorm_module.rms_norm_fwd(x2, w2, 1e-6, None if r is None else r.detach())
+    ds = dy if r is not None else None
+    configs, picked = rmsnorm_module._BWD_CONFIGS, dict(_tune._PICKED)
+    try:
+        for cfg in configs:
+            rmsnorm_module._BWD_CONFIGS = (cfg,)  # a single candidate is launched without timing or caching
+            _tune._PICKED.clear()
+            fn = lambda: rmsnorm_module.rms_norm_bwd(dy, ds, s, w2, rstd)
+            name = f"triton bwd {cfg}"
+            rec.measure(name, f"{x.shape[0]}x{x.shape[1]}", {"bwd": (fn, None)}, {"bwd": nbytes}, ceiling, warmup,
+                        rep)
+            if x.is_cuda:
+                p50, p20, p80 = graph_time_ms(fn, x.device, rep)
+                rec.add(name, "bwd graph", "ms", f"{x.shape[0]}x{x.shape[1]}", p50, p20, p80)
+                print(f"[rmsnorm] {name}: graph {p50:.4f} ms = {nbytes / (p50 * 1e-3) / 1e9 / ceiling:.0%} of copy",
+                      flush=True)
+    finally:
+        rmsnorm_module._BWD_CONFIGS = configs
+        _tune._PICKED.clear()
+        _tune._PICKED.update(picked)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=16384)
     p.add_argument("--cols", type=int, default=3584)
     p.add_argument("--residual", action="store_true", help="fused residual add (y, x + r)")
+    p.add_argument("--candidates", action="store_true",
+                   help="also time the backward with every launch candidate forced (one row each)")
     args = p.parse_args(argv)
     device = bench_device()
     m, n = (37, 96) if args.quick else (args.rows, args.cols)
@@ -74,9 +105,10 @@ def main(argv: list[str] | None = None) -> str:
 
     rec.run_providers(providers, f"{m}x{n}", backward, [x, w] + ([r] if r is not None else []), bytes_moved,
                       ceiling, args.providers, warmup, rep)
-    from vlr_kernels._tune import choices
-
-    print(f"[rmsnorm] backward launch picked by the tuner (warps, programs/SM, prefetch): {choices()}", flush=True)
+    if args.candidates:
+        candidate_times(rec, x, w, r, dy, bytes_moved["bwd"], ceiling, warmup, rep)
+    print(f"[rmsnorm] launches picked by the tuner (warps, programs/SM, prefetch, stages): {_tune.choices()}",
+          flush=True)
     return rec.finish()
 
 
