@@ -12,8 +12,8 @@ Providers: sdpa_loop (one SDPA call per segment, as transformers' vision tower),
 bool mask), flex (FlexAttention with a document block mask; compiled on CUDA), flash_attn (when installed),
 torch_varlen (torch.nn.attention.varlen.varlen_attn: the FlashAttention-2 varlen kernels built into CUDA torch
 >= 2.10, no shared-prompt mask; kv heads repeated for GQA where its signature has no enable_gqa, inside the timed
-call as a user would have to), ours (vlr_kernels.varlen_attention, backend triton). TFLOP/s counts only unmasked (q, k) pairs: 4*Hq*D per
-pair forward, 2.5x that backward. For ``pairs`` the ``Mtok/s`` rows count the tokens of the duplicated layout,
+call as a user would have to), ours (vlr_kernels.varlen_attention, backend triton). TFLOP/s counts only
+unmasked (q, k) pairs: 4*Hq*D per pair forward, 2.5x that backward. For ``pairs`` the ``Mtok/s`` rows count the tokens of the duplicated layout,
 so shared and duplicated providers are compared on the same work delivered.
 """
 

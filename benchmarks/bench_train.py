@@ -16,7 +16,8 @@ One step = zero grads, forward, backward, gradient clipping (max norm 1), AdamW 
            ``data.collate``): each pair one segment [prompt | chosen | rejected], the image encoded once per pair;
            the trainer's path at tp=pp=dp=1 without parallel.distributed_optimizer (its default):
            parallel.forward_backward, training.optim.global_grad_norm + clip_factor, MasterAdamW (fp32 master
-           weights and moments; on CUDA one fused Triton pass per parameter that applies the clip factor). The trainer's NaN/Inf check and metrics are not part of the timed step.
+           weights and moments; on CUDA one fused Triton pass per parameter that applies the clip factor). The
+           trainer's NaN/Inf check and metrics are not part of the timed step.
   ours_plain  the same with ``data.shared_prompt: false``: 4 segments of 1,028 tokens (every prompt computed twice, as
            transformers does), the image still encoded once per pair.
   ours_megatron  the shared-prompt batch with parallel.distributed_optimizer true: megatron DDP + megatron's
@@ -235,6 +236,33 @@ def _device_used_at_peak(device: torch.device) -> float:
     return torch.cuda.max_memory_reserved(device) + outside_torch
 
 
+def _profile(name: str, prov: Provider, device: torch.device, steps: int = 2) -> str:
+    """torch.profiler over ``steps`` steps (after one untimed): the 25 ops with the most device time (CPU time on
+    the CPU) and, on CUDA, the sum of kernel durations against the wall time (how busy the GPU was)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    prov.step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            prov.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    lines = [f"### profile: {name}, {steps} steps, {wall_us / 1e3 / steps:.2f} ms/step under the profiler"]
+    if cuda:
+        kernels_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA)
+        lines.append(f"sum of GPU kernel durations: {kernels_us / 1e3 / steps:.2f} ms/step "
+                     f"({100 * kernels_us / wall_us:.0f}% of the wall time)")
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines.append(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    return "\n".join(lines)
+
+
 def _measure(name: str, prov: Provider, device: torch.device, warmup: int, rep: int, tokens: int, flops: float,
              peak_flops: float | None, resident_other_bytes: int) -> dict[str, float]:
     """Time ``prov.step`` (after ``warmup`` steps, median of ``rep``) and, on CUDA, the peak allocated by one more
@@ -342,6 +370,8 @@ def _workloads(cfg: dict, batches: dict, grid: tuple[int, int, int]) -> dict[str
 
 def main(argv: list[str] | None = None) -> str:
     p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 2 steps of each of our providers (top ops by device time, GPU busy share)")
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help=f"tokens of each pair's shared prompt (default {PROMPT_TOKENS}; 30 with --quick)")
     args = p.parse_args(argv)
@@ -428,6 +458,8 @@ def main(argv: list[str] | None = None) -> str:
             r = results[name] = _measure(name, prov, device, warmup, rep, tokens, work[name].flops, peak_flops,
                                          ours_bytes if name == "hf_sdpa" else 0)
             phase_ms[name] = _phase_ms(prov, device, max(3, rep // 2))
+            if args.profile and name.startswith("ours"):
+                print(_profile(name, prov, device), flush=True)
             for phase, ms in phase_ms[name].items():
                 rec.add(name, f"phase {phase}", "ms", x, ms)
             rec.add(name, "train step", "ms", x, r["ms"], r["p20"], r["p80"])

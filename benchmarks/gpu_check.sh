@@ -10,7 +10,8 @@
 #   tests      GPU-marked tests (bf16 tolerance rule, cuda backend, torch.compile tracing, model/score parity);
 #              TESTS="path::name ..." narrows them (default: all of tests/)
 #   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
-#              (default providers hf_sdpa, ours, ours_plain; TRAIN_ARGS="" adds ours_megatron)
+#              (default: providers hf_sdpa, ours, ours_plain and a profile of ours/ours_plain; TRAIN_ARGS="" runs
+#              every provider including ours_megatron, unprofiled)
 #   attention  bench_attention.py: the four varlen-attention workloads, every provider (the open targets first:
 #              windows, llm, pairs, then full)
 #   kernels    run_all.py for the other kernel benchmarks; KERNELS="bench_a.py,bench_b.py" narrows them
@@ -56,7 +57,7 @@ has build && run_stage build "${LIMIT_BUILD:-60}" env MAX_JOBS=16 "$PY" -m pip i
 has tests && run_stage tests "${LIMIT_TESTS:-100}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu ${TESTS:-tests} -p no:cacheprovider \
   -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
 has train && run_stage train "${LIMIT_TRAIN:-130}" "$PY" benchmarks/bench_train.py \
-  ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain} "$@"
+  ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain --profile} "$@"
 has attention && run_stage attention "${LIMIT_ATTENTION:-190}" "$PY" benchmarks/bench_attention.py \
   ${ATTN_ARGS---workloads windows,llm,pairs,full} "$@"
 has kernels && run_stage kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-40}" \

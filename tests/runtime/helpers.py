@@ -8,12 +8,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_quick_benchmark(script: str, csv_path: Path, timeout_s: float) -> str:
-    """``python benchmarks/<script> --quick --csv <csv_path>`` on the CPU (eager kernels: the Triton interpreter
-    that conftest switches on would make the model benchmarks minutes slow); returns its stdout, fails the test on
-    a non-zero exit with the output's tail."""
+def run_quick_benchmark(script: str, csv_path: Path, timeout_s: float, *extra: str) -> str:
+    """``python benchmarks/<script> --quick --csv <csv_path> [extra...]`` on the CPU (eager kernels: the Triton
+    interpreter that conftest switches on would make the model benchmarks minutes slow); returns its stdout, fails
+    the test on a non-zero exit with the output's tail."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--csv", str(csv_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--csv", str(csv_path), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
