@@ -206,7 +206,7 @@ def _check_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: s
         raise ValueError(f"apply_rotary: {name} must be [T, heads, head_dim] with even head_dim, got "
                          f"{tuple(x.shape)}")
     expected = (x.shape[0], x.shape[2])
-    if cos.shape != expected or sin.shape != expected:
+    if tuple(cos.shape) != expected or tuple(sin.shape) != expected:  # tuples: torch.Size == goes via sym_eq
         raise ValueError(f"apply_rotary: cos/sin must be [T, head_dim]={list(expected)}, got "
                          f"{tuple(cos.shape)} / {tuple(sin.shape)}")
     if cos.device != x.device or sin.device != x.device:
