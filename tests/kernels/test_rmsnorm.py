@@ -99,10 +99,10 @@ def test_bad_inputs(backend):
         rms_norm(x, torch.ones(8), residual=torch.randn(4, 8, dtype=torch.float64), backend=backend)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("residual", [False, True])
-def test_bf16_rule_on_gpu(residual):
-    (x, w, r), outs, grads = _run((4096, 3584), torch.bfloat16, residual, "triton")
+def _assert_bf16_rule(shape, residual):
+    """Triton bf16 outputs and every gradient within the design.md bf16 rule (vs plain torch in bf16, both
+    against float64)."""
+    (x, w, r), outs, grads = _run(shape, torch.bfloat16, residual, "triton")
     ins_t = [t.detach().clone().requires_grad_() for t in (x, w) + ((r,) if residual else ())]
     outs_t = rms_norm_ref(ins_t[0], ins_t[1], 1e-6, ins_t[2] if residual else None)
     outs_t = outs_t if residual else (outs_t,)
@@ -116,3 +116,21 @@ def test_bf16_rule_on_gpu(residual):
     for name, gk, gt, g64 in zip(("dx", "dw", "dr"), (x.grad, w.grad, r.grad if residual else None),
                                  [t.grad for t in ins_t], [t.grad for t in ins64]):
         assert_bf16_rule(gk, gt, g64, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True])
+def test_bf16_rule_on_gpu(residual):
+    _assert_bf16_rule((4096, 3584), residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True])
+def test_every_backward_launch_config_on_gpu(monkeypatch, residual):
+    """Each launch candidate compiled for the GPU (the interpreter runs none of the register prefetch scheduling
+    or the cp.async pipelines), forced in turn: 1031 rows of 3584 give every program several rows, more than a
+    pipeline's depth, and an uneven last slice."""
+    for config in rmsnorm_module._BWD_CONFIGS:
+        monkeypatch.setattr(rmsnorm_module, "_BWD_CONFIGS", (config,))
+        monkeypatch.setattr(tune_module, "_PICKED", {})
+        _assert_bf16_rule((1031, 3584), residual)

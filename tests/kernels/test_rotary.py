@@ -176,10 +176,9 @@ def test_triton_refuses_differentiable_cos():
         apply_rotary(torch.randn(3, 2, 8), cos, torch.randn(3, 8), backend="triton")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("heads, head_dim", [(28, 128), (16, 80)])
-def test_bf16_rule_on_gpu(heads, head_dim):
-    t_rows = 4099
+def _assert_bf16_rule(t_rows, heads, head_dim):
+    """Triton bf16 output and gradient within the design.md bf16 rule (vs HF's bf16 LLM path, both against
+    float64)."""
     cos, sin = (t.cuda() for t in _mrope_inputs(t_rows, head_dim))
     x = torch.randn(t_rows, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = apply_rotary(x, cos, sin, backend="triton")
@@ -195,3 +194,20 @@ def test_bf16_rule_on_gpu(heads, head_dim):
     y64.backward(dy.double())
     assert_bf16_rule(y, yt, y64, "y")
     assert_bf16_rule(x.grad, xt.grad, x64.grad, "dx")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, head_dim", [(28, 128), (16, 80)])
+def test_bf16_rule_on_gpu(heads, head_dim):
+    _assert_bf16_rule(4099, heads, head_dim)
+
+
+@pytest.mark.gpu
+def test_every_launch_config_on_gpu(monkeypatch):
+    """Each launch candidate compiled for the GPU, forced in turn, at both model head dims, forward and backward;
+    1027 tokens fill no block of 2 or 4."""
+    for config in rotary_module._CONFIGS:
+        monkeypatch.setattr(rotary_module, "_CONFIGS", (config,))
+        monkeypatch.setattr(tune_module, "_PICKED", {})
+        for heads, head_dim in ((28, 128), (16, 80)):
+            _assert_bf16_rule(1027, heads, head_dim)
