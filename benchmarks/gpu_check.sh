@@ -7,18 +7,21 @@
 #
 # Stages (each its own process under a time limit, so one hang or crash never costs the others), in this order:
 #   build      pip install --no-build-isolation --no-deps -e . (pybind11 data extension + the CUDA reward-loss one)
-#   tests      GPU-marked tests (bf16 tolerance rule, cuda backend, torch.compile tracing, model/score parity);
-#              TESTS="path::name ..." narrows them (default: all of tests/)
+#   tests      GPU-marked tests (bf16 tolerance rule for every kernel and launch candidate, cuda backend,
+#              torch.compile tracing, model parity, optimizer memory); TESTS="path::name ..." picks them (default:
+#              tests/kernels, tests/model/test_gpu.py, tests/runtime/test_plan.py, tests/parallel; TESTS=tests adds
+#              the score CLI runs, which passed in runs A and B)
 #   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
 #              (default: providers hf_sdpa, ours, ours_plain and a profile of ours/ours_plain; TRAIN_ARGS="" runs
 #              every provider including ours_megatron, unprofiled)
 #   attention  bench_attention.py: the four varlen-attention workloads, every provider (the open targets first:
 #              windows, llm, pairs, then full)
-#   kernels    run_all.py for the other kernel benchmarks; KERNELS="bench_a.py,bench_b.py" narrows them
+#   kernels    run_all.py for the other kernel benchmarks with open targets (reward loss, RMSNorm, rotary);
+#              KERNELS="bench_a.py,bench_b.py" picks others (bench_adamw.py, bench_swiglu.py)
 #   model      bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower (not in the
 #              default STAGES)
 # Extra arguments: the script's own ("$@", e.g. --quick) go to every benchmark; TRAIN_ARGS, ATTN_ARGS, KERNEL_ARGS
-# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the defaults (model not run) add up to 570 s, one
+# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the defaults (model not run) add up to 560 s, one
 # 600 s call of a 15-minute GPU lease. The tests run the default launch configurations (VLR_TUNE=0: the tuner's
 # timing compiles would not fit; every candidate computes the same function and is CPU-tested with its tiles); the
 # benchmarks tune. A summary of every stage is printed last. To prepare a bare image: benchmarks/gpu_wheels.sh.
@@ -51,17 +54,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__, 'megatron-core', \
 m.__version__)" || status=1
 
-has build && run_stage build "${LIMIT_BUILD:-60}" env MAX_JOBS=16 "$PY" -m pip install -v --no-index \
+has build && run_stage build "${LIMIT_BUILD:-50}" env MAX_JOBS=16 "$PY" -m pip install -v --no-index \
   --no-build-isolation --no-deps -e .
 # shellcheck disable=SC2086  # TESTS and the *_ARGS variables are word lists
-has tests && run_stage tests "${LIMIT_TESTS:-100}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu ${TESTS:-tests} -p no:cacheprovider \
+has tests && run_stage tests "${LIMIT_TESTS:-110}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu \
+  ${TESTS:-tests/kernels tests/model/test_gpu.py tests/runtime/test_plan.py tests/parallel} -p no:cacheprovider \
   -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
 has train && run_stage train "${LIMIT_TRAIN:-130}" "$PY" benchmarks/bench_train.py \
   ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain --profile} "$@"
-has attention && run_stage attention "${LIMIT_ATTENTION:-190}" "$PY" benchmarks/bench_attention.py \
+has attention && run_stage attention "${LIMIT_ATTENTION:-170}" "$PY" benchmarks/bench_attention.py \
   ${ATTN_ARGS---workloads windows,llm,pairs,full} "$@"
-has kernels && run_stage kernels "${LIMIT_KERNELS:-90}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-40}" \
-  --only "${KERNELS:-bench_reward_loss.py,bench_rmsnorm.py,bench_rotary.py,bench_adamw.py,bench_swiglu.py}" \
+has kernels && run_stage kernels "${LIMIT_KERNELS:-100}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-30}" \
+  --only "${KERNELS:-bench_reward_loss.py,bench_rmsnorm.py,bench_rotary.py}" \
   ${KERNEL_ARGS:-} "$@"
 has model && run_stage model "${LIMIT_MODEL:-180}" "$PY" benchmarks/bench_model.py ${MODEL_ARGS:-} "$@"
 [ -f benchmarks/results/kernels.csv ] && cp benchmarks/results/kernels.csv "$LOGDIR/"
