@@ -21,10 +21,11 @@
 #   model      bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower (not in the
 #              default STAGES)
 # Extra arguments: the script's own ("$@", e.g. --quick) go to every benchmark; TRAIN_ARGS, ATTN_ARGS, KERNEL_ARGS
-# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the defaults (model not run) add up to 560 s, one
-# 600 s call of a 15-minute GPU lease. The tests run the default launch configurations (VLR_TUNE=0: the tuner's
-# timing compiles would not fit; every candidate computes the same function and is CPU-tested with its tiles); the
-# benchmarks tune. A summary of every stage is printed last. To prepare a bare image: benchmarks/gpu_wheels.sh.
+# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the defaults (model not run) add up to 545 s
+# plus a <= 45 s probe, one 600 s call of a 15-minute GPU lease. The tests and bench_train run the default launch
+# configurations (VLR_TUNE=0: the tuner's compiles would not fit; the candidate tests force every candidate under
+# the bf16 rule); the kernel benchmarks tune. A summary of every stage is printed last. To prepare a bare image:
+# benchmarks/gpu_wheels.sh.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -57,14 +58,24 @@ m.__version__)" || status=1
 has build && run_stage build "${LIMIT_BUILD:-50}" env MAX_JOBS=16 "$PY" -m pip install -v --no-index \
   --no-build-isolation --no-deps -e .
 # shellcheck disable=SC2086  # TESTS and the *_ARGS variables are word lists
-has tests && run_stage tests "${LIMIT_TESTS:-110}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu \
+has tests && run_stage tests "${LIMIT_TESTS:-100}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu \
   ${TESTS:-tests/kernels tests/model/test_gpu.py tests/runtime/test_plan.py tests/parallel} -p no:cacheprovider \
   -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
-has train && run_stage train "${LIMIT_TRAIN:-130}" "$PY" benchmarks/bench_train.py \
+# The benchmarks compile every launch candidate they tune: on worker threads (VLR_TUNE_THREADS) once a probe has
+# shown that works on this machine (a GPU test tuning real kernels that way on a side stream), else serially.
+if [ -z "${VLR_TUNE_THREADS:-}" ] && { has attention || has kernels || has model; }; then
+  timeout 45 env VLR_TUNE_THREADS=8 "$PY" -m pytest -q -m gpu tests/kernels/test_tune.py -k parallel \
+    -p no:cacheprovider >"$LOGDIR/tune_probe.log" 2>&1
+  grep -q "1 passed" "$LOGDIR/tune_probe.log" && export VLR_TUNE_THREADS=8
+  summary+=("tune probe: VLR_TUNE_THREADS=${VLR_TUNE_THREADS:-1} (log: tune_probe.log)")
+fi
+# bench_train runs the default launch configurations unless TRAIN_TUNE=1: tuning every kernel of the 7B-width
+# model (~60 candidate compiles) would not fit the stage; the step time is then a conservative figure
+has train && run_stage train "${LIMIT_TRAIN:-130}" env VLR_TUNE="${TRAIN_TUNE:-0}" "$PY" benchmarks/bench_train.py \
   ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain --profile} "$@"
 has attention && run_stage attention "${LIMIT_ATTENTION:-170}" "$PY" benchmarks/bench_attention.py \
   ${ATTN_ARGS---workloads windows,llm,pairs,full} "$@"
-has kernels && run_stage kernels "${LIMIT_KERNELS:-100}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-30}" \
+has kernels && run_stage kernels "${LIMIT_KERNELS:-95}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-30}" \
   --only "${KERNELS:-bench_reward_loss.py,bench_rmsnorm.py,bench_rotary.py}" \
   ${KERNEL_ARGS:-} "$@"
 has model && run_stage model "${LIMIT_MODEL:-180}" "$PY" benchmarks/bench_model.py ${MODEL_ARGS:-} "$@"

@@ -7,6 +7,12 @@ fully overwrites) and remembers the fastest for the process. On the CPU (Triton 
 CUDA-graph capture or with ``VLR_TUNE=0`` the first candidate - the documented default - is used without
 timing. ``choices()`` lists what was picked, for benchmark notes.
 
+Compiling the candidates dominates a first call (seconds per Triton kernel, one kernel per candidate). With
+``VLR_TUNE_THREADS=N`` (> 1) the candidates after the first are compiled (and run once) on N threads before the
+timing loop: Triton's compiler spends much of its time outside the GIL (LLVM, ptxas), so a dozen candidates
+compile in a fraction of the serial time. The launches go to the caller's device and current stream; the
+timing itself stays serial.
+
 ``save_choices(path)`` / ``load_choices(path)`` persist the picks (JSON, keyed by ``repr(key)``, tagged with the
 device name): a process that loads them launches exactly the configurations of the one that saved them, without
 timing anything. The trainer keeps one file per rank in its run directory, so a resumed run computes with the same
@@ -20,6 +26,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,6 +57,9 @@ def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], de
     if (len(candidates) == 1 or device.type != "cuda" or os.environ.get("VLR_TUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
+    workers = int(os.environ.get("VLR_TUNE_THREADS", "1"))
+    if workers > 1 and len(candidates) > 2:
+        _warm_in_parallel(candidates, launch, device, workers)
     times: list[float] = []
     errors: list[str] = []
     for cand in candidates:
@@ -72,6 +82,32 @@ def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], de
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _PICKED[key] = best
     return best
+
+
+def _warm_in_parallel(candidates: Sequence[C], launch: Callable[[C], None], device: torch.device,
+                      workers: int) -> None:
+    """Launch every candidate once (compiling it) - the first on this thread, so lazily initialised driver
+    state exists before the others start on ``workers`` threads, each on the caller's device and stream. A
+    candidate that raises here is left to the serial loop of :func:`pick`, which launches it again and
+    reports it."""
+    try:
+        launch(candidates[0])
+    except Exception:  # noqa: BLE001, S110 - the serial loop records it
+        pass
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def warm(cand: C) -> None:
+        if stream is None:
+            launch(cand)
+            return
+        torch.cuda.set_device(device)  # the current device and stream are per thread
+        with torch.cuda.stream(stream):
+            launch(cand)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(warm, cand) for cand in candidates[1:]]
+    for future in futures:
+        future.exception()  # collected, not raised: see the docstring
 
 
 def choices() -> dict[Hashable, object]:

@@ -68,3 +68,46 @@ def test_choices_of_another_device_or_a_bad_file_are_not_used(tmp_path, monkeypa
         path.write_text(text)
         with pytest.raises(ValueError, match="not a launch-tuner choices file"):
             _tune.load_choices(path)
+
+
+def test_parallel_warmup_launches_each_candidate_once_off_the_caller_thread():
+    import threading
+
+    main = threading.get_ident()
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def launch(cand: str) -> None:
+        with lock:
+            seen[cand] = threading.get_ident()
+        if cand == "broken":
+            raise RuntimeError("out of resources")  # left to pick's serial loop, which reports it
+
+    _tune._warm_in_parallel(["a", "b", "broken", "c", "d"], launch, torch.device("cpu"), workers=3)
+    assert sorted(seen) == ["a", "b", "broken", "c", "d"]
+    assert seen["a"] == main  # the first one initialises lazy state before the threads start
+    assert all(seen[c] != main for c in ("b", "broken", "c", "d"))
+
+
+@pytest.mark.gpu
+def test_parallel_warmup_tunes_real_kernels_on_the_callers_stream(monkeypatch):
+    """VLR_TUNE_THREADS compiles the RMSNorm backward candidates on worker threads (benchmarks/gpu_check.sh turns
+    it on for the benchmarks only if this passes): the pick runs, on a non-default stream, and the result is right."""
+    from vlr_kernels.rmsnorm import rms_norm, rms_norm_ref
+
+    monkeypatch.setattr(_tune, "_PICKED", {})
+    monkeypatch.setenv("VLR_TUNE", "1")
+    monkeypatch.setenv("VLR_TUNE_THREADS", "4")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3000, 3584, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    w = (1 + 0.1 * torch.randn(3584, device="cuda", generator=g)).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(3000, 3584, device="cuda", generator=g, dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        dx, dw = torch.autograd.grad(rms_norm(x, w, 1e-6, backend="triton"), (x, w), dy)
+    torch.cuda.synchronize()
+    assert any(k[0] == "rms_norm_bwd" for k in _tune.choices())
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rx, rw = torch.autograd.grad(rms_norm_ref(x64, w64, 1e-6), (x64, w64), dy.double())
+    assert (dx.double() - rx).abs().max() <= 2e-2 * rx.abs().max()
+    assert (dw.double() - rw).abs().max() <= 2e-2 * rw.abs().max()
