@@ -89,7 +89,11 @@ def test_triton_matches_float64_reference(t_rows, heads, head_dim, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_fused_qk_gqa_matches_float64_reference(dtype):
-    t_rows, hq, hk, d = 9, 7, 3, 128  # GQA with head counts that fill no block evenly
+    _check_qk_against_float64(9, 7, 3, 128, dtype)  # GQA with head counts that fill no block evenly
+
+
+def _check_qk_against_float64(t_rows: int, hq: int, hk: int, d: int, dtype: torch.dtype) -> None:
+    """apply_rotary_qk (triton) outputs and both input gradients against the float64 torch reference."""
     cos, sin = (t.to(DEV) for t in _mrope_inputs(t_rows, d))
     q = torch.randn(t_rows, hq, d, device=DEV).to(dtype).requires_grad_()
     k = torch.randn(t_rows, hk, d, device=DEV).to(dtype).requires_grad_()
@@ -111,17 +115,7 @@ def test_every_launch_config_matches_reference(monkeypatch, t_rows, hq, hk, d, c
     block, q and k head blocks, both directions."""
     monkeypatch.setattr(rotary_module, "_CONFIGS", (config,))
     monkeypatch.setattr(tune_module, "_PICKED", {})
-    cos, sin = (t.to(DEV) for t in _mrope_inputs(t_rows, d))
-    q = torch.randn(t_rows, hq, d, device=DEV).to(dtype).requires_grad_()
-    k = torch.randn(t_rows, hk, d, device=DEV).to(dtype).requires_grad_()
-    yq, yk = apply_rotary_qk(q, k, cos, sin, backend="triton")
-    dq, dk = torch.randn_like(yq), torch.randn_like(yk)
-    torch.autograd.backward((yq, yk), (dq, dk))
-    q64, k64 = to64(q, k)
-    yq64, yk64 = apply_rotary_qk(q64, k64, cos.double(), sin.double(), backend="torch")
-    torch.autograd.backward((yq64, yk64), (dq.double(), dk.double()))
-    for name, a, b in (("q", yq, yq64), ("k", yk, yk64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad)):
-        assert_close64(a, b, dtype, name)
+    _check_qk_against_float64(t_rows, hq, hk, d, dtype)
 
 
 def test_fused_qk_with_unused_k_output():
