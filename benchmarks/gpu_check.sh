@@ -58,7 +58,7 @@ m.__version__)" || status=1
 has build && run_stage build "${LIMIT_BUILD:-50}" env MAX_JOBS=16 "$PY" -m pip install -v --no-index \
   --no-build-isolation --no-deps -e .
 # shellcheck disable=SC2086  # TESTS and the *_ARGS variables are word lists
-has tests && run_stage tests "${LIMIT_TESTS:-100}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -q -m gpu \
+has tests && run_stage tests "${LIMIT_TESTS:-100}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
   ${TESTS:-tests/kernels tests/model/test_gpu.py tests/runtime/test_plan.py tests/parallel} -p no:cacheprovider \
   -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
 # The benchmarks compile every launch candidate they tune: on worker threads (VLR_TUNE_THREADS) once a probe has
