@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Recorder, append_csv, base_parser, bench_device, time_ms, want
 from bench_model import SEQ_TOKENS, SEQS, build_models, freeze_vit, hf_loss
 
-from vlr_runtime.flops import mfu, peak_flops_for, training_step_flops
+from vlr_runtime.flops import batch_step_flops, mfu, peak_flops_for, training_step_flops
 from vlr_runtime.plan import Estimate, Workload, estimate
 
 IMAGE_GRID_504 = (1, 36, 36)  # 504 x 504 px in 14 px patches
@@ -375,18 +375,15 @@ def make_pair_inputs(hf, quick: bool, device: torch.device, grid: tuple[int, int
 
 def _workloads(cfg: dict, batches: dict, grid: tuple[int, int, int]) -> dict[str, ProviderWork]:
     def ours(batch) -> ProviderWork:
-        shared = batch.prefix_lens is not None
-        f = training_step_flops(cfg, batch.cu_seqlens.diff().tolist(), batch.image_grid_thw.tolist(),
-                                vision_trained=False, merger_trained=True, num_scored=SEQS,
-                                prefix_lens=batch.prefix_lens.tolist() if shared else None,
-                                split_lens=batch.split_lens.tolist() if shared else None)
+        f = batch_step_flops(cfg, batch, vision_trained=False, merger_trained=True)
         return ProviderWork(f.total, batch.num_tokens, int(batch.image_grid_thw.shape[0]))
 
     seq = batches["plain"].max_seqlen
     hf = training_step_flops(cfg, [seq] * SEQS, [grid] * SEQS, vision_trained=False, merger_trained=True,
                              num_scored=SEQS)
-    return {"hf_sdpa": ProviderWork(hf.total, SEQS * seq, SEQS), "ours": ours(batches["shared"]),
-            "ours_plain": ours(batches["plain"]), "ours_megatron": ours(batches["shared"])}
+    shared = ours(batches["shared"])
+    return {"hf_sdpa": ProviderWork(hf.total, SEQS * seq, SEQS), "ours": shared,
+            "ours_plain": ours(batches["plain"]), "ours_megatron": shared}
 
 
 def main(argv: list[str] | None = None) -> str:

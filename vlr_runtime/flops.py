@@ -166,6 +166,17 @@ def training_step_flops(
     )
 
 
+def batch_step_flops(cfg: Mapping, batch, *, vision_trained: bool = False, merger_trained: bool = True) -> StepFlops:
+    """:func:`training_step_flops` of one ``vlr_runtime.data.types.PackedBatch``: its segments (with their
+    shared-prompt layout, when it has one), its encoded images and its scored tokens."""
+    shared = batch.prefix_lens is not None
+    return training_step_flops(
+        cfg, batch.cu_seqlens.diff().tolist(), [] if batch.image_grid_thw is None else batch.image_grid_thw.tolist(),
+        vision_trained=vision_trained, merger_trained=merger_trained, num_scored=batch.scored_index.numel(),
+        prefix_lens=batch.prefix_lens.tolist() if shared else None,
+        split_lens=batch.split_lens.tolist() if shared else None)
+
+
 def mfu(step_flops: float, step_time_s: float, peak_flops_per_s: float, num_devices: int = 1) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
     if step_time_s <= 0 or peak_flops_per_s <= 0:

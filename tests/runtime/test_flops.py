@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from vlr_runtime.flops import llm_forward_flops, mfu, training_step_flops, vision_forward_flops
+from vlr_runtime.flops import batch_step_flops, llm_forward_flops, mfu, training_step_flops, vision_forward_flops
 
 
 def _tiny_config():
@@ -100,3 +100,21 @@ def test_shared_prompt_flops_reject_bad_layouts():
         llm_forward_flops(cfg, [10, 8], prefix_lens=[3], split_lens=[5])
     with pytest.raises(ValueError, match="causal"):
         llm_forward_flops(cfg, [10], causal_seq_lens=False, prefix_lens=[3], split_lens=[5])
+
+
+def test_batch_step_flops_reads_the_packed_layout():
+    """A shared-prompt batch with one image and a plain text-only one: segments, prefix/split, grids and scored
+    tokens are taken from the batch fields."""
+    from types import SimpleNamespace
+
+    cfg = _tiny_config().to_dict()
+    shared = SimpleNamespace(cu_seqlens=torch.tensor([0, 30, 50], dtype=torch.int32),
+                             prefix_lens=torch.tensor([11, 0], dtype=torch.int32),
+                             split_lens=torch.tensor([19, 20], dtype=torch.int32),
+                             image_grid_thw=torch.tensor([[1, 8, 8]]), scored_index=torch.tensor([18, 29, 49]))
+    assert batch_step_flops(cfg, shared, merger_trained=False) == training_step_flops(
+        cfg, [30, 20], [[1, 8, 8]], merger_trained=False, num_scored=3, prefix_lens=[11, 0], split_lens=[19, 20])
+    plain = SimpleNamespace(cu_seqlens=torch.tensor([0, 7, 12], dtype=torch.int32), prefix_lens=None,
+                            split_lens=None, image_grid_thw=None, scored_index=torch.tensor([6, 11]))
+    assert batch_step_flops(cfg, plain, vision_trained=True) == training_step_flops(
+        cfg, [7, 5], [], vision_trained=True, num_scored=2)

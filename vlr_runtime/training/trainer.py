@@ -46,7 +46,7 @@ from vlr_runtime.data.loader import LoaderConfig, PairLoader
 from vlr_runtime.data.types import PackedBatch
 from vlr_runtime.data.validate import format_report
 from vlr_runtime.data.validate import validate as validate_data
-from vlr_runtime.flops import mfu, peak_flops_for, training_step_flops
+from vlr_runtime.flops import batch_step_flops, mfu, peak_flops_for
 from vlr_runtime.model import ModelArgs, RewardModel, build_reward_model
 from vlr_runtime.parallel import ParallelContext, forward_backward, setup_distributed, wrap_ddp_and_optimizer
 from vlr_runtime.training.data import CachedPreprocessor, load_eval_set, resolve_sources
@@ -392,13 +392,8 @@ class Trainer:
             freeze = self.cfg.model.freeze
             llm = vision = 0.0
             for mb in microbatches:
-                grids = [] if mb.image_grid_thw is None else mb.image_grid_thw.tolist()
-                shared = mb.prefix_lens is not None  # attention counted over the keys each token really sees
-                f = training_step_flops(self.hf_config, mb.cu_seqlens.diff().tolist(), grids,
-                                        vision_trained="vision" not in freeze, merger_trained="merger" not in freeze,
-                                        num_scored=mb.scored_index.numel(),
-                                        prefix_lens=mb.prefix_lens.tolist() if shared else None,
-                                        split_lens=mb.split_lens.tolist() if shared else None)
+                f = batch_step_flops(self.hf_config, mb, vision_trained="vision" not in freeze,
+                                     merger_trained="merger" not in freeze)
                 llm += f.llm + f.head
                 vision += f.vision + f.merger
             devices = ctx.tp * ctx.pp
