@@ -302,21 +302,14 @@ def _varlen_attn_dkdv_kernel(
                 lse_ptr = LSE + hq.to(tl.int64) * total_q + q_start
                 delta_ptr = DELTA + hq.to(tl.int64) * total_q + q_start
                 dq_base = DQ + q_start.to(tl.int64) * stride_dqt + hq * stride_dqh
-                dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
-                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                                  stride_dqt, offs_n, lo, full_lo, len_q, len_k, diff, prefix,
-                                                  split, qk_scale, sm_scale, True, CAUSAL, SHARED, FUSE_DQ,
-                                                  BLOCK_M, D0, D1, HEAD_DIM, PREC)
-                dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
-                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                                  stride_dqt, offs_n, full_lo, full_hi, len_q, len_k, diff,
-                                                  prefix, split, qk_scale, sm_scale, False, CAUSAL, SHARED,
-                                                  FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
-                dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
-                                                  dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                                  stride_dqt, offs_n, full_hi, hi, len_q, len_k, diff, prefix,
-                                                  split, qk_scale, sm_scale, True, CAUSAL, SHARED, FUSE_DQ,
-                                                  BLOCK_M, D0, D1, HEAD_DIM, PREC)
+                for r in tl.static_range(3):  # the same three row ranges as above, per head
+                    r_lo = lo if r == 0 else (full_lo if r == 1 else full_hi)
+                    r_hi = full_lo if r == 0 else (full_hi if r == 1 else hi)
+                    dk0, dk1, dv0, dv1 = _dkdv_blocks(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base,
+                                                      dq_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                      stride_dqt, offs_n, r_lo, r_hi, len_q, len_k, diff, prefix,
+                                                      split, qk_scale, sm_scale, r != 1, CAUSAL, SHARED, FUSE_DQ,
+                                                      BLOCK_M, D0, D1, HEAD_DIM, PREC)
         dk_base = DK + k_start.to(tl.int64) * stride_dkt + out_h * stride_dkh
         dv_base = DV + k_start.to(tl.int64) * stride_dvt + out_h * stride_dvh
         store_rows(dk_base, offs_n, col_ok, stride_dkt, dk0 * sm_scale, 0, D0, HEAD_DIM)
