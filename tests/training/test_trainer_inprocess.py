@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,11 @@ def single_process(monkeypatch):
     yield
     teardown()
     set_default_backend(None)  # the trainer sets the process-wide kernel backend from its config
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    """The training-step lines of a run's metrics.jsonl (evaluation lines carry a ``split``)."""
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "split" not in x]
 
 
 def _trainer(tmp, *extra):
@@ -92,9 +98,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path, single_process):
     resumed.train()
     for n, p in resumed.model.named_parameters():
         assert torch.equal(p, reference[n]), n
-    losses = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-                          if "split" not in x]
-    assert losses("b") == losses("a")
+    assert [r["loss"] for r in _train_rows(tmp_path / "b")] == [r["loss"] for r in _train_rows(tmp_path / "a")]
 
 
 def test_shared_prompt_layout_trains_like_the_plain_one(tmp_path, single_process):
@@ -139,8 +143,7 @@ def test_export_hf_of_the_latest_checkpoint_without_training(tmp_path, single_pr
     for name in ("model.safetensors", "value_head.safetensors"):
         got, ref = load_file(str(tmp_path / "out" / name)), load_file(str(run / "export" / name))
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), name
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-            if "split" not in x] == [1, 2]  # no training step was added
+    assert [r["step"] for r in _train_rows(run)] == [1, 2]  # no training step was added
     assert main(["--export-hf", str(tmp_path / "out2"), "--run.dir", str(tmp_path / "empty"),
                  "--parallel.tp", "1"] + run_args(tmp_path)) == 2  # no checkpoint there: a clear config error
 
@@ -175,7 +178,7 @@ def test_full_tensors_carry_bf16_masters_and_adam_state_across_optimizers(tmp_pa
     got = content(last)
     assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
     last.train()
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "split" not in x]
+    rows = _train_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
 
 
@@ -207,9 +210,7 @@ def test_distributed_optimizer_checkpoint_without_full_tensors(tmp_path, single_
     resumed.train()
     for n, p in resumed.model.named_parameters():
         assert torch.equal(p, reference[n]), n
-    losses = lambda r: [json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
-                        if "split" not in x]
-    assert losses("b") == losses("a")
+    assert [r["loss"] for r in _train_rows(tmp_path / "b")] == [r["loss"] for r in _train_rows(tmp_path / "a")]
     teardown()
     with pytest.raises(ConfigError, match=r"written with checkpoint.full_tensors false and resumes only on its own"):
         _trainer(tmp_path, *run, *common, "--parallel.distributed_optimizer", "false")
