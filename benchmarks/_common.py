@@ -198,9 +198,11 @@ class Recorder:
         ceiling_gbps: float | None = None,
         warmup: int = 10,
         rep: int = 50,
+        graph_modes: tuple[str, ...] = ("fwd", "fwd+bwd"),
     ) -> None:
         """Time each ``mode -> (fn, before_each)`` and record ms, peak MiB and (with ``bytes_moved[mode]``)
-        GB/s and the fraction of ``ceiling_gbps``. A failure in one provider is recorded as a skip."""
+        GB/s and the fraction of ``ceiling_gbps``; on CUDA the ``graph_modes`` again as graph replays (see
+        :meth:`measure_graphed`). A failure in one provider is recorded as a skip."""
         try:
             for mode, (fn, before_each) in modes.items():
                 p50, p20, p80 = time_ms(fn, self.device, warmup, rep, before_each)
@@ -215,7 +217,7 @@ class Recorder:
             self.skip(provider, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
             return
         if self.device.type == "cuda":
-            self.measure_graphed(provider, x, modes, bytes_moved, ceiling_gbps, rep)
+            self.measure_graphed(provider, x, modes, bytes_moved, ceiling_gbps, rep, graph_modes)
 
     def measure_graphed(
         self,
@@ -225,10 +227,13 @@ class Recorder:
         bytes_moved: dict[str, int] | None,
         ceiling_gbps: float | None,
         rep: int,
+        graph_modes: tuple[str, ...] = ("fwd", "fwd+bwd"),
     ) -> None:
-        """The ``fwd`` and ``fwd+bwd`` modes again as CUDA-graph replays (mode ``<mode> graph``): device time
-        without host overhead. A provider that cannot be captured gets a skip line for its graph modes only."""
-        for mode in ("fwd", "fwd+bwd"):
+        """The ``graph_modes`` among ``modes`` again as CUDA-graph replays (mode ``<mode> graph``): device time
+        without host overhead. By default ``fwd`` and ``fwd+bwd``: an autograd ``bwd`` mode cannot be replayed
+        (its graph is freed); modes that are plain launches (a kernel's backward launcher, an optimizer step) can
+        be. A provider that cannot be captured gets a skip line for its graph modes only."""
+        for mode in graph_modes:
             if mode not in modes:
                 continue
             fn, before_each = modes[mode]
@@ -283,6 +288,32 @@ class Recorder:
         table = markdown_table(self.rows, self.env)
         print(table, flush=True)
         return table
+
+
+def time_forced_candidates(rec: Recorder, module: object, attr: str, name_of: Callable[[object], str],
+                           launches: dict[str, Callable[[], object]], x: str, bytes_moved: dict[str, int],
+                           ceiling_gbps: float, warmup: int, rep: int) -> None:
+    """``--candidates``: each launch candidate in ``module.<attr>`` forced alone in turn (a single candidate is
+    launched without timing or caching by ``vlr_kernels._tune``), its ``launches`` (mode -> plain re-runnable
+    call) timed host-launched and, on CUDA, as graph replays; one provider ``name_of(candidate)`` each. The tuner
+    keeps only the fastest; these rows check each candidate's prediction in benchmarks/NOTES.md. The candidate
+    table and the tuner's picks are restored afterwards."""
+    from vlr_kernels import _tune
+
+    configs, picked = getattr(module, attr), dict(_tune._PICKED)
+    try:
+        for cfg in configs:
+            setattr(module, attr, (cfg,))
+            _tune._PICKED.clear()
+            name, first = name_of(cfg), len(rec.rows)
+            rec.measure(name, x, {mode: (fn, None) for mode, fn in launches.items()}, bytes_moved, ceiling_gbps,
+                        warmup, rep, graph_modes=tuple(launches))
+            print(f"[{rec.kernel}] {name}: " + ", ".join(f"{r.mode} {r.p50:.4f} ms" for r in rec.rows[first:]
+                                                         if r.metric == "ms"), flush=True)
+    finally:
+        setattr(module, attr, configs)
+        _tune._PICKED.clear()
+        _tune._PICKED.update(picked)
 
 
 def append_csv(path: Path, rows: Sequence[Row]) -> None:

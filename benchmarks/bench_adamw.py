@@ -25,7 +25,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, copy_bandwidth_gbps, graph_time_ms, want
+from _common import Recorder, base_parser, bench_device, copy_bandwidth_gbps, want
+
 from vlr_runtime.config import OptimConfig
 from vlr_runtime.training.optim import MasterAdamW, clip_gradients
 
@@ -94,27 +95,13 @@ def main(argv: list[str] | None = None) -> str:
         except Exception as exc:  # noqa: BLE001 - e.g. the kernel on CPU without TRITON_INTERPRET=1
             rec.skip(name, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
             continue
-        rec.measure(name, x, {"step": (step, None)}, bytes_moved, ceiling, warmup, rep)
-        if device.type == "cuda":
-            _graphed(rec, name, x, step, bytes_moved["step"], ceiling, rep)
+        # "step graph": the step as one CUDA-graph replay, device time without the per-tensor launches
+        rec.measure(name, x, {"step": (step, None)}, bytes_moved, ceiling, warmup, rep, graph_modes=("step",))
         del opt, step
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rec.finish()
-
-
-def _graphed(rec: Recorder, name: str, x: str, step, nbytes: int, ceiling: float, rep: int) -> None:
-    """The step as one CUDA-graph replay (mode ``step graph``): device time without the per-tensor launches."""
-    try:
-        p50, p20, p80 = graph_time_ms(step, rec.device, rep)
-    except Exception as exc:  # noqa: BLE001 - a provider that synchronises with the host cannot be captured
-        torch.cuda.synchronize(rec.device)
-        rec.skip(f"{name} (step graph)", f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
-        return
-    rec.add(name, "step graph", "ms", x, p50, p20, p80)
-    # Recorder.measure_graphed replays only the "fwd"/"fwd+bwd" modes; its bandwidth rows come from one helper
-    rec._add_bandwidth(name, "step graph", x, p50, nbytes, ceiling)
 
 
 if __name__ == "__main__":

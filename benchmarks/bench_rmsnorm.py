@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps, graph_time_ms
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps, time_forced_candidates
 from vlr_kernels import _tune, rms_norm, rms_norm_ref
 from vlr_kernels import rmsnorm as rmsnorm_module
 
@@ -31,34 +31,6 @@ def _liger(n_cols, weight):
     with torch.no_grad():
         norm.weight.copy_(weight)
     return norm
-
-
-def candidate_times(rec: Recorder, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor | None, dy: torch.Tensor,
-                    nbytes: int, ceiling: float, warmup: int, rep: int) -> None:
-    """``--candidates``: the backward launcher (kernel + dweight partial sum) with each launch candidate forced in
-    turn, host-launched and (on CUDA) as a graph replay, one row each: the tuner keeps only the fastest, these rows
-    check each candidate's prediction in benchmarks/NOTES.md."""
-    x2, w2 = x.detach(), w.detach()
-    _, s, rstd = rmsnorm_module.rms_norm_fwd(x2, w2, 1e-6, None if r is None else r.detach())
-    ds = dy if r is not None else None
-    configs, picked = rmsnorm_module._BWD_CONFIGS, dict(_tune._PICKED)
-    try:
-        for cfg in configs:
-            rmsnorm_module._BWD_CONFIGS = (cfg,)  # a single candidate is launched without timing or caching
-            _tune._PICKED.clear()
-            fn = lambda: rmsnorm_module.rms_norm_bwd(dy, ds, s, w2, rstd)
-            name = f"triton bwd {cfg}"
-            rec.measure(name, f"{x.shape[0]}x{x.shape[1]}", {"bwd": (fn, None)}, {"bwd": nbytes}, ceiling, warmup,
-                        rep)
-            if x.is_cuda:
-                p50, p20, p80 = graph_time_ms(fn, x.device, rep)
-                rec.add(name, "bwd graph", "ms", f"{x.shape[0]}x{x.shape[1]}", p50, p20, p80)
-                print(f"[rmsnorm] {name}: graph {p50:.4f} ms = {nbytes / (p50 * 1e-3) / 1e9 / ceiling:.0%} of copy",
-                      flush=True)
-    finally:
-        rmsnorm_module._BWD_CONFIGS = configs
-        _tune._PICKED.clear()
-        _tune._PICKED.update(picked)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -112,8 +84,12 @@ def main(argv: list[str] | None = None) -> str:
 
     rec.run_providers(providers, f"{m}x{n}", backward, inputs, bytes_moved,
                       ceiling, args.providers, warmup, rep)
-    if args.candidates:
-        candidate_times(rec, x, w, r, dy, bytes_moved["bwd"], ceiling, warmup, rep)
+    if args.candidates:  # the backward launcher (kernel + dweight partial sum) with each candidate forced
+        _, s, rstd = rmsnorm_module.rms_norm_fwd(x.detach(), w.detach(), 1e-6, None if r is None else r.detach())
+        ds = dy if r is not None else None
+        time_forced_candidates(rec, rmsnorm_module, "_BWD_CONFIGS", lambda cfg: f"triton bwd {cfg}",
+                               {"bwd": lambda: rmsnorm_module.rms_norm_bwd(dy, ds, s, w.detach(), rstd)},
+                               f"{m}x{n}", {"bwd": bytes_moved["bwd"]}, ceiling, warmup, rep)
     print(f"[rmsnorm] launches picked by the tuner (warps, programs/SM, prefetch, stages): {_tune.choices()}",
           flush=True)
     return rec.finish()

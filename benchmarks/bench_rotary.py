@@ -19,37 +19,11 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps, graph_time_ms
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps, time_forced_candidates
 from vlr_kernels import _tune, apply_rotary_qk, mrope_cos_sin, rope_inv_freq, vision_rope_cos_sin
 
 rotary_module = importlib.import_module("vlr_kernels.rotary")  # the package exports names that shadow modules
 CONFIGS = {"llm": (28, 4, 128), "vision": (16, 16, 80)}
-
-
-def candidate_times(rec: Recorder, x: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    nbytes: int, ceiling: float, warmup: int, rep: int) -> None:
-    """``--candidates``: the kernel's forward and backward (transposed rotation) with each launch candidate forced in
-    turn, host-launched and (on CUDA) as graph replays, one row each: the tuner keeps only the fastest, these rows
-    check each candidate's prediction in benchmarks/NOTES.md."""
-    q, k = q.detach(), k.detach()
-    configs, picked = rotary_module._CONFIGS, dict(_tune._PICKED)
-    try:
-        for cfg in configs:
-            rotary_module._CONFIGS = (cfg,)  # a single candidate is launched without timing or caching
-            _tune._PICKED.clear()
-            for mode, backward in (("fwd", False), ("bwd", True)):
-                fn = functools.partial(rotary_module.rotary_fwd, q, k, cos, sin, backward=backward)
-                name = f"triton {cfg}"
-                rec.measure(name, x, {mode: (fn, None)}, {mode: nbytes}, ceiling, warmup, rep)
-                if q.is_cuda:
-                    p50, p20, p80 = graph_time_ms(fn, q.device, rep)
-                    rec.add(name, f"{mode} graph", "ms", x, p50, p20, p80)
-                    print(f"[rotary] {name} {mode}: graph {p50:.4f} ms = "
-                          f"{nbytes / (p50 * 1e-3) / 1e9 / ceiling:.0%} of copy", flush=True)
-    finally:
-        rotary_module._CONFIGS = configs
-        _tune._PICKED.clear()
-        _tune._PICKED.update(picked)
 
 
 def _cos_sin(config, t_rows, head_dim, device):
@@ -124,8 +98,12 @@ def main(argv: list[str] | None = None) -> str:
 
     x = f"T={t_rows},{hq}/{hk}x{d}"
     rec.run_providers(providers, x, backward, params, bytes_moved, ceiling, args.providers, warmup, rep)
-    if args.candidates:
-        candidate_times(rec, x, q, k, cos, sin, one_pass, ceiling, warmup, rep)
+    if args.candidates:  # the kernel's forward and backward (transposed rotation) with each candidate forced
+        qd, kd = q.detach(), k.detach()
+        time_forced_candidates(
+            rec, rotary_module, "_CONFIGS", lambda cfg: f"triton {cfg}",
+            {mode: functools.partial(rotary_module.rotary_fwd, qd, kd, cos, sin, backward=mode == "bwd")
+             for mode in ("fwd", "bwd")}, x, {"fwd": one_pass, "bwd": one_pass}, ceiling, warmup, rep)
     print(f"[rotary] launches picked by the tuner (tokens per program, warps): {_tune.choices()}", flush=True)
     return rec.finish()
 
