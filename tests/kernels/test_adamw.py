@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import copy
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-
 from vlr_kernels import BackendUnavailable, adamw_step, adamw_step_ref
+
+from tests.runtime.helpers import run_quick_benchmark
 from vlr_runtime.config import OptimConfig
 from vlr_runtime.training.optim import MasterAdamW, clip_factor, clip_gradients
 
-REPO = Path(__file__).resolve().parents[2]
 HP = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
 
@@ -222,10 +218,7 @@ def test_bench_adamw_quick(tmp_path):
     """``benchmarks/bench_adamw.py --quick`` times both providers (the kernel through the interpreter) and writes
     GB/s rows; a provider that failed would be a skip line, not a row."""
     out = tmp_path / "rows.csv"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_adamw.py"), "--quick", "--csv", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=110, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_quick_benchmark("bench_adamw.py", out, 110, interpret=True)
     rows = list(csv.DictReader(out.open()))
     got = {(r["provider"], r["mode"], r["metric"]) for r in rows}
     assert {(p, "step", m) for p in ("torch", "ours") for m in ("ms", "GB/s", "pct_copy_bw")} <= got
