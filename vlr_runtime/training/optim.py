@@ -9,9 +9,9 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-
 from vlr_kernels._backend import check_backend
 from vlr_kernels.adamw import adamw_step
+
 from vlr_runtime.config import FREEZE_GROUPS, OptimConfig
 
 
@@ -34,6 +34,16 @@ def freeze_groups(groups: dict[str, list[nn.Parameter]], freeze: list[str]) -> l
     if not trainable:
         raise ValueError("every parameter is frozen: nothing to train")
     return trainable
+
+
+def adam_step_tensor(group: dict, device: torch.device, step: float = 0.0) -> torch.Tensor:
+    """The 0-d ``step`` entry torch's Adam/AdamW keeps for a parameter of param group ``group`` on ``device``:
+    float32 (float64 under a float64 default dtype, except for the fused implementation), on ``device`` for the
+    fused/capturable implementations, else on the CPU."""
+    fused = bool(group.get("fused"))
+    wide = not fused and torch.get_default_dtype() == torch.float64
+    return torch.tensor(float(step), dtype=torch.float64 if wide else torch.float32,
+                        device=device if fused or group.get("capturable") else "cpu")
 
 
 class MasterAdamW:
@@ -134,14 +144,11 @@ class MasterAdamW:
 
     def _state(self, master: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
         """The AdamW state of ``master``, created at its first step as torch's AdamW creates it: zero moments like
-        the master and a 0-d zero ``step``, float32 on the master's device for torch's fused implementation (so on
-        CUDA, where the kernel reads it), else on the CPU (the master's device in the CPU tests)."""
+        the master and a zero :func:`adam_step_tensor` (on the master's device with torch's fused implementation,
+        so on CUDA, where the kernel reads it; on the CPU otherwise, the master's device in the CPU tests)."""
         state = self.optimizer.state[master]
         if not state:
-            on_device = group["fused"] or group["capturable"]
-            wide = not group["fused"] and torch.get_default_dtype() == torch.float64
-            state["step"] = torch.zeros((), dtype=torch.float64 if wide else torch.float32,
-                                        device=master.device if on_device else "cpu")
+            state["step"] = adam_step_tensor(group, master.device)
             state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
         return state

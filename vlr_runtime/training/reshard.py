@@ -30,7 +30,7 @@ from vlr_runtime.checkpoint.hf import full_tensors
 from vlr_runtime.model import RewardModel
 from vlr_runtime.model.hf_names import ParamSpec, hf_param_specs, local_value
 from vlr_runtime.parallel import get_context
-from vlr_runtime.training.optim import MasterAdamW
+from vlr_runtime.training.optim import MasterAdamW, adam_step_tensor
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 Optimizer = MasterAdamW | MegatronOptimizer
@@ -134,12 +134,10 @@ def canonical_tensors(chunks: Sequence[RewardModel], optimizer: Optimizer, *, tp
 def _set_adam_state(inner: torch.optim.Optimizer, main: torch.Tensor, step: int, moment: Callable[[str], torch.Tensor]
                     ) -> None:
     """Adam state of ``main`` (the tensor ``inner`` updates) after ``step`` steps, moments ``moment(name)`` (any
-    device/dtype), placed as torch's AdamW keeps it: moments like ``main``, the step a float32 scalar on the CPU, or
-    on ``main``'s device for the fused/capturable implementations."""
+    device/dtype), placed as torch's AdamW keeps it: moments like ``main``, the step as :func:`adam_step_tensor`."""
     group = next(g for g in inner.param_groups if any(p is main for p in g["params"]))
-    on_device = group.get("fused") or group.get("capturable")
     inner.state[main] = {
-        "step": torch.tensor(float(step), dtype=torch.float32, device=main.device if on_device else "cpu"),
+        "step": adam_step_tensor(group, main.device, step),
         **{k: moment(k).to(device=main.device, dtype=main.dtype).clone() for k in MOMENTS}}
 
 
