@@ -57,7 +57,15 @@ def build_models(quick: bool, dtype: torch.dtype, device: torch.device):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: seconds instead of a minute of CPU init at 7B widths
-        hf = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+        hf = Qwen2_5_VLForConditionalGeneration(config)
+    # Module.to(dtype) also casts the rotary inv_freq buffers, which from_pretrained(dtype=bf16) keeps in fp32:
+    # bf16-rounded frequencies (relative error up to 2^-9) put the LLM's fastest rotary angle ~2 rad off by
+    # position 1,000, an error that stock transformers does not have. Keep them in fp32.
+    keep = {n: b.detach().clone() for n, b in hf.named_buffers() if n.rsplit(".", 1)[-1].endswith("inv_freq")}
+    hf = hf.to(dtype)
+    for n, b in keep.items():
+        owner, _, attr = n.rpartition(".")
+        setattr(hf.get_submodule(owner), attr, b)
     h = text["hidden_size"]
     head_w = (torch.randn(h) / h**0.5).to(device, dtype)
     head_b = torch.zeros(1, device=device, dtype=dtype)

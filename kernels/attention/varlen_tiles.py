@@ -4,6 +4,7 @@ per-tile ranges of blocks that need a mask, and the host-side launch sizes."""
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -183,16 +184,20 @@ _TABLES = {
 
 def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kernel: str,
                       block_m: int | None = None, block_n: int | None = None,
-                      shared: bool = False) -> list[dict[str, int]]:
+                      shared: bool = False, flat: bool | None = None) -> list[dict[str, int]]:
     """Launch configurations of one kernel (``fwd``, ``dkdv``, ``dq``), default first, duplicates removed:
     tiles shrink to the longest segment for short windows (fewer registers there: 4 warps are enough);
     ``block_m``/``block_n`` override every candidate's tiles (tests use them to exercise multi-tile paths);
-    ``shared``: only candidates that fit the shared-prompt specialisation. dkdv configurations carry
-    ``FLAT`` and ``SPLIT`` (see :class:`Tile`)."""
+    ``shared``: only candidates that fit the shared-prompt specialisation; ``flat``: include the flat dK/dV
+    candidates (default: only when ``VLR_ATTN_FLAT=1``; run C on an H100 hit an illegal address in the first
+    one, see the note in ``varlen_triton._dkdv_flat``). dkdv configurations carry ``FLAT`` and ``SPLIT``
+    (see :class:`Tile`)."""
+    if flat is None:
+        flat = os.environ.get("VLR_ATTN_FLAT", "0") == "1"
     table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
     out: list[dict[str, int]] = []
     for t in table:
-        if shared and not t.shared:
+        if (shared and not t.shared) or (t.flat and not flat):
             continue
         bm = block_m or pick_block(max_seqlen_q, t.block_m)
         bn = block_n or pick_block(max_seqlen_k, t.block_n)

@@ -224,15 +224,24 @@ def _dkdv_flat(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ, LSE, DELTA, q_star
     software pipeline filled across heads instead of draining it 3 x GROUP times per program."""
     q_off = q_start.to(tl.int64)
     n_blk = tl.cdiv(hi - lo, BLOCK_M)
-    for it in range(HEADS * n_blk):
-        g = it // n_blk
-        hq = hq0 + g
+    # (head, block) advance as loop-carried counters, not ``it // n_blk``: the software pipeliner computes
+    # the addresses of later iterations ahead of the loop, and for an empty range (n_blk = 0) that was a
+    # division by zero - the suspected (unconfirmed) cause of run C's illegal address on an H100 from the
+    # first flat candidate (32x64, 3 stages). Flat candidates stay opt-in (VLR_ATTN_FLAT=1) until a GPU run
+    # passes them all.
+    hq = hq0
+    start_m = lo
+    for _ in range(HEADS * n_blk):
         dk0, dk1, dv0, dv1 = _dkdv_step(
             dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + q_off * stride_qt + hq * stride_qh,
             DO + q_off * stride_dot + hq * stride_doh, DQ + q_off * stride_dqt + hq * stride_dqh,
             LSE + hq.to(tl.int64) * total_q + q_start, DELTA + hq.to(tl.int64) * total_q + q_start, stride_qt,
-            stride_dot, stride_dqt, offs_n, lo + (it - g * n_blk) * BLOCK_M, len_q, len_k, diff, prefix,
-            split, sm_scale, qk_scale, MASK, CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
+            stride_dot, stride_dqt, offs_n, start_m, len_q, len_k, diff, prefix, split, sm_scale, qk_scale,
+            MASK, CAUSAL, SHARED, FUSE_DQ, BLOCK_M, D0, D1, HEAD_DIM, PREC)
+        start_m += BLOCK_M
+        wrap = start_m >= hi
+        start_m = tl.where(wrap, lo, start_m)
+        hq = tl.where(wrap, hq + 1, hq)
     return dk0, dk1, dv0, dv1
 
 

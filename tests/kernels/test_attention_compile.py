@@ -61,8 +61,8 @@ def variant(name, kernel, head_dim, cfg, causal=True, shared=True, **constexprs)
 for hd, seq, group, mask, label in ((80, 8100, 1, False, "hd80"), (128, 4096, 7, True, "hd128_gqa")):
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "fwd")):
         variant(f"fwd_{label}_{i}", vt._varlen_attn_fwd_kernel, hd, cfg, mask, mask, GROUP=group)
-    shared_ok = vt.launch_candidates(hd, seq, seq, "dkdv", shared=True)
-    for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dkdv")):
+    shared_ok = vt.launch_candidates(hd, seq, seq, "dkdv", shared=True, flat=True)
+    for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dkdv", flat=True)):
         flat = "_flat" if cfg["FLAT"] else ""
         heads = 1 if cfg["SPLIT"] else group
         consts = {k: v for k, v in cfg.items() if k != "SPLIT"}

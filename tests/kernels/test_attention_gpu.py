@@ -140,7 +140,7 @@ def _candidate_cases() -> list[tuple[str, dict]]:
     out = []
     for case in ("llm_gqa", "pairs"):
         lens, _, _, d, _, shared = CASES[case]
-        for cfg in launch_candidates(d, max(lens), max(lens), "dkdv", shared=shared is not None):
+        for cfg in launch_candidates(d, max(lens), max(lens), "dkdv", shared=shared is not None, flat=True):
             out.append((case, {"dkdv": cfg}))
     lens, hq, hkv, d, _, _ = CASES["windows"]
     for kernel in ("fwd", "dkdv"):
@@ -152,6 +152,7 @@ def _candidate_cases() -> list[tuple[str, dict]]:
 
 @pytest.mark.parametrize("case,configs", _candidate_cases(),
                          ids=[f"{c}-{kernel}-{'-'.join(str(int(x)) for x in cfg[kernel].values())}"
+                              + ("-flat" if cfg[kernel].get("FLAT") else "")
                               for c, cfg in _candidate_cases() for kernel in cfg])
 def test_every_candidate_bf16_rule(case, configs):
     from vlr_kernels.attention.varlen_triton import varlen_attention_bwd, varlen_attention_fwd

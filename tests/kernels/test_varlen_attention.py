@@ -301,12 +301,26 @@ def test_dkdv_candidates_cover_the_variants():
     specialisation leaves out the tiles that spill there."""
     from vlr_kernels.attention.varlen_tiles import launch_candidates
 
-    cands = launch_candidates(128, 4096, 4096, "dkdv")
+    cands = launch_candidates(128, 4096, 4096, "dkdv", flat=True)
     assert cands[0] == dkdv_config(16, 64, False, False, warps=8)
     assert {(c["FLAT"], c["SPLIT"]) for c in cands} == {(False, False), (True, False), (True, True)}
-    shared = launch_candidates(128, 4096, 4096, "dkdv", shared=True)
+    shared = launch_candidates(128, 4096, 4096, "dkdv", shared=True, flat=True)
     assert dkdv_config(64, 64, True, False, warps=8) in cands
     assert dkdv_config(64, 64, True, False, warps=8) not in shared and shared[0] == cands[0]
+
+
+def test_flat_candidates_are_opt_in(monkeypatch):
+    """The flat dK/dV candidates reach the tuner only with VLR_ATTN_FLAT=1 (or flat=True): their first GPU run
+    hit an illegal address, which no tuner can survive (the CUDA context is lost)."""
+    from vlr_kernels.attention.varlen_tiles import launch_candidates
+
+    monkeypatch.delenv("VLR_ATTN_FLAT", raising=False)
+    default = launch_candidates(128, 4096, 4096, "dkdv")
+    assert default and not any(c["FLAT"] for c in default)
+    assert default == launch_candidates(128, 4096, 4096, "dkdv", flat=False)
+    monkeypatch.setenv("VLR_ATTN_FLAT", "1")
+    assert launch_candidates(128, 4096, 4096, "dkdv") == launch_candidates(128, 4096, 4096, "dkdv", flat=True)
+    assert sum(c["FLAT"] for c in launch_candidates(128, 4096, 4096, "dkdv")) >= 4
 
 
 def test_public_triton_autograd_noncontiguous_inputs():

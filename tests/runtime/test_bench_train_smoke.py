@@ -30,3 +30,33 @@ def test_bench_train_quick(tmp_path):
             ("planner", "est_GiB"), ("ours_vs_hf", "rel_diff"), ("ours_plain_vs_hf", "rel_diff"),
             ("ours_plain/hf_sdpa", "tok/s ratio")} <= metrics
     assert all(float(r["p50"]) > 0 for r in written if r["metric"] in ("ms", "tok/s", "est_GiB"))
+
+
+def test_bench_models_keep_rotary_frequencies_in_fp32():
+    """The stock model of bench_model/bench_train in bf16 keeps its rotary inv_freq buffers in fp32, as
+    ``from_pretrained(dtype=torch.bfloat16)`` does; ``Module.to(bf16)`` alone would round them (the LLM's fastest
+    rotary angle then drifts ~2 rad by position 1,000)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_model import build_models
+
+    from vlr_runtime.parallel import setup_distributed, teardown
+
+    setup_distributed(1)
+    try:
+        hf, _, _, _ = build_models(True, torch.bfloat16, torch.device("cpu"))
+        fp32, _, _, _ = build_models(True, torch.float32, torch.device("cpu"))
+    finally:
+        teardown()
+    freqs = {n: b for n, b in hf.named_buffers() if n.endswith("inv_freq")}
+    assert len(freqs) >= 3  # the LLM's (inv_freq, original_inv_freq) and the vision tower's
+    ref = dict(fp32.named_buffers())
+    for n, b in freqs.items():
+        assert b.dtype == torch.float32, n
+        assert torch.equal(b, ref[n]), n
+        assert not torch.equal(b, b.bfloat16().float()), n  # the values bf16 would have rounded
+    assert next(hf.model.language_model.parameters()).dtype == torch.bfloat16
