@@ -189,11 +189,12 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
     tiles shrink to the longest segment for short windows (fewer registers there: 4 warps are enough);
     ``block_m``/``block_n`` override every candidate's tiles (tests use them to exercise multi-tile paths);
     ``shared``: only candidates that fit the shared-prompt specialisation; ``flat``: include the flat dK/dV
-    candidates (default: only when ``VLR_ATTN_FLAT=1``; run C on an H100 hit an illegal address in the first
-    one, see the note in ``varlen_triton._dkdv_flat``). dkdv configurations carry ``FLAT`` and ``SPLIT``
-    (see :class:`Tile`)."""
+    candidates (default: yes unless ``VLR_ATTN_FLAT=0``, the switch that keeps them from the tuner should a GPU
+    fail them: run C on an H100 hit an illegal address in the first one before the loop change noted in
+    ``varlen_triton._dkdv_flat``; run D passed all ten of their GPU tests). dkdv configurations carry ``FLAT``
+    and ``SPLIT`` (see :class:`Tile`)."""
     if flat is None:
-        flat = os.environ.get("VLR_ATTN_FLAT", "0") == "1"
+        flat = os.environ.get("VLR_ATTN_FLAT", "1") != "0"
     table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
     out: list[dict[str, int]] = []
     for t in table:

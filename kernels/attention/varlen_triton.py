@@ -226,9 +226,9 @@ def _dkdv_flat(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ, LSE, DELTA, q_star
     n_blk = tl.cdiv(hi - lo, BLOCK_M)
     # (head, block) advance as loop-carried counters, not ``it // n_blk``: the software pipeliner computes
     # the addresses of later iterations ahead of the loop, and for an empty range (n_blk = 0) that was a
-    # division by zero - the suspected (unconfirmed) cause of run C's illegal address on an H100 from the
-    # first flat candidate (32x64, 3 stages). Flat candidates stay opt-in (VLR_ATTN_FLAT=1) until a GPU run
-    # passes them all.
+    # division by zero. With ``it // n_blk``, run C (H100) hit an illegal address in the first flat candidate
+    # (32x64, 3 stages); with the counters, run D passed every flat candidate's bf16 test and the tuner picked
+    # one for the LLM backward. The division is the likely cause, not a proven one (no sanitizer run).
     hq = hq0
     start_m = lo
     for _ in range(HEADS * n_blk):
