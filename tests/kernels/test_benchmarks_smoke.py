@@ -8,6 +8,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,28 @@ def test_quick_benchmarks_write_rows(tmp_path):
                 assert (kernel, provider, mode) in timed
     assert all(float(r["p50"]) > 0 for r in rows), "a zero was written as data"
     assert "## All kernel benchmarks" in proc.stdout
+
+
+def test_time_ms_caps_the_reps_of_slow_calls(monkeypatch):
+    """A call slower than SLOW_CALL_MS (judged on the second warm-up call) gets no more warm-up and SLOW_REP timed
+    calls; a fast one keeps its warm-up and reps."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    import _common
+
+    monkeypatch.setattr(_common, "SLOW_CALL_MS", 5.0)
+    calls = {"slow": 0, "fast": 0}
+
+    def slow() -> None:
+        calls["slow"] += 1
+        time.sleep(0.01)
+
+    def fast() -> None:
+        calls["fast"] += 1
+
+    cpu = torch.device("cpu")
+    p50, p20, p80 = _common.time_ms(slow, cpu, warmup=4, rep=20)
+    assert calls["slow"] == 2 + _common.SLOW_REP and p20 <= p50 <= p80 and p50 >= 10.0
+    _common.time_ms(fast, cpu, warmup=4, rep=20)
+    assert calls["fast"] == 4 + 20
