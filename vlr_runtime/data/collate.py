@@ -20,7 +20,14 @@ from vlr_runtime.data.images import DEFAULT_MAX_DECODE_PIXELS, decode_image, ima
 from vlr_runtime.data.positions import mrope_position_ids
 from vlr_runtime.data.processor import ImageProcessorConfig, image_grid, process_image
 from vlr_runtime.data.tokenize import ChatTokenizer, LengthPolicy
-from vlr_runtime.data.types import PackedBatch, PairExample, ProcessedImage, ProcessedSequence, RankExample
+from vlr_runtime.data.types import (
+    PackedBatch,
+    PairExample,
+    ProcessedImage,
+    ProcessedSequence,
+    RankExample,
+    image_token_index,
+)
 
 
 @dataclass(kw_only=True)
@@ -148,6 +155,10 @@ def collate(
 ) -> PackedBatch:
     """Pack ``examples`` into one :class:`PackedBatch` (no padding); see the module docstring for the layouts.
 
+    The batch carries the host-side image facts (``image_grid_thw_host``, ``image_token_pos``,
+    ``image_token_rows``) that let the model run without host synchronisations; raises ValueError when the
+    placeholder tokens do not match the image groups.
+
     Image groups of one sequence must be separated by at least one text token (the Qwen template always wraps them
     in ``<|vision_start|>``/``<|vision_end|>``).
     """
@@ -200,6 +211,12 @@ def collate(
     index = torch.tensor(image_index, dtype=torch.int64)
     pre = torch.tensor(prefix_lens, dtype=torch.int32) if shared_prompt else None
     spl = torch.tensor(split_lens, dtype=torch.int32) if shared_prompt else None
+    sample_ids = [ex.id for ex in examples]
+    # Host-known image facts, so that the model never reads them back from the device (see PackedBatch); checked
+    # here first, for the clearest message about placeholders that do not match the images.
+    token_pos, token_rows = image_token_index(input_ids, grid if grid_rows else None, index,
+                                              image_token_id=image_token_id, spatial_merge_size=merge_size,
+                                              sample_ids=sample_ids)
     position_ids = mrope_position_ids(
         input_ids, cu, grid[index], image_token_id=image_token_id, spatial_merge_size=merge_size,
         prefix_lens=pre, split_lens=spl,
@@ -218,7 +235,10 @@ def collate(
         image_index=index if grid_rows else None,
         prefix_lens=pre,
         split_lens=spl,
-        sample_ids=[ex.id for ex in examples],
+        sample_ids=sample_ids,
+        image_grid_thw_host=grid.clone() if grid_rows else None,
+        image_token_pos=token_pos,
+        image_token_rows=token_rows,
     )
 
 

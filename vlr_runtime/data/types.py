@@ -13,8 +13,9 @@ Plain strings are normalised by the readers into that form (``content`` always a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -106,6 +107,22 @@ class PackedBatch:
     """``[N]`` int32 length of prompt+chosen per segment (shared-prompt layout only)."""
     sample_ids: list[str] = field(default_factory=list)
     """Row ids of the pairs/rows in this batch (for error messages and metrics)."""
+    image_grid_thw_host: torch.Tensor | None = None
+    """``[I, 3]`` int64 on the host: ``image_grid_thw`` again, a copy :meth:`to` never moves, so that the model's
+    host-side work on the grids (vision window metadata, row counts) reads nothing back from the device."""
+    image_token_pos: torch.Tensor | None = None
+    """``[P]`` int64 rows of the packed token axis holding ``<|image_pad|>``, in order (P = all placeholders)."""
+    image_token_rows: torch.Tensor | None = None
+    """``[P]`` int64, for each of those tokens, the row of the vision tower output (merged units of the unique
+    images, in image order) whose embedding replaces it.
+
+    The three fields above are host-known facts that :func:`vlr_runtime.data.collate.collate` computes (and checks
+    against the image groups) on the CPU, so that a forward and backward of the model on a CUDA device never waits
+    for the GPU. A batch without them (built by hand) still works: the model then derives them from the device
+    tensors, with host synchronisations (see :func:`image_token_index`)."""
+
+    HOST_FIELDS: ClassVar[frozenset[str]] = frozenset({"image_grid_thw_host"})
+    """Tensor fields that stay on the host in :meth:`to`."""
 
     @property
     def num_tokens(self) -> int:
@@ -115,10 +132,62 @@ class PackedBatch:
     def num_images(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
-        """Move every tensor field to ``device`` (non-blocking where possible)."""
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """Every tensor field but :attr:`HOST_FIELDS` moved to ``device`` with :func:`to_device` (non-blocking)."""
+        device = torch.device(device)
         out = {}
-        for name in self.__dataclass_fields__:
-            v = getattr(self, name)
-            out[name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = to_device(v, device) if isinstance(v, torch.Tensor) and f.name not in self.HOST_FIELDS else v
         return PackedBatch(**out)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait: a non-blocking copy, from page-locked memory when it
+    goes from the host to a CUDA device (from pageable memory the driver may wait for the GPU queue to drain
+    before it can stage the copy). The host tensor must not be modified afterwards."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def image_token_index(
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    image_index: torch.Tensor | None,
+    *,
+    image_token_id: int,
+    spatial_merge_size: int,
+    sample_ids: list[str] | tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_token_pos [P], image_token_rows [P])`` of a packed batch (see :class:`PackedBatch`).
+
+    Args:
+        input_ids: ``[T]`` packed tokens.
+        image_grid_thw: ``[I, 3]`` grid of each unique image, or None for a batch without images.
+        image_index: ``[G]`` image of each placeholder group in token order (None: group g is image g).
+    Group g holds ``t*h*w / spatial_merge_size**2`` tokens of its image. Raises ValueError when the placeholder
+    count differs from what the image groups need. Reads the values of its inputs: on CUDA tensors that is a host
+    synchronisation; :func:`~vlr_runtime.data.collate.collate` calls it on the host tensors.
+    """
+    pos = (input_ids == image_token_id).nonzero().squeeze(1)
+    if image_grid_thw is None or image_grid_thw.shape[0] == 0:
+        if pos.numel():
+            raise ValueError(f"batch has {pos.numel()} <|image_pad|> tokens but no images (ids {list(sample_ids)})")
+        return pos, pos.clone()
+    tokens_per_image = image_grid_thw.prod(-1) // spatial_merge_size**2
+    if image_index is None:
+        image_index = torch.arange(image_grid_thw.shape[0], device=image_grid_thw.device)
+    group_sizes = tokens_per_image[image_index]
+    total = int(group_sizes.sum())
+    if total != pos.numel():
+        raise ValueError(f"{pos.numel()} <|image_pad|> tokens but the image groups need {total} "
+                         f"(ids {list(sample_ids)})")
+    # Row for every placeholder token: its image's first row + its offset inside the group.
+    image_start = torch.cumsum(tokens_per_image, 0) - tokens_per_image
+    group_start = torch.cumsum(group_sizes, 0) - group_sizes
+    offset = torch.arange(total, device=group_sizes.device) - torch.repeat_interleave(
+        group_start, group_sizes, output_size=total)
+    rows = torch.repeat_interleave(image_start[image_index], group_sizes, output_size=total) + offset
+    return pos, rows.to(pos.device)

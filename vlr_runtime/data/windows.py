@@ -13,11 +13,12 @@ The C++ twin lives in ``csrc/data_index.cpp`` (see :mod:`vlr_runtime.data.native
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from vlr_runtime.data import native
+from vlr_runtime.data.types import to_device
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,19 @@ class VisionWindows:
     max_seqlen: int
     rope_position_ids: torch.Tensor
     """``[N, 2]`` int64 (row, col) of each patch for the 2D vision rotary embedding, in the un-permuted order."""
+
+    def to(self, device: torch.device | str) -> VisionWindows:
+        """The same metadata on ``device``: the five index tensors travel as ONE int64 buffer in one non-blocking
+        copy (:func:`~vlr_runtime.data.types.to_device`), so the host never waits for the device."""
+        tensors = (self.window_index, self.reverse_index, self.cu_window_seqlens, self.cu_seqlens,
+                   self.rope_position_ids)
+        device = torch.device(device)
+        if all(t.device == device for t in tensors):
+            return self
+        flat = to_device(torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]), device)
+        wi, rev, cu_window, cu_full, rope = flat.split([t.numel() for t in tensors])
+        return replace(self, window_index=wi, reverse_index=rev, cu_window_seqlens=cu_window.to(torch.int32),
+                       cu_seqlens=cu_full.to(torch.int32), rope_position_ids=rope.view(-1, 2))
 
 
 def _check_grid(grid_thw: torch.Tensor, spatial_merge_size: int) -> torch.Tensor:

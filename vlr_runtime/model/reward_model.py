@@ -9,7 +9,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from torch import nn
 from vlr_kernels.reward_loss import fused_reward_loss, gather_scored_rows, reward_scores
 
-from vlr_runtime.data.types import PackedBatch
+from vlr_runtime.data.types import PackedBatch, image_token_index
 from vlr_runtime.model.args import ModelArgs
 from vlr_runtime.model.language import LanguageModel
 from vlr_runtime.model.layers import parallel_config, training_config
@@ -104,33 +104,41 @@ class RewardModel(nn.Module):
         """Token embeddings ``[T, H]`` with every ``<|image_pad|>`` row replaced by its image's vision embedding.
 
         Each unique image (``batch.pixel_values``) is encoded once; ``batch.image_index [G]`` says which image fills
-        the G-th placeholder group, so images shared by chosen and rejected are reused, not re-encoded.
+        the G-th placeholder group, so images shared by chosen and rejected are reused, not re-encoded. With the
+        host-side fields of a collated batch (``image_grid_thw_host``, ``image_token_pos``/``rows``) nothing here
+        makes the host wait for the device.
         """
         embeds = self.language.embed(batch.input_ids)
-        image_pos = (batch.input_ids == self.args.image_token_id).nonzero().squeeze(1)
+        image_pos, rows = self._image_token_index(batch)
         if batch.num_images == 0:
-            if image_pos.numel():
-                raise ValueError(f"batch has {image_pos.numel()} <|image_pad|> tokens but no images "
-                                 f"(ids {batch.sample_ids})")
             return embeds
         if batch.pixel_values is None:
             raise ValueError("image_grid_thw is set but pixel_values is None")
-        grid = batch.image_grid_thw
+        grid = batch.image_grid_thw if batch.image_grid_thw_host is None else batch.image_grid_thw_host
         image_embeds = self.vision(batch.pixel_values, grid)
-        tokens_per_image = grid.prod(-1) // self.args.vision.spatial_merge_size**2
-        image_index = (batch.image_index if batch.image_index is not None
-                       else torch.arange(grid.shape[0], device=grid.device))
-        group_sizes = tokens_per_image[image_index]
-        total = int(group_sizes.sum())
-        if total != image_pos.numel():
-            raise ValueError(f"{image_pos.numel()} <|image_pad|> tokens but the image groups need {total} "
-                             f"(ids {batch.sample_ids})")
-        # Row of image_embeds for every placeholder token: its image's first row + its offset inside the group.
-        image_start = torch.cumsum(tokens_per_image, 0) - tokens_per_image
-        group_start = torch.cumsum(group_sizes, 0) - group_sizes
-        offset = torch.arange(total, device=grid.device) - torch.repeat_interleave(group_start, group_sizes)
-        rows = torch.repeat_interleave(image_start[image_index], group_sizes) + offset
         return embeds.index_put((image_pos,), image_embeds[rows.to(image_embeds.device)].to(embeds.dtype))
+
+    def _image_token_index(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_token_pos [P], image_token_rows [P])`` (see :class:`PackedBatch`): the batch's own, or, for a
+        batch without them, derived from its device tensors (host synchronisations; the same checks)."""
+        pos, rows = batch.image_token_pos, batch.image_token_rows
+        if pos is None or rows is None:
+            return image_token_index(batch.input_ids, batch.image_grid_thw, batch.image_index,
+                                     image_token_id=self.args.image_token_id,
+                                     spatial_merge_size=self.args.vision.spatial_merge_size,
+                                     sample_ids=batch.sample_ids)
+        # collate checked them against the image groups on the host; what is left to check uses shapes (host-known)
+        # and, for their agreement with input_ids, one device-side assertion instead of a read-back.
+        if pos.shape != rows.shape:
+            raise ValueError(f"image_token_pos {tuple(pos.shape)} and image_token_rows {tuple(rows.shape)} differ "
+                             f"(ids {batch.sample_ids})")
+        if batch.num_images == 0 and pos.numel():
+            raise ValueError(f"batch has {pos.numel()} <|image_pad|> tokens but no images (ids {batch.sample_ids})")
+        is_image = batch.input_ids == self.args.image_token_id
+        torch._assert_async((is_image.sum() == pos.numel()) & is_image[pos].all(),
+                            f"image_token_pos does not list exactly the <|image_pad|> tokens of input_ids (ids "
+                            f"{batch.sample_ids})")
+        return pos, rows
 
     def stage_tokens(self, batch: PackedBatch) -> int:
         """Rows of the hidden states this rank holds between layers (and passes between pipeline stages): ``T``, or

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from vlr_kernels.rotary import apply_rotary_qk, rope_inv_freq, vision_rope_cos_sin
 
+from vlr_runtime.data.types import to_device
 from vlr_runtime.data.windows import vision_windows
 from vlr_runtime.model.args import VisionArgs
 from vlr_runtime.model.layers import CoreAttention, RMSNorm, SwiGLUMLP, column_linear, row_linear, run_layer
@@ -114,7 +115,11 @@ class VisionTower(nn.Module):
         return self.patch_embed.requires_grad or any(p.requires_grad for p in self.blocks.parameters())
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """``pixel_values [N, patch_dim]``, ``grid_thw [I, 3]`` -> ``[N / merge**2, out_hidden]`` (images in order)."""
+        """``pixel_values [N, patch_dim]``, ``grid_thw [I, 3]`` -> ``[N / merge**2, out_hidden]`` (images in order).
+
+        ``grid_thw`` may be on the host whatever the device of ``pixel_values`` (``PackedBatch.image_grid_thw_host``):
+        the window metadata and the row checks are host work, so the host then never waits for the device; a grid
+        on the device is read back once (a host synchronisation)."""
         a = self.args
         if pixel_values.dim() != 2 or pixel_values.shape[1] != a.patch_dim:
             raise ValueError(f"pixel_values must be [N, {a.patch_dim}], got {tuple(pixel_values.shape)}")
@@ -129,13 +134,13 @@ class VisionTower(nn.Module):
         return self.merger(x)
 
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + blocks: ``[N, patch_dim]`` -> ``[N, C]`` in image order (merge units contiguous)."""
+        """Patch embedding + blocks: ``[N, patch_dim]`` -> ``[N, C]`` in image order (merge units contiguous);
+        ``grid_thw`` on the host or the device, as in :meth:`forward`."""
         a = self.args
-        meta = vision_windows(grid_thw.cpu(), spatial_merge_size=a.spatial_merge_size, window_size=a.window_size,
-                              patch_size=a.patch_size)
         dev = pixel_values.device
-        window_index = meta.window_index.to(dev, non_blocking=True)
-        cu_window, cu_full = meta.cu_window_seqlens.to(dev), meta.cu_seqlens.to(dev)
+        meta = vision_windows(grid_thw.cpu(), spatial_merge_size=a.spatial_merge_size, window_size=a.window_size,
+                              patch_size=a.patch_size).to(dev)
+        window_index, cu_window, cu_full = meta.window_index, meta.cu_window_seqlens, meta.cu_seqlens
         n, unit = pixel_values.shape[0], a.spatial_merge_size**2
 
         def to_window_order(t: torch.Tensor) -> torch.Tensor:
@@ -144,8 +149,8 @@ class VisionTower(nn.Module):
         x = to_window_order(pixel_values.to(self.patch_embed.dtype) @ self.patch_embed.t())
         # Same frequencies for rows and columns, each over head_dim/2 of the rotated dims (HF "axial" rope); kept in
         # float32 whatever the parameter dtype, as transformers does.
-        inv_freq = rope_inv_freq(a.head_dim // 2, a.rope_theta).to(dev)
-        cos, sin = vision_rope_cos_sin(meta.rope_position_ids.to(dev), inv_freq)
+        inv_freq = to_device(rope_inv_freq(a.head_dim // 2, a.rope_theta), dev)
+        cos, sin = vision_rope_cos_sin(meta.rope_position_ids, inv_freq)
         cos, sin = to_window_order(cos), to_window_order(sin)
         for i, block in enumerate(self.blocks):
             if i in self.full_attention:
@@ -153,7 +158,7 @@ class VisionTower(nn.Module):
             else:
                 x = run_layer(block, self.recompute, x, cos, sin, cu_window, meta.max_window_seqlen)
         # The merger maps each merge unit on its own, so units go back to image order before it, not after.
-        return x.reshape(n // unit, unit, -1)[meta.reverse_index.to(dev)].reshape(n, -1)
+        return x.reshape(n // unit, unit, -1)[meta.reverse_index].reshape(n, -1)
 
     @torch.no_grad()
     def _encode_split(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, group) -> torch.Tensor:
