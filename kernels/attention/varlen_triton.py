@@ -549,6 +549,7 @@ def varlen_attention_bwd(
     def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = default_dq) -> None:
         # timed with the passes each candidate needs: delta, and the dQ pass unless it fuses dQ
         if cfg.get("WINDOW"):
+            # cfg's constexprs: BLOCK, HEADS, STAGES and RECOMPUTE (1: the kernel leaves out and lse unread)
             cfg = {k: v for k, v in cfg.items() if k != "WINDOW"}
             _window_bwd_kernel[(n_seg, hkv // cfg["HEADS"])](
                 q, k, v, out, dout, lse, dq, dk, dv, *seg_meta, *common_strides[:6], out.stride(0),

@@ -267,22 +267,59 @@ def test_triton_dkdv_variants(split):
     check_triton(windows, windows, 4, 2, 80, False, configs={"dkdv": dkdv_config(32, 64, True, split)})
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["4heads-2stages", "2heads-3stages"])
+WINDOW_IDS = ["4heads-2stages", "2heads-3stages", "4heads-2stages-recompute", "2heads-3stages-recompute"]
+
+
+@pytest.mark.parametrize("which", range(4), ids=WINDOW_IDS)
 def test_triton_one_tile_window_kernels(which):
     """The one-tile kernels (a program per segment and 2 or 4 heads, pipelined head loop; in-kernel delta; dQ,
-    dK, dV written directly): windows of 0..64 rows at hd 80, end-aligned causal rows without keys, fp16, GQA
-    forward with the general backward."""
+    dK, dV written directly), every dK/dV candidate (the last two recompute the softmax and delta instead of
+    reading O and LSE) with the forward of its shape: windows of 0..64 rows at hd 80 and 88 (64 + 32 with 8
+    padding columns), causal and not, end-aligned causal rows without keys, fp16, GQA forward with the general
+    backward."""
     from vlr_kernels.attention.varlen_windows import window_candidates
 
-    fwd = window_candidates(80, 64, 64, 4, 1, "fwd")[which]
+    fwd = window_candidates(80, 64, 64, 4, 1, "fwd")[which % 2]
     bwd = window_candidates(80, 64, 64, 4, 1, "dkdv")[which]
     assert fwd["BLOCK"] == 64 and (fwd["HEADS"], fwd["STAGES"]) == (bwd["HEADS"], bwd["STAGES"])
+    assert bwd["RECOMPUTE"] == (which >= 2)
+    configs = {"fwd": fwd, "dkdv": bwd}
     windows = [1, 7, 64, 0, 20, 33]
-    check_triton(windows, windows, 4, 4, 80, which == 1, configs={"fwd": fwd, "dkdv": bwd})
-    check_triton([5, 64, 17], [5, 64, 17], 4, 4, 96, which == 0, configs={"fwd": fwd, "dkdv": bwd})  # 64 + 32
+    check_triton(windows, windows, 4, 4, 80, which % 2 == 1, configs=configs)
+    check_triton([5, 64, 17], [5, 64, 17], 4, 4, 88, which % 2 == 0, configs=configs)
+    if bwd["RECOMPUTE"]:  # the new path gets both masks at both head dims
+        check_triton(windows, windows, 4, 4, 80, which % 2 == 0, configs=configs)
+        check_triton([5, 64, 17], [5, 64, 17], 4, 4, 88, which % 2 == 1, configs=configs)
     small = {"fwd": {**fwd, "BLOCK": 16}, "dkdv": {**bwd, "BLOCK": 16}}
     check_triton([3, 9, 5], [7, 4, 0], 4, 4, 16, True, dtype=torch.float16, configs=small)
-    check_triton([3, 9, 5], [7, 4, 0], 8, 2, 16, which != 1, configs={"fwd": small["fwd"]})
+    if not bwd["RECOMPUTE"]:  # the forward of this shape once is enough
+        check_triton([3, 9, 5], [7, 4, 0], 8, 2, 16, which != 1, configs={"fwd": small["fwd"]})
+
+
+def test_window_recompute_reads_neither_out_nor_lse():
+    """The recomputing dK/dV candidate's gradients do not depend on the saved O and LSE: NaN in both changes
+    nothing (the O-reading candidate turns NaN), and they match float64."""
+    from vlr_kernels.attention.varlen_windows import window_candidates
+
+    lens = [1, 16, 0, 9]
+    q, k, v = (t.to(DEVICE) for t in make(lens, lens, 2, 2, 16))
+    c = cu(lens).to(DEVICE)
+    args = (c, c, 16, 16, False, 0.25)
+    out, lse = varlen_attention_fwd(q, k, v, *args)
+    dout = torch.randn_like(out)
+    cands = window_candidates(16, 16, 16, 2, 1, "dkdv")
+    reading, recompute = ({"dkdv": {**cfg, "BLOCK": 16}} for cfg in (cands[0], cands[-1]))
+    assert not reading["dkdv"]["RECOMPUTE"] and recompute["dkdv"]["RECOMPUTE"]
+    nan_out, nan_lse = torch.full_like(out, float("nan")), torch.full_like(lse, float("nan"))
+    got = varlen_attention_bwd(dout, q, k, v, nan_out, nan_lse, *args, configs=recompute)
+    assert all(torch.isfinite(g).all() for g in got)
+    stale = varlen_attention_bwd(dout, q, k, v, nan_out, nan_lse, *args, configs=reading)
+    assert not torch.isfinite(stale[1]).all()
+    q64, k64, v64 = (t.requires_grad_(True) for t in to64(q, k, v))
+    ref = varlen_attention_ref(q64, k64, v64, c, c, 16, 16, False, 0.25)
+    grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, g, exp in zip(("dq", "dk", "dv"), got, grads):
+        assert_close64(g, exp, torch.float32, name, scale=4.0)
 
 
 def test_window_candidates_only_for_one_tile_segments():
@@ -290,10 +327,16 @@ def test_window_candidates_only_for_one_tile_segments():
 
     cands = window_candidates(80, 64, 64, 16, 1, "fwd")
     assert [(c["HEADS"], c["STAGES"]) for c in cands] == [(4, 2), (2, 3)]
+    assert all("RECOMPUTE" not in c for c in cands)
+    # the O-reading backward first (its first entry: the default measured on a GPU), then the recomputing one
+    dkdv = window_candidates(80, 64, 64, 16, 1, "dkdv")
+    assert [(c["HEADS"], c["STAGES"], c["RECOMPUTE"]) for c in dkdv] == [
+        (4, 2, 0), (2, 3, 0), (4, 2, 1), (2, 3, 1)]
     assert window_candidates(80, 65, 64, 16, 1, "fwd") == []  # a segment needs two tiles
     assert window_candidates(128, 64, 64, 28, 7, "fwd") == []  # head_dim class not compile-checked
     assert window_candidates(80, 64, 64, 8, 2, "dkdv") == []  # GQA backward: the general kernels
-    assert [c["HEADS"] for c in window_candidates(80, 30, 30, 6, 1, "dkdv")] == [2]
+    assert [(c["HEADS"], c["RECOMPUTE"]) for c in window_candidates(80, 30, 30, 6, 1, "dkdv")] == [
+        (2, 0), (2, 1)]
 
 
 def test_dkdv_candidates_cover_the_variants():
