@@ -40,12 +40,10 @@ class VisionWindows:
 
     def to(self, device: torch.device | str) -> VisionWindows:
         """The same metadata on ``device``: the five index tensors travel as ONE int64 buffer in one non-blocking
-        copy (:func:`~vlr_runtime.data.types.to_device`), so the host never waits for the device."""
+        copy (:func:`~vlr_runtime.data.types.to_device`), so the host never waits for the device. (On the CPU the
+        same packing runs, so that the CPU tests check it.)"""
         tensors = (self.window_index, self.reverse_index, self.cu_window_seqlens, self.cu_seqlens,
                    self.rope_position_ids)
-        device = torch.device(device)
-        if all(t.device == device for t in tensors):
-            return self
         flat = to_device(torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]), device)
         wi, rev, cu_window, cu_full, rope = flat.split([t.numel() for t in tensors])
         return replace(self, window_index=wi, reverse_index=rev, cu_window_seqlens=cu_window.to(torch.int32),
