@@ -261,6 +261,19 @@ def test_sync_free_path_gives_identical_results(recorded, layout):
         assert torch.equal(g, ref_grads[name]), name
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_with_image_facts_restores_what_collate_computed(tiny, shared):
+    args, _, examples = tiny
+    batch = collate(examples, image_token_id=args.image_token_id, shared_prompt=shared)
+    rebuilt = _without_host_fields(batch).with_image_facts(image_token_id=args.image_token_id, spatial_merge_size=2)
+    for name in ("image_grid_thw_host", "image_token_pos", "image_token_rows"):
+        assert torch.equal(getattr(rebuilt, name), getattr(batch, name)), name
+    text_only = collate(examples[1:2], image_token_id=args.image_token_id)
+    assert text_only.image_grid_thw_host is None and text_only.image_token_pos.numel() == 0
+    assert _without_host_fields(text_only).with_image_facts(image_token_id=args.image_token_id,
+                                                            spatial_merge_size=2).image_token_rows.numel() == 0
+
+
 def test_recorder_sees_the_syncs_of_a_hand_built_batch(recorded):
     """The same batch without its host fields takes the old path: the recorder must report its syncs."""
     _, events, _, _ = recorded["shared"]

@@ -13,7 +13,7 @@ Plain strings are normalised by the readers into that form (``content`` always a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -111,9 +111,9 @@ class PackedBatch:
     """``[I, 3]`` int64 on the host: ``image_grid_thw`` again, a copy :meth:`to` never moves, so that the model's
     host-side work on the grids (vision window metadata, row counts) reads nothing back from the device."""
     image_token_pos: torch.Tensor | None = None
-    """``[P]`` int64 rows of the packed token axis holding ``<|image_pad|>``, in order (P = all placeholders)."""
+    """``[M]`` int64 rows of the packed token axis holding ``<|image_pad|>``, in order (M placeholder tokens)."""
     image_token_rows: torch.Tensor | None = None
-    """``[P]`` int64, for each of those tokens, the row of the vision tower output (merged units of the unique
+    """``[M]`` int64, for each of those tokens, the row of the vision tower output (merged units of the unique
     images, in image order) whose embedding replaces it.
 
     The three fields above are host-known facts that :func:`vlr_runtime.data.collate.collate` computes (and checks
@@ -141,6 +141,16 @@ class PackedBatch:
             out[f.name] = to_device(v, device) if isinstance(v, torch.Tensor) and f.name not in self.HOST_FIELDS else v
         return PackedBatch(**out)
 
+    def with_image_facts(self, *, image_token_id: int, spatial_merge_size: int) -> PackedBatch:
+        """This batch with ``image_grid_thw_host``, ``image_token_pos`` and ``image_token_rows`` derived from its own
+        tensors (what :func:`~vlr_runtime.data.collate.collate` fills in), for a batch built by hand: call it on
+        the host batch, before :meth:`to`. Raises ValueError like :func:`image_token_index`."""
+        pos, rows = image_token_index(self.input_ids, self.image_grid_thw, self.image_index,
+                                      image_token_id=image_token_id, spatial_merge_size=spatial_merge_size,
+                                      sample_ids=self.sample_ids)
+        grid = None if self.image_grid_thw is None else self.image_grid_thw.cpu().clone()
+        return replace(self, image_grid_thw_host=grid, image_token_pos=pos, image_token_rows=rows)
+
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` on ``device`` without making the host wait: a non-blocking copy, from page-locked memory when it
@@ -161,7 +171,7 @@ def image_token_index(
     spatial_merge_size: int,
     sample_ids: list[str] | tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(image_token_pos [P], image_token_rows [P])`` of a packed batch (see :class:`PackedBatch`).
+    """``(image_token_pos [M], image_token_rows [M])`` of a packed batch (see :class:`PackedBatch`).
 
     Args:
         input_ids: ``[T]`` packed tokens.

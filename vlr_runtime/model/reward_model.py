@@ -119,7 +119,7 @@ class RewardModel(nn.Module):
         return embeds.index_put((image_pos,), image_embeds[rows.to(image_embeds.device)].to(embeds.dtype))
 
     def _image_token_index(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(image_token_pos [P], image_token_rows [P])`` (see :class:`PackedBatch`): the batch's own, or, for a
+        """``(image_token_pos [M], image_token_rows [M])`` (see :class:`PackedBatch`): the batch's own, or, for a
         batch without them, derived from its device tensors (host synchronisations; the same checks)."""
         pos, rows = batch.image_token_pos, batch.image_token_rows
         if pos is None or rows is None:
