@@ -112,7 +112,10 @@ def make_inputs(hf, quick: bool, device: torch.device, grid: tuple[int, int, int
     batch = PackedBatch(input_ids=ids.reshape(-1), position_ids=positions.reshape(3, -1).cpu(),
                         cu_seqlens=cu.to(torch.int32), max_seqlen=seq, scored_index=cu[1:] - 1,
                         pair_index=torch.arange(SEQS).view(-1, 2), pixel_values=pixels, image_grid_thw=grids,
-                        image_index=torch.arange(SEQS)).to(device)
+                        image_index=torch.arange(SEQS))
+    # the host-known image facts collate would add, so our model takes its synchronisation-free input path
+    batch = batch.with_image_facts(image_token_id=cfg.image_token_id,
+                                   spatial_merge_size=cfg.vision_config.spatial_merge_size).to(device)
     return hf_inputs, batch
 
 

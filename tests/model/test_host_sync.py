@@ -41,12 +41,6 @@ from vlr_runtime.model import ModelArgs, build_reward_model
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = Path(vlr_kernels.__file__).resolve().parent
 
-PENDING = (("vlr_runtime/model/language.py", "rope_inv_freq("),)
-"""Known synchronisations outside this change's files, as (file, source text of the line): the decoder copies its
-rotary ``inv_freq`` table host -> device with a blocking ``.to(x.device)`` (pageable memory) every forward. The
-one-line fix there: ``to_device(rope_inv_freq(...), x.device)`` (``vlr_runtime.data.types.to_device``).
-``test_pending_syncs_are_gone`` turns red (strict xfail) once it is fixed: then delete this entry and that test."""
-
 _SYNC_OPS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.masked_select,
              torch.ops.aten._unique, torch.ops.aten._unique2, torch.ops.aten.unique_dim,
              torch.ops.aten.unique_consecutive, torch.ops.aten.unique_dim_consecutive, torch.ops.aten.equal}
@@ -159,14 +153,6 @@ class SyncRecorder:
             m.__exit__(*exc)
 
 
-def _split(events) -> tuple[list, list]:
-    """(unexpected, pending) events; see :data:`PENDING`."""
-    def pending(e) -> bool:
-        return any(e[1].startswith(f + ":") and text in e[2] for f, text in PENDING)
-
-    return [e for e in events if not pending(e)], [e for e in events if pending(e)]
-
-
 # ------------------------------------------------------------------------------------------------ tiny batches
 def _examples(args: ModelArgs) -> list[ProcessedExample]:
     """Two image pairs (one with two images of different grids, windows with partial borders), one text pair,
@@ -248,8 +234,7 @@ def recorded(tiny):
 @pytest.mark.parametrize("layout", ["shared", "plain"])
 def test_collated_batch_step_has_no_host_sync(recorded, layout):
     events, _, _, _ = recorded[layout]
-    unexpected, _ = _split(events)
-    assert unexpected == []
+    assert events == []
 
 
 @pytest.mark.parametrize("layout", ["shared", "plain"])
@@ -277,10 +262,9 @@ def test_with_image_facts_restores_what_collate_computed(tiny, shared):
 def test_recorder_sees_the_syncs_of_a_hand_built_batch(recorded):
     """The same batch without its host fields takes the old path: the recorder must report its syncs."""
     _, events, _, _ = recorded["shared"]
-    unexpected, _ = _split(events)
-    seen = {what for what, _, _ in unexpected}
-    assert "aten.nonzero.default" in seen and "aten._local_scalar_dense.default" in seen, unexpected
-    assert any(where.startswith("vlr_runtime/model/vision.py") for _, where, _ in unexpected), unexpected
+    seen = {what for what, _, _ in events}
+    assert "aten.nonzero.default" in seen and "aten._local_scalar_dense.default" in seen, events
+    assert any(where.startswith("vlr_runtime/model/vision.py") for _, where, _ in events), events
 
 
 def test_recorder_flags_each_kind_and_ignores_host_work():
@@ -315,12 +299,6 @@ def test_recorder_flags_each_kind_and_ignores_host_work():
         allowed = [[what], ["aten.nonzero.default"]] if what == "aten.index.Tensor" else [[what]]
         assert [e[0] for e in rec.events][:1] in allowed, (what, rec.events)
         assert all(e[1].startswith("tests/model/test_host_sync.py:") for e in rec.events)
-
-
-@pytest.mark.xfail(strict=True, reason="language.py copies rotary inv_freq host->device blocking (see PENDING)")
-def test_pending_syncs_are_gone(recorded):
-    _, pending = _split(recorded["shared"][0])
-    assert pending == []
 
 
 # ---------------------------------------------------------------------------------------------- checks kept
@@ -382,8 +360,8 @@ def test_vision_windows_travel_in_one_buffer(device):
 # ------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_no_host_sync_on_cuda(tp1):
-    """One forward+backward of a collated batch under torch's sync debug mode: no synchronisation but
-    :data:`PENDING` (the first step compiles/tunes kernels and may synchronise; the second must not)."""
+    """One forward+backward of a collated batch under torch's sync debug mode: no synchronisation (the first
+    step compiles/tunes kernels and may synchronise; the second must not)."""
     from vlr_kernels import set_default_backend
 
     assert tp1.device.type == "cuda"
@@ -409,5 +387,4 @@ def test_no_host_sync_on_cuda(tp1):
             path = Path(w.filename).resolve()
             where = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
             events.append(("sync", f"{where}:{w.lineno}", linecache.getline(w.filename, w.lineno).strip()))
-    unexpected, _ = _split(events)
-    assert unexpected == []
+    assert events == []

@@ -9,6 +9,7 @@ from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_
 from torch import nn
 from vlr_kernels.rotary import apply_rotary_qk, mrope_cos_sin, rope_inv_freq
 
+from vlr_runtime.data.types import to_device
 from vlr_runtime.model.args import TextArgs
 from vlr_runtime.model.layers import (
     CoreAttention,
@@ -109,7 +110,8 @@ class LanguageModel(nn.Module):
             if self.embed is not None:
                 x = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
                 x = scatter_to_sequence_parallel_region(x, group=self.group)
-        inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta).to(x.device)
+        # computed on the host like transformers' buffer (same bits), moved without making the host wait
+        inv_freq = to_device(rope_inv_freq(self.args.head_dim, self.args.rope_theta), x.device)
         cos, sin = mrope_cos_sin(position_ids, inv_freq, self.args.mrope_section)
         # transformers casts the rotary tables to the activation dtype before rotating; do the same for parity.
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
