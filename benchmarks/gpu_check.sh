@@ -8,9 +8,9 @@
 # Stages (each its own process under a time limit, so one hang or crash never costs the others), in this order:
 #   build      pip install --no-build-isolation --no-deps -e . (pybind11 data extension + the CUDA reward-loss one)
 #   tests      GPU-marked tests (bf16 tolerance rule for every kernel and launch candidate, cuda backend,
-#              torch.compile tracing, model parity, optimizer memory); TESTS="path::name ..." picks them (default:
-#              tests/kernels, tests/model/test_gpu.py, tests/runtime/test_plan.py, tests/parallel; TESTS=tests adds
-#              the score CLI runs, which passed in runs A and B)
+#              torch.compile tracing, model parity, no host sync in the model's input path, optimizer memory);
+#              TESTS="path::name ..." picks them (default: the kernel, model, planner and parallel GPU tests, the
+#              attention launch-candidate tests last; TESTS=tests adds the score CLI runs, which passed in A and B)
 #   flat_probe the flat dK/dV candidates' GPU tests in their own process; VLR_ATTN_FLAT=0 (keeps them from the
 #              benchmarks' tuner) unless all pass (preset VLR_ATTN_FLAT to skip the probe)
 #   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
@@ -62,8 +62,12 @@ m.__version__)" || status=1
 has build && run_stage build "${LIMIT_BUILD:-40}" env MAX_JOBS=16 "$PY" -m pip install -v --no-index \
   --no-build-isolation --no-deps -e .
 # shellcheck disable=SC2086  # TESTS and the *_ARGS variables are word lists
+# the quick kernel/model/optimizer tests first, the attention launch-candidate tests (~2.5 s of compile each) last
+FAST_TESTS="tests/kernels/test_reward_loss.py tests/kernels/test_reward_loss_kernels.py tests/kernels/test_rmsnorm.py \
+tests/kernels/test_rotary.py tests/kernels/test_swiglu.py tests/kernels/test_adamw.py tests/kernels/test_tune.py \
+tests/model/test_gpu.py tests/model/test_host_sync.py tests/runtime/test_plan.py tests/parallel"
 has tests && run_stage tests "${LIMIT_TESTS:-160}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
-  ${TESTS:-tests/kernels tests/model/test_gpu.py tests/runtime/test_plan.py tests/parallel} -k "not flat" \
+  ${TESTS:-$FAST_TESTS tests/kernels/test_attention_gpu.py} -k "not flat" \
   -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
 # The flat dK/dV candidates' first GPU run (run C, before a loop change) hit an illegal address, which ends the CUDA
 # context of the whole process. Their tests run in a process of their own, and the benchmarks' tuner gets them only
