@@ -40,6 +40,8 @@ from vlr_runtime.model import ModelArgs, build_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = Path(vlr_kernels.__file__).resolve().parent
+# our source trees: a CI virtualenv may live inside the checkout (.venv-ci), and its torch frames are not ours
+OURS = (REPO / "vlr_runtime", REPO / "tests", REPO / "benchmarks")
 
 _SYNC_OPS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.masked_select,
              torch.ops.aten._unique, torch.ops.aten._unique2, torch.ops.aten.unique_dim,
@@ -136,7 +138,7 @@ class SyncRecorder:
         stack = [f for f in traceback.extract_stack() if f.name not in _RECORDER_FRAMES]
         if any(Path(f.filename).is_relative_to(KERNELS) for f in stack):
             return
-        frames = [f for f in stack if Path(f.filename).is_relative_to(REPO)]
+        frames = [f for f in stack if any(Path(f.filename).is_relative_to(d) for d in OURS)]
         outside_tests = [f for f in frames if Path(f.filename).parent != Path(__file__).parent]
         frame = (outside_tests or frames or stack)[-1]
         path = Path(frame.filename)
