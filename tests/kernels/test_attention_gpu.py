@@ -133,12 +133,13 @@ def test_sdpa_backend_runs_fused_kernels(case):
 
 def _candidate_cases() -> list[tuple[str, dict]]:
     """Every launch candidate the tuner may pick for the LLM backward (hd 128, GQA 7; the shared-prompt
-    specialisation gets its own list) and the one-tile window kernels, each forced on its own."""
+    specialisation gets its own list), the vision full-attention backward (hd 80) and the one-tile window
+    kernels, each forced on its own."""
     from vlr_kernels.attention.varlen_tiles import launch_candidates
     from vlr_kernels.attention.varlen_windows import window_candidates
 
     out = []
-    for case in ("llm_gqa", "pairs"):
+    for case in ("llm_gqa", "pairs", "vision_full"):
         lens, _, _, d, _, shared = CASES[case]
         for cfg in launch_candidates(d, max(lens), max(lens), "dkdv", shared=shared is not None, flat=True):
             out.append((case, {"dkdv": cfg}))
