@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import vlr_kernels.reward_loss as rl
+import vlr_kernels.reward_loss_triton as rlt
 from torch.utils._python_dispatch import TorchDispatchMode
 from vlr_kernels import fused_reward_loss, fused_reward_loss_ref
 
@@ -73,7 +74,7 @@ def test_fwd_bwd_is_three_launches_and_no_torch_compute(monkeypatch, check):
                                                        True)
     rec = _Recorder()
     for name in TRITON_KERNELS:
-        monkeypatch.setattr(rl, name, _CountedKernel(name, getattr(rl, name), rec))
+        monkeypatch.setattr(rlt, name, _CountedKernel(name, getattr(rlt, name), rec))
     seed = torch.ones(())
     with rec:
         loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton",
@@ -100,12 +101,12 @@ def test_backward_writes_every_row_of_a_dirty_buffer():
     hidden, scored, pairs_t, w, b, nw, m = reward_inputs(t_rows, h, s, pairs, torch.float32, True, True)
     args = rl._kernel_inputs(hidden.detach(), scored, pairs_t, w.detach(), b.detach(), nw.detach(), m)
     h_k, scored_k, pairs_k, w_k, b_k, nw_k, m_k = args
-    rewards, rstd, row_ok = rl.reward_fwd(h_k, scored_k, w_k, b_k, nw_k, 1e-6, check=True)
-    loss, _, ok, coef = rl.pair_loss_fwd(rewards, pairs_k, m_k, row_ok, 0.05, check=True)
+    rewards, rstd, row_ok = rlt.reward_fwd(h_k, scored_k, w_k, b_k, nw_k, 1e-6, check=True)
+    loss, _, ok, coef = rlt.pair_loss_fwd(rewards, pairs_k, m_k, row_ok, 0.05, check=True)
     assert ok.item() == 1 and bool(row_ok.all())
     drewards = torch.linspace(-1, 1, s)
     dirty = torch.full((t_rows, h), float("nan"))
-    dh, dw, db, dg = rl.reward_loss_bwd(torch.tensor(0.5), drewards, h_k, scored_k, w_k, b_k, nw_k, rewards, rstd,
+    dh, dw, db, dg = rlt.reward_loss_bwd(torch.tensor(0.5), drewards, h_k, scored_k, w_k, b_k, nw_k, rewards, rstd,
                                         coef, dhidden=dirty)
     assert dh is dirty
 
@@ -126,11 +127,11 @@ def test_backward_rejects_a_bad_gradient_buffer():
     hidden, scored, pairs, w, b, _, _ = reward_inputs(9, 16, 2, [[0, 1]], torch.float32, False, False)
     h_k, scored_k, pairs_k, w_k, b_k, _, _ = rl._kernel_inputs(hidden.detach(), scored, pairs, w.detach(),
                                                                b.detach(), None, None)
-    rewards, rstd, row_ok = rl.reward_fwd(h_k, scored_k, w_k, b_k, None, 1e-6)
-    coef = rl.pair_loss_fwd(rewards, pairs_k, None, row_ok, 0.0)[3]
+    rewards, rstd, row_ok = rlt.reward_fwd(h_k, scored_k, w_k, b_k, None, 1e-6)
+    coef = rlt.pair_loss_fwd(rewards, pairs_k, None, row_ok, 0.0)[3]
     for bad in (torch.empty(9, 16).t().contiguous().t(), torch.empty(9, 15), torch.empty(9, 16, dtype=torch.float16)):
         with pytest.raises(ValueError, match="dhidden must be a contiguous"):
-            rl.reward_loss_bwd(torch.tensor(1.0), None, h_k, scored_k, w_k, b_k, None, rewards, rstd, coef,
+            rlt.reward_loss_bwd(torch.tensor(1.0), None, h_k, scored_k, w_k, b_k, None, rewards, rstd, coef,
                                dhidden=bad)
 
 
