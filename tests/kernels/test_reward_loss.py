@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import vlr_kernels.reward_loss as rl
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 from vlr_kernels import (
     BackendUnavailable,
@@ -14,6 +15,7 @@ from vlr_kernels import (
     reward_scores,
     rms_norm_ref,
 )
+from vlr_kernels.reward_loss import ZERO_IN_FORWARD_ENV
 
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
 from tests.kernels.reward_helpers import reward_inputs, sp_worker
@@ -44,16 +46,22 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_triton_matches_float64_reference(case, dtype):
+def _run_case(case, dtype):
+    """One triton fwd+bwd of ``CASES[case]``: ``(inputs, (loss, rewards, acc), drewards)``, grads on the inputs."""
     t_rows, h, s, pairs, norm, margin, center, bias_shape = CASES[case]
-    hidden, scored, pairs_t, w, b, nw, m = reward_inputs(t_rows, h, s, pairs, dtype, norm, margin, bias_shape)
+    inputs = reward_inputs(t_rows, h, s, pairs, dtype, norm, margin, bias_shape)
+    hidden, scored, pairs_t, w, b, nw, m = inputs
     loss, rewards, acc = fused_reward_loss(hidden, scored, pairs_t, w, b, nw, 1e-6, m, center, backend="triton")
     # a downstream use of the rewards output checks that its gradient path is wired too
     drew = torch.linspace(-1, 1, s, device=hidden.device)
     (loss + (rewards * drew).sum()).backward()
+    return inputs, (loss, rewards, acc), drew
 
+
+def _check_case_against_float64(case, dtype, inputs, outputs, drew):
+    t_rows, _, _, _, _, _, center, _ = CASES[case]
+    hidden, scored, pairs_t, w, b, nw, m = inputs
+    loss, rewards, acc = outputs
     h64, w64, b64, nw64 = to64(hidden, w, b, nw)
     loss64, rewards64, acc64 = fused_reward_loss_ref(
         h64, scored, pairs_t, w64, b64, nw64, 1e-6, None if m is None else m.double(), center
@@ -73,6 +81,66 @@ def test_triton_matches_float64_reference(case, dtype):
     unscored = torch.ones(t_rows, dtype=torch.bool, device=hidden.device)
     unscored[scored] = False
     assert torch.count_nonzero(hidden.grad[unscored]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_triton_matches_float64_reference(case, dtype, monkeypatch):
+    monkeypatch.delenv(ZERO_IN_FORWARD_ENV, raising=False)
+    _check_case_against_float64(case, dtype, *_run_case(case, dtype))
+
+
+def _nan_filled_empty(monkeypatch) -> list[tuple[int, ...]]:
+    """Make every floating ``torch.empty`` come back filled with NaN (garbage a kernel must overwrite); returns the
+    list the shapes of those allocations are appended to."""
+    shapes, real_empty = [], torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            shapes.append(tuple(t.shape))
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_zero_in_forward_mode_matches_reference_and_mode_off(case, dtype, monkeypatch):
+    """VLR_REWARD_ZERO_IN_FORWARD=1: the forward allocates the gradient (filled with NaN here, every ``empty`` is)
+    and zeroes it; outputs and every gradient equal the float64 reference and, bit for bit, the default mode's."""
+    shapes = _nan_filled_empty(monkeypatch)
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "0")
+    _, outputs_off, _ = inputs_off = _run_case(case, dtype)
+    grads_off = [t.grad for t in inputs_off[0] if t is not None and t.requires_grad]
+    shapes.clear()
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    inputs, outputs, drew = _run_case(case, dtype)
+    t_rows, h = CASES[case][:2]
+    assert shapes.count((t_rows, h)) == 1, shapes  # the one gradient buffer, NaN-filled before the forward zeroed it
+    _check_case_against_float64(case, dtype, inputs, outputs, drew)
+    grads = [t.grad for t in inputs if t is not None and t.requires_grad]
+    assert len(grads) == len(grads_off)
+    for on, off in zip((*outputs, *grads), (*outputs_off, *grads_off)):
+        assert torch.equal(on, off)
+
+
+def test_zero_in_forward_env_values(monkeypatch):
+    """A bad value is an error; the cuda backend refuses the mode (checked before its ops load); the torch
+    reference ignores it."""
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(12, 8, 2, [[0, 1]], torch.float32, True, True)
+    args = (hidden, scored, pairs, w, b, nw, 1e-6, m)
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        fused_reward_loss(*args, backend="triton")
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    expected = fused_reward_loss_ref(*args)[0]
+    torch.testing.assert_close(fused_reward_loss(*args, backend="torch")[0], expected)
+    monkeypatch.setattr(rl, "resolve_backend", lambda *a, **k: "cuda")
+    with pytest.raises(ValueError, match="triton-backend mode"):
+        fused_reward_loss(*args)
 
 
 def test_reward_scores_and_strided_hidden():

@@ -1,15 +1,18 @@
 """fused_reward_loss's device work: which kernels one fwd+bwd launches, what it allocates, and that the one-kernel
 backward writes every row of a gradient buffer whose memory was dirty (Triton through the interpreter on CPU; the same
-on a GPU for both backends)."""
+on a GPU for both backends); the same for the opt-in zero-in-forward mode (VLR_REWARD_ZERO_IN_FORWARD=1)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 import vlr_kernels.reward_loss as rl
 import vlr_kernels.reward_loss_triton as rlt
 from torch.utils._python_dispatch import TorchDispatchMode
-from vlr_kernels import fused_reward_loss, fused_reward_loss_ref
+from vlr_kernels import fused_reward_loss, fused_reward_loss_ref, reward_scores
+from vlr_kernels.reward_loss import ZERO_IN_FORWARD_ENV
 
 from tests.kernels.helpers import assert_close64, to64
 from tests.kernels.reward_helpers import reward_inputs
@@ -18,7 +21,7 @@ from tests.kernels.test_reward_loss import _many_pairs
 # aten ops that allocate, alias or describe a tensor: no device kernel. Any other op would be a launch on CUDA.
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "detach",
              "alias", "as_strided", "expand", "t", "slice", "select", "unsqueeze", "squeeze"}
-TRITON_KERNELS = ("_reward_fwd_kernel", "_pair_loss_kernel", "_reward_bwd_kernel")
+TRITON_KERNELS = ("_reward_fwd_kernel", "_reward_fwd_zero_kernel", "_pair_loss_kernel", "_reward_bwd_kernel")
 
 
 class _Recorder(TorchDispatchMode):
@@ -29,6 +32,7 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.ops: list[tuple[str, list[int]]] = []
         self.launches: list[str] = []
+        self.grids: list[tuple[int, ...]] = []
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -43,6 +47,11 @@ class _Recorder(TorchDispatchMode):
         self.launches, self.ops = [], []
         return launches, ops
 
+    def install(self, monkeypatch) -> None:
+        """Wrap every Triton kernel of the op so its launches are recorded."""
+        for name in TRITON_KERNELS:
+            monkeypatch.setattr(rlt, name, _CountedKernel(name, getattr(rlt, name), self))
+
 
 class _CountedKernel:
     """Stands in for a Triton kernel object: ``kernel[grid](...)`` records the launch and pauses the recorder."""
@@ -55,6 +64,7 @@ class _CountedKernel:
 
         def run(*args, **kwargs):
             self.rec.launches.append(self.name)
+            self.rec.grids.append(tuple(grid))
             self.rec.paused = True
             try:
                 return launch(*args, **kwargs)
@@ -72,9 +82,9 @@ def test_fwd_bwd_is_three_launches_and_no_torch_compute(monkeypatch, check):
     t_rows, h = 41, 80
     hidden, scored, pairs, w, b, nw, m = reward_inputs(t_rows, h, 4, [[0, 1], [2, 3], [0, 3]], torch.float32, True,
                                                        True)
+    monkeypatch.delenv(ZERO_IN_FORWARD_ENV, raising=False)
     rec = _Recorder()
-    for name in TRITON_KERNELS:
-        monkeypatch.setattr(rlt, name, _CountedKernel(name, getattr(rlt, name), rec))
+    rec.install(monkeypatch)
     seed = torch.ones(())
     with rec:
         loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton",
@@ -92,22 +102,85 @@ def test_fwd_bwd_is_three_launches_and_no_torch_compute(monkeypatch, check):
     assert hidden.grad.shape == (t_rows, h) and torch.isfinite(hidden.grad).all()
 
 
-def test_backward_writes_every_row_of_a_dirty_buffer():
-    """The backward kernel alone, into a NaN-filled buffer: scored rows match float64, every other row is exactly
-    zero. Shapes cross every block edge: T % 8 != 0 (zero rows), H > 512 and H % 64 != 0 (zero/scored columns),
-    S > 64 (index scans, scored-row tiles of 32, pair programs of 64), P > 64, plus a gradient on the rewards."""
+@pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
+def test_zero_in_forward_mode_launches_and_allocations(monkeypatch, check):
+    """Mode on: the forward launches the row+zero kernel (S row programs, then one zero program per 8 rows of all
+    T) and allocates the one [T, H] buffer (``empty``, no fill); the backward launches only the scored-column
+    programs, allocates no [T, H] and hands that buffer to ``hidden.grad`` without a copy."""
+    t_rows, h, s = 41, 80, 4
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(t_rows, h, s, [[0, 1], [2, 3], [0, 3]], torch.float32, True,
+                                                       True)
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    rec = _Recorder()
+    rec.install(monkeypatch)
+    seed = torch.ones(())
+    with rec:
+        loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton",
+                                       check_indices=check)
+        fwd_launches, fwd_ops = rec.take()
+        torch.autograd.backward(loss, seed)
+        bwd_launches, bwd_ops = rec.take()
+    assert fwd_launches == ["_reward_fwd_zero_kernel", "_pair_loss_kernel"]
+    assert bwd_launches == ["_reward_bwd_kernel"]
+    n_col_tiles = -(-h // rlt._BWD_BLOCK_C)
+    assert rec.grids == [(s + -(-t_rows // rlt._ZERO_ROWS),), (1,), (n_col_tiles,)]
+    compute = [name for name, _ in fwd_ops + bwd_ops if name not in NO_KERNEL]
+    assert compute == (["_local_scalar_dense"] if check else []), compute  # a copy into hidden.grad would show
+    assert [name for name, sizes in fwd_ops if t_rows * h in sizes] == ["empty"]
+    assert all(name in ("detach", "alias") for name, sizes in bwd_ops if t_rows * h in sizes), bwd_ops
+    unscored = torch.ones(t_rows, dtype=torch.bool)
+    unscored[scored] = False
+    assert torch.count_nonzero(hidden.grad[unscored]) == 0 and torch.count_nonzero(hidden.grad[scored]) > 0
+
+
+@pytest.mark.parametrize("how", ["frozen_hidden", "no_grad", "reward_scores"])
+def test_zero_in_forward_mode_without_hidden_grad_changes_nothing(monkeypatch, how):
+    """Mode on but no gradient for hidden: the plain row kernel (S programs), no [T, H] buffer in the forward."""
+    t_rows, h, s = 41, 80, 4
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(t_rows, h, s, [[0, 1], [2, 3]], torch.float32, True, True)
+    if how == "frozen_hidden":
+        hidden = hidden.detach()
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    rec = _Recorder()
+    rec.install(monkeypatch)
+    with rec:
+        if how == "reward_scores":
+            reward_scores(hidden, scored, w, b, nw, backend="triton")
+        else:
+            with torch.set_grad_enabled(how != "no_grad"):
+                loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, backend="triton")
+        launches, ops = rec.take()
+    assert launches[0] == "_reward_fwd_kernel" and rec.grids[0] == (s,), (launches, rec.grids)
+    assert max(n for _, sizes in ops for n in sizes) < t_rows * h, "a [T, H] buffer was allocated"
+    if how == "frozen_hidden":  # the head still trains: the backward runs as without the mode
+        loss.backward()
+        assert w.grad is not None and rec.launches == ["_reward_bwd_kernel"]
+
+
+@pytest.mark.parametrize("zeros_in", ["backward", "forward"])
+def test_backward_writes_every_row_of_a_dirty_buffer(zeros_in):
+    """The launchers alone, into a NaN-filled buffer: scored rows match float64, every other row is exactly zero.
+    ``forward``: the zero-in-forward launch first zeroes every row (scored ones too), then the backward runs only
+    its scored columns. Shapes cross every block edge: T % 8 != 0 (zero rows), H > 512 and H % 64 != 0
+    (zero/scored columns), S > 64 (index scans, scored-row tiles of 32, pair programs of 64), P > 64, plus a
+    gradient on the rewards."""
     t_rows, h, s = 101, 600, 70
     pairs = _many_pairs(s, 80, seed=3)
     hidden, scored, pairs_t, w, b, nw, m = reward_inputs(t_rows, h, s, pairs, torch.float32, True, True)
     args = rl._kernel_inputs(hidden.detach(), scored, pairs_t, w.detach(), b.detach(), nw.detach(), m)
     h_k, scored_k, pairs_k, w_k, b_k, nw_k, m_k = args
-    rewards, rstd, row_ok = rlt.reward_fwd(h_k, scored_k, w_k, b_k, nw_k, 1e-6, check=True)
+    dirty = torch.full((t_rows, h), float("nan"))
+    in_fwd = zeros_in == "forward"
+    rewards, rstd, row_ok = rlt.reward_fwd(h_k, scored_k, w_k, b_k, nw_k, 1e-6, check=True,
+                                           dhidden=dirty if in_fwd else None)
+    if in_fwd:
+        assert torch.equal(dirty, torch.zeros_like(dirty))
+        assert torch.equal(rewards, rlt.reward_fwd(h_k, scored_k, w_k, b_k, nw_k, 1e-6, check=True)[0])
     loss, _, ok, coef = rlt.pair_loss_fwd(rewards, pairs_k, m_k, row_ok, 0.05, check=True)
     assert ok.item() == 1 and bool(row_ok.all())
     drewards = torch.linspace(-1, 1, s)
-    dirty = torch.full((t_rows, h), float("nan"))
     dh, dw, db, dg = rlt.reward_loss_bwd(torch.tensor(0.5), drewards, h_k, scored_k, w_k, b_k, nw_k, rewards, rstd,
-                                        coef, dhidden=dirty)
+                                         coef, dhidden=dirty, unscored_zeroed=in_fwd)
     assert dh is dirty
 
     h64, w64, b64, nw64 = to64(hidden, w, b, nw)
@@ -132,17 +205,25 @@ def test_backward_rejects_a_bad_gradient_buffer():
     for bad in (torch.empty(9, 16).t().contiguous().t(), torch.empty(9, 15), torch.empty(9, 16, dtype=torch.float16)):
         with pytest.raises(ValueError, match="dhidden must be a contiguous"):
             rlt.reward_loss_bwd(torch.tensor(1.0), None, h_k, scored_k, w_k, b_k, None, rewards, rstd, coef,
-                               dhidden=bad)
+                                dhidden=bad)
+        with pytest.raises(ValueError, match="dhidden must be a contiguous"):
+            rlt.reward_fwd(h_k, scored_k, w_k, b_k, None, 1e-6, dhidden=bad)
+    with pytest.raises(ValueError, match="needs the dhidden buffer"):
+        rlt.reward_loss_bwd(torch.tensor(1.0), None, h_k, scored_k, w_k, b_k, None, rewards, rstd, coef,
+                            unscored_zeroed=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "triton_zero_fwd"])
 @pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
-def test_gpu_kernels_memory_and_dirty_allocator(backend, check):
+def test_gpu_kernels_memory_and_dirty_allocator(backend, check, monkeypatch):
     """On the device: the caching allocator hands the gradient a block just filled with NaN, yet every unscored row
-    comes back zero; the forward allocates O(S) bytes; fwd+bwd runs 3 kernels (+1 assertion with the checks)."""
+    comes back zero; the forward allocates O(S) bytes (the gradient + O(S) with the zero-in-forward mode); fwd+bwd
+    runs 3 kernels (+1 assertion with the checks)."""
     if backend == "cuda":
         pytest.importorskip("vlr_kernels._cuda", reason="CUDA extension not built (pip install --no-build-isolation -e .)")
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1" if backend == "triton_zero_fwd" else "0")
+    backend = backend.removesuffix("_zero_fwd")
     from torch.profiler import ProfilerActivity, profile
 
     t_rows, h = 4099, 3584
@@ -162,7 +243,8 @@ def test_gpu_kernels_memory_and_dirty_allocator(backend, check):
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 3 + check, kernels
-    assert fwd_peak < 64 * 1024, f"forward allocated {fwd_peak} bytes"
+    grad_bytes = t_rows * h * hidden.element_size() if os.environ[ZERO_IN_FORWARD_ENV] == "1" else 0
+    assert grad_bytes <= fwd_peak < grad_bytes + 64 * 1024, f"forward allocated {fwd_peak} bytes"
     unscored = torch.ones(t_rows, dtype=torch.bool, device="cuda")
     unscored[scored] = False
     assert torch.count_nonzero(hidden.grad[unscored]) == 0 and not hidden.grad[unscored].isnan().any()
@@ -171,3 +253,46 @@ def test_gpu_kernels_memory_and_dirty_allocator(backend, check):
     loss64.backward()
     assert_close64(hidden.grad, h64.grad, torch.bfloat16, "dhidden")
     assert_close64(w.grad, w64.grad, torch.bfloat16, "dhead_weight", scale=4)
+
+
+@pytest.mark.gpu
+def test_gpu_zero_in_forward_mode_under_cuda_graph(monkeypatch):
+    """The zero-in-forward mode captures in a CUDA graph (no host sync; the benchmark graph-times it) and a replay
+    gives, bit for bit, the eager default mode's loss and gradients."""
+    t_rows, h = 4099, 3584
+    pairs = [[2 * i, 2 * i + 1] for i in range(16)] + [[0, 5]]
+    hidden, scored, pairs_t, w, b, nw, m = reward_inputs(t_rows, h, 32, pairs, torch.bfloat16, True, True)
+    params = (hidden, w, b, nw)
+
+    def step():
+        for t in params:
+            t.grad = None
+        loss = fused_reward_loss(hidden, scored, pairs_t, w, b, nw, 1e-6, m, 0.01, backend="triton",
+                                 check_indices=False)[0]
+        loss.backward()
+        return loss
+
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "0")
+    loss_off = step()
+    grads_off = [t.grad.clone() for t in params]
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for t in params:
+            t.grad = None
+        loss = fused_reward_loss(hidden, scored, pairs_t, w, b, nw, 1e-6, m, 0.01, backend="triton",
+                                 check_indices=False)[0]
+        loss.backward()
+    for t in params:
+        t.grad.fill_(float("nan"))  # the replay must rewrite every element of the graph's gradient buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss, loss_off)
+    for g, g_off in zip((t.grad for t in params), grads_off):
+        assert torch.equal(g, g_off)

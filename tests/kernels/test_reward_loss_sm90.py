@@ -1,7 +1,8 @@
 """The reward-loss Triton kernels compiled for sm_90 (bf16) the way they launch on the benchmark workload (T=32768,
 S=64, P=32, H=3584): 16-byte aligned pointers and the integer arguments that are multiples of 16 marked as such, which
 triton's run-time specialisation does and tests/kernels/triton_sm90.py does not. No spills, and the backward's zero
-fill of dL/dhidden - nearly all of the op's bytes - uses 16-byte stores."""
+fill of dL/dhidden - nearly all of the op's bytes - uses 16-byte stores, in the backward (default) and in the forward
+launch of the opt-in zero-in-forward mode (``_reward_fwd_zero_kernel``) alike."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tests.kernels.triton_sm90 import _resource_usage
-import vlr_kernels.reward_loss as rl
+import vlr_kernels.reward_loss_triton as rl
 
 VALUES = {"n_rows": 32768, "n_cols": 3584, "n_scored": 64, "stride_t": 3584, "n_pairs": 32,
           "n_col_tiles": triton.cdiv(3584, rl._BWD_BLOCK_C)}
@@ -51,8 +52,10 @@ def compile_kernel(name, kernel, constexprs, num_warps):
                       "narrow_stores": sum(".v4." not in s for s in stores)}), flush=True)
 
 for norm in (False, True):
-    compile_kernel(f"fwd{'+norm' if norm else ''}+check", rl._reward_fwd_kernel,
-                   {"HAS_NORM": norm, "CHECK": True, "BLOCK_H": rl._block_h(3584), "BLOCK_I": rl._BLOCK_I}, 8)
+    fwd_consts = {"HAS_NORM": norm, "CHECK": True, "BLOCK_H": rl._block_h(3584), "BLOCK_I": rl._BLOCK_I}
+    compile_kernel(f"fwd{'+norm' if norm else ''}+check", rl._reward_fwd_kernel, fwd_consts, 8)
+    compile_kernel(f"fwd_zero{'+norm' if norm else ''}+check", rl._reward_fwd_zero_kernel,
+                   {**fwd_consts, "ZERO_ROWS": rl._ZERO_ROWS, "ZERO_COLS": rl._ZERO_COLS}, 8)
     compile_kernel(f"bwd{'+norm' if norm else ''}", rl._reward_bwd_kernel,
                    {"HAS_NORM": norm, "HAS_DREWARDS": norm, "BLOCK_S": rl._BWD_BLOCK_S, "BLOCK_C": rl._BWD_BLOCK_C,
                     "ZERO_ROWS": rl._ZERO_ROWS, "ZERO_COLS": rl._ZERO_COLS, "BLOCK_I": rl._BLOCK_I}, 4)
@@ -68,8 +71,11 @@ def test_reward_kernels_as_launched_on_sm90():
                           timeout=280, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    assert len(rows) == 5, rows
+    assert len(rows) == 7, rows
     assert all(r["spill"] == 0 for r in rows.values()), rows
     for name in ("bwd", "bwd+norm"):
         # the zero fill and the scored-row stores are 16 bytes wide; only dw, dg and db are element stores
         assert rows[name]["wide_stores"] >= 4 and rows[name]["narrow_stores"] <= 3, rows[name]
+    for name in ("fwd_zero+check", "fwd_zero+norm+check"):
+        # the zero fill of every row is 16 bytes wide; reward, rstd and row_ok are the element stores of the rows
+        assert rows[name]["wide_stores"] >= 1 and rows[name]["narrow_stores"] <= 3, rows[name]
