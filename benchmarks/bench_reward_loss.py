@@ -8,14 +8,22 @@ Providers:
   gather_compile torch.compile of gather-first (norm + head on the 2P scored rows only)
   triton / cuda  vlr_kernels.fused_reward_loss (index checks off, as in a trusted training loop)
   triton_checked the same with the index checks left on (inside the forward kernels, + one torch._assert_async)
+  triton_zero_fwd triton with VLR_REWARD_ZERO_IN_FORWARD=1: the forward allocates dL/dhidden and its row kernel's
+                 launch zeroes it; the backward runs only the scored columns (its fwd rows include that write)
+Our providers run with that variable set for the call (1 for triton_zero_fwd, 0 for the others, whatever the shell
+has): setting it costs the host-launched rows a few microseconds, the graph rows nothing.
 Liger-Kernel has no reward-head / pairwise-loss op, so it has no row here.
+Before timing, each of our providers' loss and gradients are checked against float64 (relative error norm within a
+dtype bound) and triton_zero_fwd against triton bit for bit; a provider that fails is reported as skipped, not timed.
 Bytes counted (the floor of the fused op): fwd reads the 2P rows; bwd reads them again and writes dL/dhidden [T, H]
 (the zero fill dominates).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,8 +31,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps
-from vlr_kernels import fused_reward_loss, rms_norm_ref
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps, want
+from vlr_kernels import fused_reward_loss, fused_reward_loss_ref, rms_norm_ref
+from vlr_kernels.reward_loss import ZERO_IN_FORWARD_ENV
+
+OURS = ("triton", "cuda", "triton_checked", "triton_zero_fwd")
+# relative error norm of the loss and each gradient vs float64: a few units of the dtype's rounding
+REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 
 
 def hf_style_loss(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps=1e-6):
@@ -40,6 +53,66 @@ def gather_first_loss(hidden, scored_index, pair_index, head_weight, head_bias, 
     rows = rms_norm_ref(rows, norm_weight, eps) if norm_weight is not None else rows
     rewards = (rows @ head_weight + head_bias.reshape(())).float()
     return -F.logsigmoid(rewards[pair_index[:, 0]] - rewards[pair_index[:, 1]]).mean()
+
+
+def zero_in_forward(fn: Callable[[], torch.Tensor], on: bool) -> Callable[[], torch.Tensor]:
+    """``fn`` run with ``VLR_REWARD_ZERO_IN_FORWARD`` set to 1 or 0 (fused_reward_loss reads it at each call), the
+    previous value restored afterwards."""
+
+    def run() -> torch.Tensor:
+        old = os.environ.get(ZERO_IN_FORWARD_ENV)
+        os.environ[ZERO_IN_FORWARD_ENV] = "1" if on else "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[ZERO_IN_FORWARD_ENV]
+            else:
+                os.environ[ZERO_IN_FORWARD_ENV] = old
+
+    return run
+
+
+def check_ours(rec: Recorder, providers: dict, selected: str, inputs: tuple, dtype: torch.dtype) -> None:
+    """Run each selected provider of ours once (fwd+bwd) before timing: loss and every gradient against float64,
+    and triton_zero_fwd bit for bit against triton. A failure removes the provider (reported as skipped); a provider
+    that raises is left to the timing loop, which reports it."""
+    hidden, scored, pair_index, w, b, nw = inputs
+    params = [t for t in (hidden, w, b, nw) if t is not None]
+    ins64 = [t.detach().double().requires_grad_() for t in params]
+    h64, w64, b64 = ins64[:3]
+    loss64 = fused_reward_loss_ref(h64, scored, pair_index, w64, b64, ins64[3] if nw is not None else None)[0]
+    expected = [loss64.detach(), *torch.autograd.grad(loss64, ins64)]
+    names = ["loss", "dhidden", "dhead_weight", "dhead_bias", "dnorm_weight"][: len(expected)]
+    got: dict[str, list[torch.Tensor]] = {}
+    for name in OURS:
+        if name not in providers or not want(name, selected):
+            continue
+        for t in params:
+            t.grad = None
+        try:
+            loss = providers[name]()()
+            loss.backward()
+        except Exception as exc:  # noqa: BLE001 - unavailable here (e.g. no CUDA extension)
+            print(f"[{rec.kernel}] check {name}: could not run ({type(exc).__name__}; the timing loop reports it)",
+                  flush=True)
+            continue
+        got[name] = [loss.detach(), *(t.grad for t in params)]
+        errs = [float((g.double() - e).norm() / e.norm().clamp_min(1e-30)) for g, e in zip(got[name], expected)]
+        bad = [f"{n} rel err {err:.2e}" for n, err in zip(names, errs) if not err <= REL_TOL[dtype]]  # NaN fails
+        print(f"[{rec.kernel}] check {name} vs float64: max rel err {max(errs):.2e}" + (" FAILED" if bad else ""),
+              flush=True)
+        if bad:
+            rec.skip(name, "wrong result before timing: " + ", ".join(bad))
+            del providers[name]
+    if "triton" in got and "triton_zero_fwd" in got and "triton_zero_fwd" in providers:
+        same = [torch.equal(a, c) for a, c in zip(got["triton"], got["triton_zero_fwd"])]
+        if not all(same):
+            rec.skip("triton_zero_fwd", "differs from triton (mode off): " + ", ".join(
+                n for n, ok in zip(names, same) if not ok))
+            del providers["triton_zero_fwd"]
+    for t in params:
+        t.grad = None
 
 
 def make_inputs(t_rows, h, pairs, dtype, device, with_norm=True):
@@ -84,11 +157,12 @@ def main(argv: list[str] | None = None) -> str:
         "hf_compile": lambda: run(compiled(hf_style_loss)),
         "gather_compile": lambda: run(compiled(gather_first_loss)),
     }
-    for backend in ("triton", "cuda"):
-        providers[backend] = lambda bk=backend: lambda: fused_reward_loss(
-            hidden, scored, pair_index, w, b, nw, backend=bk, check_indices=False)[0]
-    providers["triton_checked"] = lambda: lambda: fused_reward_loss(
-        hidden, scored, pair_index, w, b, nw, backend="triton")[0]
+    for name, backend, checked, zero_fwd in (("triton", "triton", False, False), ("cuda", "cuda", False, False),
+                                             ("triton_checked", "triton", True, False),
+                                             ("triton_zero_fwd", "triton", False, True)):
+        providers[name] = lambda bk=backend, ck=checked, zf=zero_fwd: zero_in_forward(
+            lambda: fused_reward_loss(hidden, scored, pair_index, w, b, nw, backend=bk, check_indices=ck)[0], zf)
+    check_ours(rec, providers, args.providers, (hidden, scored, pair_index, w, b, nw), dtype)
     params = [t for t in (hidden, w, b, nw) if t is not None]
     rec.run_providers(providers, x, lambda loss: loss.backward(), params, bytes_moved, ceiling,
                       args.providers, warmup, rep)
