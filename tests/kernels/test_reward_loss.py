@@ -127,6 +127,19 @@ def test_zero_in_forward_mode_matches_reference_and_mode_off(case, dtype, monkey
         assert torch.equal(on, off)
 
 
+def test_zero_in_forward_mode_backward_twice(monkeypatch):
+    """retain_graph: the second backward reuses the buffer the forward zeroed (autograd copied the first gradient
+    out, as the saved buffer is still referenced), so the accumulated gradient is exactly twice the first."""
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(37, 80, 4, [[0, 1], [2, 3]], torch.float32, True, True)
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton")
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hidden, w, b, nw)]
+    loss.backward()
+    for t, g in zip((hidden, w, b, nw), first):
+        torch.testing.assert_close(t.grad, 2 * g, rtol=0, atol=0)
+
+
 def test_zero_in_forward_env_values(monkeypatch):
     """A bad value is an error; the cuda backend refuses the mode (checked before its ops load); the torch
     reference ignores it."""
