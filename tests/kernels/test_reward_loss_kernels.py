@@ -74,24 +74,32 @@ class _CountedKernel:
         return run
 
 
+def _record_fwd_bwd(monkeypatch, t_rows: int, h: int, s: int, check: bool):
+    """One fused_reward_loss forward and backward (triton, norm + margin + centering) under a recorder:
+    ``(recorder, hidden, scored_index, (forward launches, ops), (backward launches, ops))``."""
+    hidden, scored, pairs, w, b, nw, m = reward_inputs(t_rows, h, s, [[0, 1], [2, 3], [0, 3]], torch.float32, True,
+                                                       True)
+    rec = _Recorder()
+    rec.install(monkeypatch)
+    seed = torch.ones(())  # made outside the recorder: not an op of ours
+    with rec:
+        loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton",
+                                       check_indices=check)
+        fwd = rec.take()
+        torch.autograd.backward(loss, seed)
+        bwd = rec.take()
+    return rec, hidden, scored, fwd, bwd
+
+
 @pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
 def test_fwd_bwd_is_three_launches_and_no_torch_compute(monkeypatch, check):
     """Forward: row kernel + pair kernel, no [T, H] allocation; backward: one kernel into an uninitialised
     gradient (``empty``, no fill). No torch op that would be a device kernel, except the index-check verdict (read on
     CPU as one ``_local_scalar_dense``; on CUDA it is one ``torch._assert_async``)."""
     t_rows, h = 41, 80
-    hidden, scored, pairs, w, b, nw, m = reward_inputs(t_rows, h, 4, [[0, 1], [2, 3], [0, 3]], torch.float32, True,
-                                                       True)
     monkeypatch.delenv(ZERO_IN_FORWARD_ENV, raising=False)
-    rec = _Recorder()
-    rec.install(monkeypatch)
-    seed = torch.ones(())
-    with rec:
-        loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton",
-                                       check_indices=check)
-        fwd_launches, fwd_ops = rec.take()
-        torch.autograd.backward(loss, seed)
-        bwd_launches, bwd_ops = rec.take()
+    _, hidden, _, (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = _record_fwd_bwd(monkeypatch, t_rows, h, 4,
+                                                                                      check)
     assert fwd_launches == ["_reward_fwd_kernel", "_pair_loss_kernel"]
     assert bwd_launches == ["_reward_bwd_kernel"]
     compute = [name for name, _ in fwd_ops + bwd_ops if name not in NO_KERNEL]
@@ -108,18 +116,9 @@ def test_zero_in_forward_mode_launches_and_allocations(monkeypatch, check):
     T) and allocates the one [T, H] buffer (``empty``, no fill); the backward launches only the scored-column
     programs, allocates no [T, H] and hands that buffer to ``hidden.grad`` without a copy."""
     t_rows, h, s = 41, 80, 4
-    hidden, scored, pairs, w, b, nw, m = reward_inputs(t_rows, h, s, [[0, 1], [2, 3], [0, 3]], torch.float32, True,
-                                                       True)
     monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
-    rec = _Recorder()
-    rec.install(monkeypatch)
-    seed = torch.ones(())
-    with rec:
-        loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton",
-                                       check_indices=check)
-        fwd_launches, fwd_ops = rec.take()
-        torch.autograd.backward(loss, seed)
-        bwd_launches, bwd_ops = rec.take()
+    rec, hidden, scored, (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = _record_fwd_bwd(monkeypatch, t_rows, h,
+                                                                                             s, check)
     assert fwd_launches == ["_reward_fwd_zero_kernel", "_pair_loss_kernel"]
     assert bwd_launches == ["_reward_bwd_kernel"]
     n_col_tiles = -(-h // rlt._BWD_BLOCK_C)
