@@ -1,6 +1,7 @@
-"""Tile bookkeeping shared by the varlen attention kernels (:mod:`vlr_kernels.attention.varlen_triton`):
-the device-side tile schedule over segments, the attention mask rule, head-dim chunked row loads/stores, the
-per-tile ranges of blocks that need a mask, and the host-side launch sizes."""
+"""Tile bookkeeping shared by the varlen attention kernels (:mod:`vlr_kernels.attention.varlen_triton`,
+:mod:`vlr_kernels.attention.varlen_windows`): the device-side tile schedule over segments, the attention mask
+rule, head-dim chunked row loads/stores and scores, the per-tile ranges of blocks that need a mask, and the
+host-side launch sizes."""
 
 from __future__ import annotations
 
@@ -54,6 +55,26 @@ def load_rows(base, rows, row_ok, stride_t, D_START: tl.constexpr, WIDTH: tl.con
     head."""
     ptrs, mask = _rows_ptrs_mask(base, rows, row_ok, stride_t, D_START, WIDTH, HEAD_DIM)
     return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_head(base, rows, ok, stride_t, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Both head-dim chunks ``(x0 [rows, D0], x1 [rows, D1])`` of one head's rows (``x1`` is a dummy copy of
+    ``x0`` when ``D1 == 0``)."""
+    x0 = load_rows(base, rows, ok, stride_t, 0, D0, HEAD_DIM)
+    x1 = x0
+    if D1 > 0:
+        x1 = load_rows(base, rows, ok, stride_t, D0, D1, HEAD_DIM)
+    return x0, x1
+
+
+@triton.jit
+def scores(a0, a1, b0, b1, D1: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b^T`` over both head-dim chunks (fp32 accumulation)."""
+    s = tl.dot(a0, tl.trans(b0), input_precision=PREC)
+    if D1 > 0:
+        s = tl.dot(a1, tl.trans(b1), s, input_precision=PREC)
+    return s
 
 
 @triton.jit

@@ -36,9 +36,11 @@ from vlr_kernels.attention.varlen_tiles import (
     head_dim_chunks,
     kv_ranges,
     launch_candidates,
+    load_head,
     load_rows,
     q_ranges,
     rows_contiguous,
+    scores,
     store_rows,
     tile_schedule,
 )
@@ -53,12 +55,8 @@ def _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < len_k
-        k0 = load_rows(k_base, offs_n, col_ok, stride_kt, 0, D0, HEAD_DIM)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
-        if D1 > 0:
-            k1 = load_rows(k_base, offs_n, col_ok, stride_kt, D0, D1, HEAD_DIM)
-            s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
-        s = s * qk_scale
+        k0, k1 = load_head(k_base, offs_n, col_ok, stride_kt, D0, D1, HEAD_DIM)
+        s = scores(q0, q1, k0, k1, D1, PREC) * qk_scale
         if MASK:
             ok = allowed(offs_m[:, None], offs_n[None, :], len_k, diff, prefix, split, CAUSAL, SHARED)
             s = tl.where(ok, s, float("-inf"))
@@ -69,10 +67,9 @@ def _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         pv = p.to(v_base.dtype.element_ty)
-        v0 = load_rows(v_base, offs_n, col_ok, stride_vt, 0, D0, HEAD_DIM)
+        v0, v1 = load_head(v_base, offs_n, col_ok, stride_vt, D0, D1, HEAD_DIM)
         acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=PREC)
         if D1 > 0:
-            v1 = load_rows(v_base, offs_n, col_ok, stride_vt, D0, D1, HEAD_DIM)
             acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc0, acc1, m_i, l_i
@@ -107,10 +104,7 @@ def _varlen_attn_fwd_kernel(
         q_base = Q + q_start.to(tl.int64) * stride_qt + hq * stride_qh
         k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-        q0 = load_rows(q_base, offs_m, row_ok, stride_qt, 0, D0, HEAD_DIM)
-        q1 = q0
-        if D1 > 0:
-            q1 = load_rows(q_base, offs_m, row_ok, stride_qt, D0, D1, HEAD_DIM)
+        q0, q1 = load_head(q_base, offs_m, row_ok, stride_qt, D0, D1, HEAD_DIM)
         acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
         acc1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -278,13 +272,8 @@ def _varlen_attn_dkdv_kernel(
         col_ok = offs_n < len_k
         k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-        k0 = load_rows(k_base, offs_n, col_ok, stride_kt, 0, D0, HEAD_DIM)
-        v0 = load_rows(v_base, offs_n, col_ok, stride_vt, 0, D0, HEAD_DIM)
-        k1 = k0
-        v1 = v0
-        if D1 > 0:
-            k1 = load_rows(k_base, offs_n, col_ok, stride_kt, D0, D1, HEAD_DIM)
-            v1 = load_rows(v_base, offs_n, col_ok, stride_vt, D0, D1, HEAD_DIM)
+        k0, k1 = load_head(k_base, offs_n, col_ok, stride_kt, D0, D1, HEAD_DIM)
+        v0, v1 = load_head(v_base, offs_n, col_ok, stride_vt, D0, D1, HEAD_DIM)
         dk0 = tl.zeros((BLOCK_N, D0), tl.float32)
         dv0 = tl.zeros((BLOCK_N, D0), tl.float32)
         dk1 = tl.zeros((BLOCK_N, D1 if D1 > 0 else 16), tl.float32)
@@ -385,13 +374,8 @@ def _varlen_attn_dq_kernel(
         do_base = DO + q_start.to(tl.int64) * stride_dot + hq * stride_doh
         k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-        q0 = load_rows(q_base, offs_m, row_ok, stride_qt, 0, D0, HEAD_DIM)
-        do0 = load_rows(do_base, offs_m, row_ok, stride_dot, 0, D0, HEAD_DIM)
-        q1 = q0
-        do1 = do0
-        if D1 > 0:
-            q1 = load_rows(q_base, offs_m, row_ok, stride_qt, D0, D1, HEAD_DIM)
-            do1 = load_rows(do_base, offs_m, row_ok, stride_dot, D0, D1, HEAD_DIM)
+        q0, q1 = load_head(q_base, offs_m, row_ok, stride_qt, D0, D1, HEAD_DIM)
+        do0, do1 = load_head(do_base, offs_m, row_ok, stride_dot, D0, D1, HEAD_DIM)
         lse = tl.load(LSE + hq.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + hq.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
         dq0 = tl.zeros((BLOCK_M, D0), tl.float32)

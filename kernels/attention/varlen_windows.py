@@ -24,25 +24,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from vlr_kernels.attention.varlen_tiles import LN2, LOG2E, allowed, load_rows, store_rows
-
-
-@triton.jit
-def _load_head(base, rows, ok, stride_t, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The two head-dim chunks of one head's rows (the second is a dummy copy when ``D1 == 0``)."""
-    x0 = load_rows(base, rows, ok, stride_t, 0, D0, HEAD_DIM)
-    x1 = x0
-    if D1 > 0:
-        x1 = load_rows(base, rows, ok, stride_t, D0, D1, HEAD_DIM)
-    return x0, x1
-
-
-@triton.jit
-def _scores(q0, q1, k0, k1, D1: tl.constexpr, PREC: tl.constexpr):
-    s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
-    if D1 > 0:
-        s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
-    return s
+from vlr_kernels.attention.varlen_tiles import LN2, LOG2E, allowed, load_head, scores, store_rows
 
 
 @triton.jit
@@ -87,10 +69,10 @@ def _window_fwd_kernel(
     for i in tl.range(0, HEADS, num_stages=STAGES):
         h = h0 + i
         hk = h // GROUP
-        q0, q1 = _load_head(q_seg + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
-        k0, k1 = _load_head(k_seg + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
-        v0, v1 = _load_head(v_seg + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
-        p, m_safe, l_i, empty, inv_l = _softmax_parts(_scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
+        q0, q1 = load_head(q_seg + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
+        k0, k1 = load_head(k_seg + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
+        v0, v1 = load_head(v_seg + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
+        p, m_safe, l_i, empty, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
         pv = p.to(v0.dtype)
         o_base = o_seg + h * stride_oh
         store_rows(o_base, offs, row_ok, stride_ot, tl.dot(pv, v0, input_precision=PREC) * inv_l[:, None], 0,
@@ -115,31 +97,31 @@ def _window_bwd_kernel(
     q_off, k_off, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK)
     for i in tl.range(0, HEADS, num_stages=STAGES):
         hk = hk0 + i
-        k0, k1 = _load_head(K + k_off * stride_kt + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
-        v0, v1 = _load_head(V + k_off * stride_vt + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
+        k0, k1 = load_head(K + k_off * stride_kt + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
+        v0, v1 = load_head(V + k_off * stride_vt + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
         dk0 = tl.zeros((BLOCK, D0), tl.float32)
         dv0 = tl.zeros((BLOCK, D0), tl.float32)
         dk1 = tl.zeros((BLOCK, D1 if D1 > 0 else 16), tl.float32)
         dv1 = tl.zeros((BLOCK, D1 if D1 > 0 else 16), tl.float32)
         for g in tl.static_range(GROUP):
             h = hk * GROUP + g
-            q0, q1 = _load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1,
+            q0, q1 = load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1,
                                 HEAD_DIM)
-            do0, do1 = _load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
+            do0, do1 = load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
                                   HEAD_DIM)
             if RECOMPUTE:
                 # the tile holds whole rows: the forward's softmax again instead of reading LSE
-                p, _, _, _, inv_l = _softmax_parts(_scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
+                p, _, _, _, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
                 p = p * inv_l[:, None]
             else:
-                o0, o1 = _load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
+                o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
                                     HEAD_DIM)
                 delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
                 if D1 > 0:
                     delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
                 lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
-                p = tl.where(ok, tl.exp2(_scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
-            dp = _scores(do0, do1, v0, v1, D1, PREC)
+                p = tl.where(ok, tl.exp2(scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
+            dp = scores(do0, do1, v0, v1, D1, PREC)
             if RECOMPUTE:
                 # rowsum(P * dP) = rowsum(dO * O) for O = P V, without reading O (nor its bf16 rounding)
                 delta = tl.sum(p * dp, 1)
