@@ -119,10 +119,20 @@ def make_inputs(hf, quick: bool, device: torch.device, grid: tuple[int, int, int
     return hf_inputs, batch
 
 
-def hf_loss(hf, inputs, head_w, head_b):
-    hidden = hf.model(**inputs).last_hidden_state[:, -1]  # post-norm, last token of each row
-    rewards = (hidden @ head_w + head_b).float()
+def hf_rewards(hf, inputs, head_w, head_b):
+    """``[rows]`` fp32 rewards of stock transformers + a linear head: post-norm hidden state of each row's last
+    token."""
+    hidden = hf.model(**inputs).last_hidden_state[:, -1]
+    return (hidden @ head_w + head_b).float()
+
+
+def pair_loss(rewards):
+    """Bradley-Terry loss of rows paired as (0, 1), (2, 3), ..."""
     return -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
+
+
+def hf_loss(hf, inputs, head_w, head_b):
+    return pair_loss(hf_rewards(hf, inputs, head_w, head_b))
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Recorder, append_csv, base_parser, bench_device, time_ms, want
-from bench_model import SEQ_TOKENS, SEQS, build_models, freeze_vit, hf_loss
+from bench_model import SEQ_TOKENS, SEQS, build_models, freeze_vit, hf_loss, hf_rewards, pair_loss
 
 from vlr_runtime.flops import batch_step_flops, mfu, peak_flops_for, training_step_flops
 from vlr_runtime.plan import Estimate, Workload, estimate
@@ -423,10 +423,8 @@ def main(argv: list[str] | None = None) -> str:
 
         # same weights, same inputs: the losses must agree before any timing means much (a disagreement is reported
         # and fails the run at the end; the timings still run, so one GPU call shows both)
-        check, bad = _reference_check(hf, ours, inputs, batches, head_w, head_b, dtype)
+        check, bad, l_hf = _reference_check(hf, ours, inputs, batches, head_w, head_b, dtype)
         print(check, flush=True)
-        with torch.no_grad():
-            l_hf = float(hf_loss(hf, inputs, head_w, head_b))
         loss_tol = 0.05 if dtype != torch.float32 else 1e-4
 
         names = _checked_names(layers)
@@ -529,24 +527,19 @@ def main(argv: list[str] | None = None) -> str:
         teardown()
 
 
-def _hf_rewards(hf, inputs: dict, head_w: torch.Tensor, head_b: torch.Tensor) -> torch.Tensor:
-    hidden = hf.model(**inputs).last_hidden_state[:, -1]
-    return (hidden @ head_w + head_b).float()
-
-
-def _reference_check(hf, ours, inputs, batches, head_w, head_b, dtype) -> tuple[str, list[str]]:
+def _reference_check(hf, ours, inputs, batches, head_w, head_b, dtype) -> tuple[str, list[str], float]:
     """Per-sequence rewards and the loss, without grad, of stock transformers and of both our layouts, against a
     reference: stock transformers itself in fp32 on the same (bf16-valued) weights, TF32 off. fp32 runs compare
     directly (1e-4 relative). Low precision: the design.md rule, err(ours) <= 2 err(transformers at the same dtype)
     + 1e-2 of the reward scale; and our model in fp32 (reference ``torch`` kernels: the model's structure - M-RoPE
     positions, shared-prompt layout, windows - without our kernels' rounding) must match the reference to 1e-4.
-    Returns the printed lines and the failures."""
+    Returns the printed lines, the failures and transformers' loss at ``dtype``."""
     import copy
 
     from vlr_kernels._backend import set_default_backend
 
     with torch.no_grad():
-        got = {"hf_sdpa": _hf_rewards(hf, inputs, head_w, head_b)}
+        got = {"hf_sdpa": hf_rewards(hf, inputs, head_w, head_b)}
         got.update({f"ours {k}": ours.loss(b)[1].float() for k, b in batches.items()})
         tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         if dtype == torch.float32:
@@ -556,7 +549,7 @@ def _reference_check(hf, ours, inputs, batches, head_w, head_b, dtype) -> tuple[
             try:
                 hf32 = copy.deepcopy(hf).float()
                 inputs32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
-                ref = _hf_rewards(hf32, inputs32, head_w.float(), head_b.float())
+                ref = hf_rewards(hf32, inputs32, head_w.float(), head_b.float())
                 del hf32
                 # ours holds process groups (no deepcopy): to fp32 and back in place, exact for bf16/fp16 values
                 buffers = [n for n, t in ours.named_buffers() if t.is_floating_point()]
@@ -578,11 +571,11 @@ def _reference_check(hf, ours, inputs, batches, head_w, head_b, dtype) -> tuple[
     scale = max(1.0, float(ref.abs().max()))
 
     def loss(r: torch.Tensor) -> float:
-        return float(-torch.nn.functional.logsigmoid(r[0::2] - r[1::2]).mean())
+        return float(pair_loss(r))
 
     err = {k: float((r - ref).abs().max()) for k, r in got.items()}
-    lines = [f"[train_step] rewards without grad vs stock transformers in fp32 (reward scale {scale:.3g}, reference "
-             f"loss {loss(ref):.5f}):"]
+    lines = [(f"[train_step] rewards without grad vs stock transformers in fp32 (reward scale {scale:.3g}, "
+              f"reference loss {loss(ref):.5f}):")]
     lines += [f"  {k:34s} loss {loss(r):.5f}  max |reward - ref| {err[k]:.4g}  rewards {r.tolist()}"
               for k, r in got.items()]
     bad = []
@@ -596,7 +589,7 @@ def _reference_check(hf, ours, inputs, batches, head_w, head_b, dtype) -> tuple[
         if e > limit:
             bad.append(f"{k}: rewards {e:.4g} from the fp32 reference (limit {limit:.4g})")
     lines.append("[train_step] reference check: " + ("ok" if not bad else "FAILED: " + "; ".join(bad)))
-    return "\n".join(lines), bad
+    return "\n".join(lines), bad, loss(got["hf_sdpa"])
 
 
 def _batch_tensors(batch) -> list[torch.Tensor]:
