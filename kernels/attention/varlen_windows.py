@@ -106,16 +106,16 @@ def _window_bwd_kernel(
         for g in tl.static_range(GROUP):
             h = hk * GROUP + g
             q0, q1 = load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1,
-                                HEAD_DIM)
+                               HEAD_DIM)
             do0, do1 = load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
-                                  HEAD_DIM)
+                                 HEAD_DIM)
             if RECOMPUTE:
                 # the tile holds whole rows: the forward's softmax again instead of reading LSE
                 p, _, _, _, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
                 p = p * inv_l[:, None]
             else:
                 o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
-                                    HEAD_DIM)
+                                   HEAD_DIM)
                 delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
                 if D1 > 0:
                     delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
