@@ -328,7 +328,8 @@ def acceptance(rec: Recorder) -> str:
 def _describe(kernel: str, cfg: dict[str, int]) -> str:
     """``ours dkdv 32x128 w8 s3 flat`` for a launch configuration of :mod:`vlr_kernels.attention`."""
     if cfg.get("WINDOW"):
-        tile = f"{cfg['BLOCK']}x{cfg['BLOCK']} heads{cfg['HEADS']} pipe{cfg['STAGES']} window"
+        spread = f"persist{cfg['PROGS']}/SM" if cfg.get("PERSIST") else f"heads{cfg['HEADS']}"
+        tile = f"{cfg['BLOCK']}x{cfg['BLOCK']} {spread} pipe{cfg['STAGES']} window"
     else:
         tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
     flags = [name.lower() for name in ("FLAT", "SPLIT", "RECOMPUTE") if cfg.get(name)]

@@ -93,3 +93,15 @@ def check_backend(op: str, name: str, device: torch.device) -> None:
         raise BackendUnavailable(f"{op}: backend {name!r} needs CUDA tensors, got {device}")
     if not has_module(name):
         raise BackendUnavailable(f"{op}: backend {name!r} requested but the package {name!r} is not installed")
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (cached), the size of a persistent kernel's grid."""
+    if device.type != "cuda":
+        raise ValueError(f"sm_count: {device} is not a CUDA device")
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from vlr_kernels._backend import resolve_backend
+from vlr_kernels._backend import resolve_backend, sm_count
 from vlr_kernels._triton_compat import tl, triton, triton_jit
 from vlr_kernels._tune import pick
 
@@ -131,11 +131,6 @@ def _block_n(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +156,7 @@ def rms_norm_bwd(
     m, n = s.shape
     dx = torch.empty_like(s)
     block_n = _block_n(n)
-    sms = _sm_count(s.device.index) if s.is_cuda else 1
+    sms = sm_count(s.device) if s.is_cuda else 1
     partials: list[torch.Tensor] = []
 
     def launch(cfg: tuple[int, int, bool, int]) -> None:

@@ -44,7 +44,12 @@ from vlr_kernels.attention.varlen_tiles import (
     store_rows,
     tile_schedule,
 )
-from vlr_kernels.attention.varlen_windows import _window_bwd_kernel, _window_fwd_kernel, window_candidates
+from vlr_kernels.attention.varlen_windows import (
+    _window_bwd_kernel,
+    _window_fwd_kernel,
+    window_candidates,
+    window_grid,
+)
 
 
 @triton.jit
@@ -449,11 +454,12 @@ def varlen_attention_fwd(
 
     def launch(cfg: dict[str, int]) -> None:
         if cfg.get("WINDOW"):
-            cfg = {k: v for k, v in cfg.items() if k != "WINDOW"}
-            _window_fwd_kernel[(n_seg, hq // cfg["HEADS"])](
+            grid, items = window_grid(cfg, n_seg, hq, q.device)
+            cfg = {k: v for k, v in cfg.items() if k not in ("WINDOW", "PROGS")}
+            _window_fwd_kernel[grid](
                 q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), tq,
-                softmax_scale * LOG2E.value, GROUP=group, CAUSAL=causal, D0=d0, D1=d1, HEAD_DIM=d,
+                softmax_scale * LOG2E.value, **items, GROUP=group, CAUSAL=causal, D0=d0, D1=d1, HEAD_DIM=d,
                 PREC=dot_precision(q.dtype), **cfg)
             return
         bm = cfg["BLOCK_M"]
@@ -534,12 +540,13 @@ def varlen_attention_bwd(
         # timed with the passes each candidate needs: delta, and the dQ pass unless it fuses dQ
         if cfg.get("WINDOW"):
             # cfg's constexprs: BLOCK, HEADS, STAGES and RECOMPUTE (1: the kernel leaves out and lse unread)
-            cfg = {k: v for k, v in cfg.items() if k != "WINDOW"}
-            _window_bwd_kernel[(n_seg, hkv // cfg["HEADS"])](
+            grid, items = window_grid(cfg, n_seg, hkv, q.device)
+            cfg = {k: v for k, v in cfg.items() if k not in ("WINDOW", "PROGS")}
+            _window_bwd_kernel[grid](
                 q, k, v, out, dout, lse, dq, dk, dv, *seg_meta, *common_strides[:6], out.stride(0),
                 out.stride(1), *common_strides[6:], dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-                dv.stride(0), dv.stride(1), tq, softmax_scale * LOG2E.value, softmax_scale, GROUP=group,
-                CAUSAL=causal, D0=d0, D1=d1, HEAD_DIM=d, PREC=meta["PREC"], **cfg)
+                dv.stride(0), dv.stride(1), tq, softmax_scale * LOG2E.value, softmax_scale, **items,
+                GROUP=group, CAUSAL=causal, D0=d0, D1=d1, HEAD_DIM=d, PREC=meta["PREC"], **cfg)
             return
         block_t = 32
         _delta_kernel[(triton.cdiv(tq, block_t), hq)](

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from vlr_kernels._backend import sm_count
 from vlr_kernels.attention.varlen_tiles import LN2, LOG2E, allowed, load_head, scores, store_rows
 
 
@@ -42,109 +43,188 @@ def _softmax_parts(s, ok):
 
 
 @triton.jit
+def _masks(len_q, len_k, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets, row and column masks over the one tile of a segment of ``len_q`` x ``len_k``, and its
+    attention mask."""
+    offs = tl.arange(0, BLOCK)
+    ok = allowed(offs[:, None], offs[None, :], len_k, len_k - len_q, 0, 0, CAUSAL, False)
+    return offs, offs < len_q, offs < len_k, ok
+
+
+@triton.jit
 def _window(cu_q, cu_k, seg, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
     """Segment ``seg``'s q/k starts, row and column masks over the one tile, and its attention mask."""
     q_start = tl.load(cu_q + seg)
-    len_q = tl.load(cu_q + seg + 1) - q_start
     k_start = tl.load(cu_k + seg)
-    len_k = tl.load(cu_k + seg + 1) - k_start
-    offs = tl.arange(0, BLOCK)
-    ok = allowed(offs[:, None], offs[None, :], len_k, len_k - len_q, 0, 0, CAUSAL, False)
-    return q_start.to(tl.int64), k_start.to(tl.int64), offs, offs < len_q, offs < len_k, ok
+    offs, row_ok, col_ok, ok = _masks(tl.load(cu_q + seg + 1) - q_start, tl.load(cu_k + seg + 1) - k_start,
+                                      CAUSAL, BLOCK)
+    return q_start.to(tl.int64), k_start.to(tl.int64), offs, row_ok, col_ok, ok
+
+
+@triton.jit
+def _first_item(cu_q, cu_k, per, n_items, heads):
+    """A persistent program's first (segment, head) item, its item count (program ``p`` owns the ``per`` items
+    from ``p * per``, the last one fewer) and the segment's q and k bounds."""
+    start = tl.program_id(0) * per
+    seg = start // heads
+    return (seg, start - seg * heads, tl.minimum(per, n_items - start), tl.load(cu_q + seg),
+            tl.load(cu_q + seg + 1), tl.load(cu_k + seg), tl.load(cu_k + seg + 1))
+
+
+@triton.jit
+def _next_item(cu_q, cu_k, seg, h, heads, n_items, q_lo, q_hi, k_lo, k_hi):
+    """The (segment, head) item after ``(seg, h)`` in segment-major order, with its segment's bounds:
+    counters and bounds carried from item to item. The software pipeliner issues an item's tile loads
+    ``STAGES - 1`` items ahead only when their addresses come from carried values; with ``cu_q[seg]`` loaded
+    in the item itself (as :func:`_window` does) triton 3.9 issued them and waited at once (sm_90 TTGIR:
+    ``async_wait num = 0``, shared memory of one stage)."""
+    h = h + 1
+    wrap = h == heads
+    seg = tl.where(wrap, seg + 1, seg)
+    more = (seg + 1) * heads <= n_items  # the last item's successor is past the last segment
+    next_q = tl.load(cu_q + seg + 1, mask=more, other=0)
+    next_k = tl.load(cu_k + seg + 1, mask=more, other=0)
+    return (seg, tl.where(wrap, 0, h), tl.where(wrap, q_hi, q_lo), next_q, tl.where(wrap, k_hi, k_lo),
+            next_k)
+
+
+@triton.jit
+def _fwd_head(Q, K, V, Out, LSE, q_start, k_start, offs, row_ok, col_ok, ok, h, stride_qt, stride_qh,
+              stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, total_q, qk_scale,
+              GROUP: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr,
+              PREC: tl.constexpr):
+    """Output rows and LSE of q head ``h`` in one window."""
+    hk = h // GROUP
+    q0, q1 = load_head(Q + q_start * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
+    k0, k1 = load_head(K + k_start * stride_kt + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
+    v0, v1 = load_head(V + k_start * stride_vt + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
+    p, m_safe, l_i, empty, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
+    pv = p.to(v0.dtype)
+    o_base = Out + q_start * stride_ot + h * stride_oh
+    store_rows(o_base, offs, row_ok, stride_ot, tl.dot(pv, v0, input_precision=PREC) * inv_l[:, None], 0,
+               D0, HEAD_DIM)
+    if D1 > 0:
+        store_rows(o_base, offs, row_ok, stride_ot, tl.dot(pv, v1, input_precision=PREC) * inv_l[:, None],
+                   D0, D1, HEAD_DIM)
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(LSE + h.to(tl.int64) * total_q + q_start + offs, lse, mask=row_ok)
 
 
 @triton.jit
 def _window_fwd_kernel(
     Q, K, V, Out, LSE, cu_q, cu_k, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ot, stride_oh, total_q, qk_scale,
+    stride_ot, stride_oh, total_q, qk_scale, per, n_items, heads,
     GROUP: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, D0: tl.constexpr,
     D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+    PERSIST: tl.constexpr,
 ):
-    h0 = tl.program_id(1) * HEADS
-    q_start, k_start, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK)
-    q_seg = Q + q_start * stride_qt
-    k_seg = K + k_start * stride_kt
-    v_seg = V + k_start * stride_vt
-    o_seg = Out + q_start * stride_ot
-    for i in tl.range(0, HEADS, num_stages=STAGES):
-        h = h0 + i
-        hk = h // GROUP
-        q0, q1 = load_head(q_seg + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
-        k0, k1 = load_head(k_seg + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
-        v0, v1 = load_head(v_seg + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
-        p, m_safe, l_i, empty, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
-        pv = p.to(v0.dtype)
-        o_base = o_seg + h * stride_oh
-        store_rows(o_base, offs, row_ok, stride_ot, tl.dot(pv, v0, input_precision=PREC) * inv_l[:, None], 0,
+    """``PERSIST``: a grid of a few programs per SM, each looping over ``per`` consecutive (window, q head)
+    items of the ``n_items = windows x heads``; else one program per window and ``HEADS`` q heads."""
+    if PERSIST:
+        seg, h, n, q_lo, q_hi, k_lo, k_hi = _first_item(cu_q, cu_k, per, n_items, heads)
+        for _ in tl.range(0, n, num_stages=STAGES):
+            offs, row_ok, col_ok, ok = _masks(q_hi - q_lo, k_hi - k_lo, CAUSAL, BLOCK)
+            _fwd_head(Q, K, V, Out, LSE, q_lo.to(tl.int64), k_lo.to(tl.int64), offs, row_ok, col_ok, ok, h,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                      total_q, qk_scale, GROUP, D0, D1, HEAD_DIM, PREC)
+            seg, h, q_lo, q_hi, k_lo, k_hi = _next_item(cu_q, cu_k, seg, h, heads, n_items, q_lo, q_hi, k_lo,
+                                                        k_hi)
+    else:
+        h0 = tl.program_id(1) * HEADS
+        q_start, k_start, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK)
+        for i in tl.range(0, HEADS, num_stages=STAGES):
+            _fwd_head(Q, K, V, Out, LSE, q_start, k_start, offs, row_ok, col_ok, ok, h0 + i, stride_qt,
+                      stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, total_q,
+                      qk_scale, GROUP, D0, D1, HEAD_DIM, PREC)
+
+
+@triton.jit
+def _bwd_head(
+    Q, K, V, Out, DO, LSE, DQ, DK, DV, q_off, k_off, offs, row_ok, col_ok, ok, hk, stride_qt, stride_qh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt,
+    stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, total_q, qk_scale, sm_scale,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr, RECOMPUTE: tl.constexpr,
+):
+    """dK, dV of kv head ``hk`` in one window and dQ of its ``GROUP`` q heads."""
+    k0, k1 = load_head(K + k_off * stride_kt + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
+    v0, v1 = load_head(V + k_off * stride_vt + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
+    dk0 = tl.zeros((BLOCK, D0), tl.float32)
+    dv0 = tl.zeros((BLOCK, D0), tl.float32)
+    dk1 = tl.zeros((BLOCK, D1 if D1 > 0 else 16), tl.float32)
+    dv1 = tl.zeros((BLOCK, D1 if D1 > 0 else 16), tl.float32)
+    for g in tl.static_range(GROUP):
+        h = hk * GROUP + g
+        q0, q1 = load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
+        do0, do1 = load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
+                             HEAD_DIM)
+        if RECOMPUTE:
+            # the tile holds whole rows: the forward's softmax again instead of reading LSE
+            p, _, _, _, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
+            p = p * inv_l[:, None]
+        else:
+            o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
+                               HEAD_DIM)
+            delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+            if D1 > 0:
+                delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+            lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
+            p = tl.where(ok, tl.exp2(scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
+        dp = scores(do0, do1, v0, v1, D1, PREC)
+        if RECOMPUTE:
+            # rowsum(P * dP) = rowsum(dO * O) for O = P V, without reading O (nor its bf16 rounding)
+            delta = tl.sum(p * dp, 1)
+        ds = (p * (dp - delta[:, None])).to(q0.dtype)
+        pt = tl.trans(p.to(q0.dtype))
+        dst = tl.trans(ds)
+        dv0 = tl.dot(pt, do0, dv0, input_precision=PREC)
+        dk0 = tl.dot(dst, q0, dk0, input_precision=PREC)
+        dq_base = DQ + q_off * stride_dqt + h * stride_dqh
+        store_rows(dq_base, offs, row_ok, stride_dqt, tl.dot(ds, k0, input_precision=PREC) * sm_scale, 0,
                    D0, HEAD_DIM)
         if D1 > 0:
-            store_rows(o_base, offs, row_ok, stride_ot, tl.dot(pv, v1, input_precision=PREC) * inv_l[:, None],
+            dv1 = tl.dot(pt, do1, dv1, input_precision=PREC)
+            dk1 = tl.dot(dst, q1, dk1, input_precision=PREC)
+            store_rows(dq_base, offs, row_ok, stride_dqt, tl.dot(ds, k1, input_precision=PREC) * sm_scale,
                        D0, D1, HEAD_DIM)
-        lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
-        tl.store(LSE + h.to(tl.int64) * total_q + q_start + offs, lse, mask=row_ok)
+    dk_base = DK + k_off * stride_dkt + hk * stride_dkh
+    dv_base = DV + k_off * stride_dvt + hk * stride_dvh
+    store_rows(dk_base, offs, col_ok, stride_dkt, dk0 * sm_scale, 0, D0, HEAD_DIM)
+    store_rows(dv_base, offs, col_ok, stride_dvt, dv0, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        store_rows(dk_base, offs, col_ok, stride_dkt, dk1 * sm_scale, D0, D1, HEAD_DIM)
+        store_rows(dv_base, offs, col_ok, stride_dvt, dv1, D0, D1, HEAD_DIM)
 
 
 @triton.jit
 def _window_bwd_kernel(
     Q, K, V, Out, DO, LSE, DQ, DK, DV, cu_q, cu_k, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
     stride_vh, stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
-    stride_dvt, stride_dvh, total_q, qk_scale, sm_scale,
+    stride_dvt, stride_dvh, total_q, qk_scale, sm_scale, per, n_items, heads,
     GROUP: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
-    RECOMPUTE: tl.constexpr,
+    RECOMPUTE: tl.constexpr, PERSIST: tl.constexpr,
 ):
-    hk0 = tl.program_id(1) * HEADS
-    q_off, k_off, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK)
-    for i in tl.range(0, HEADS, num_stages=STAGES):
-        hk = hk0 + i
-        k0, k1 = load_head(K + k_off * stride_kt + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
-        v0, v1 = load_head(V + k_off * stride_vt + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
-        dk0 = tl.zeros((BLOCK, D0), tl.float32)
-        dv0 = tl.zeros((BLOCK, D0), tl.float32)
-        dk1 = tl.zeros((BLOCK, D1 if D1 > 0 else 16), tl.float32)
-        dv1 = tl.zeros((BLOCK, D1 if D1 > 0 else 16), tl.float32)
-        for g in tl.static_range(GROUP):
-            h = hk * GROUP + g
-            q0, q1 = load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1,
-                               HEAD_DIM)
-            do0, do1 = load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
-                                 HEAD_DIM)
-            if RECOMPUTE:
-                # the tile holds whole rows: the forward's softmax again instead of reading LSE
-                p, _, _, _, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
-                p = p * inv_l[:, None]
-            else:
-                o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
-                                   HEAD_DIM)
-                delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
-                if D1 > 0:
-                    delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
-                lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
-                p = tl.where(ok, tl.exp2(scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
-            dp = scores(do0, do1, v0, v1, D1, PREC)
-            if RECOMPUTE:
-                # rowsum(P * dP) = rowsum(dO * O) for O = P V, without reading O (nor its bf16 rounding)
-                delta = tl.sum(p * dp, 1)
-            ds = (p * (dp - delta[:, None])).to(q0.dtype)
-            pt = tl.trans(p.to(q0.dtype))
-            dst = tl.trans(ds)
-            dv0 = tl.dot(pt, do0, dv0, input_precision=PREC)
-            dk0 = tl.dot(dst, q0, dk0, input_precision=PREC)
-            dq_base = DQ + q_off * stride_dqt + h * stride_dqh
-            store_rows(dq_base, offs, row_ok, stride_dqt, tl.dot(ds, k0, input_precision=PREC) * sm_scale, 0,
-                       D0, HEAD_DIM)
-            if D1 > 0:
-                dv1 = tl.dot(pt, do1, dv1, input_precision=PREC)
-                dk1 = tl.dot(dst, q1, dk1, input_precision=PREC)
-                store_rows(dq_base, offs, row_ok, stride_dqt, tl.dot(ds, k1, input_precision=PREC) * sm_scale,
-                           D0, D1, HEAD_DIM)
-        dk_base = DK + k_off * stride_dkt + hk * stride_dkh
-        dv_base = DV + k_off * stride_dvt + hk * stride_dvh
-        store_rows(dk_base, offs, col_ok, stride_dkt, dk0 * sm_scale, 0, D0, HEAD_DIM)
-        store_rows(dv_base, offs, col_ok, stride_dvt, dv0, 0, D0, HEAD_DIM)
-        if D1 > 0:
-            store_rows(dk_base, offs, col_ok, stride_dkt, dk1 * sm_scale, D0, D1, HEAD_DIM)
-            store_rows(dv_base, offs, col_ok, stride_dvt, dv1, D0, D1, HEAD_DIM)
+    """Items are (window, kv head); ``PERSIST`` and ``HEADS`` as in the forward, ``heads`` = kv heads."""
+    if PERSIST:
+        seg, hk, n, q_lo, q_hi, k_lo, k_hi = _first_item(cu_q, cu_k, per, n_items, heads)
+        for _ in tl.range(0, n, num_stages=STAGES):
+            offs, row_ok, col_ok, ok = _masks(q_hi - q_lo, k_hi - k_lo, CAUSAL, BLOCK)
+            _bwd_head(Q, K, V, Out, DO, LSE, DQ, DK, DV, q_lo.to(tl.int64), k_lo.to(tl.int64), offs, row_ok,
+                      col_ok, ok, hk, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt,
+                      stride_dkh, stride_dvt, stride_dvh, total_q, qk_scale, sm_scale, GROUP, BLOCK, D0, D1,
+                      HEAD_DIM, PREC, RECOMPUTE)
+            seg, hk, q_lo, q_hi, k_lo, k_hi = _next_item(cu_q, cu_k, seg, hk, heads, n_items, q_lo, q_hi, k_lo,
+                                                         k_hi)
+    else:
+        hk0 = tl.program_id(1) * HEADS
+        q_off, k_off, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK)
+        for i in tl.range(0, HEADS, num_stages=STAGES):
+            _bwd_head(Q, K, V, Out, DO, LSE, DQ, DK, DV, q_off, k_off, offs, row_ok, col_ok, ok, hk0 + i,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                      stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt,
+                      stride_dvh, total_q, qk_scale, sm_scale, GROUP, BLOCK, D0, D1, HEAD_DIM, PREC, RECOMPUTE)
 
 
 def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads: int, group: int,
@@ -164,13 +244,43 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     instead of 5 ``[T, H, D]`` reads (ViT windows, 32,604 tokens x 16 heads x hd 80 in bf16, with the dQ, dK,
     dV writes: ~584 instead of ~667 MB). At sm_90, non-causal hd 80: 223 registers and 104 KiB of shared
     memory at 4 heads x 2 stages (O-reading: 244, 104.25 KiB), 219 and 144 KiB at 2 x 3 (255, 154.5 KiB);
-    no spills (at 4 warps it spills)."""
+    no spills (at 4 warps it spills).
+
+    Last come the ``PERSIST`` configurations: ``PROGS`` programs per SM, each looping over a contiguous run of
+    (window, head) items, so its pipeline stays full across windows. A 2-head program's loop has 2 iterations:
+    its 3-stage pipeline loads both heads, computes them and ends, and at one backward program per SM the
+    next program's loads start only then (run C, H100: the backward moved 1.76 TB/s, ~59% of copy). The
+    persistent loop of ~66 items per SM (8,720 items of the ViT windows over 132 SMs) overlaps the loads of
+    items ``i + 1 ...`` with the math of item ``i`` for the whole kernel and has no wave tail. At sm_90, hd 80
+    (TTGIR waits and ptxas): forward 160 / 184 / 186 registers, 68 / 98 / 128 KiB at 2 / 3 / 4 stages;
+    backward (recomputing) 223 / 229 registers, 144 / 184 KiB at 3 / 4 stages, the next 1 / 2 items' loads in
+    flight (``async_wait num = 8 / 16``); no spills. The O-reading backward spills 8 bytes in this loop: not
+    offered."""
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
     block = max(16, triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
     warps = 4 if kernel == "fwd" else 8
-    shapes = [{"WINDOW": 1, "BLOCK": block, "HEADS": n, "STAGES": stages, "num_warps": warps, "num_stages": 2}
-              for n, stages in ((4, 2), (2, 3)) if heads % n == 0]
+    base = {"WINDOW": 1, "BLOCK": block, "num_warps": warps, "num_stages": 2}
+    shapes = [{**base, "HEADS": n, "STAGES": stages, "PERSIST": 0} for n, stages in ((4, 2), (2, 3))
+              if heads % n == 0]
+    # forward: 3 programs per SM fit at 2 stages (68 KiB), 2 at 3 (98 KiB), 1 at 4 (128 KiB); backward: one per
+    # SM (registers), recomputing only (the O-reading one spills in the persistent loop at sm_90)
+    persist = [{**base, "HEADS": 1, "STAGES": stages, "PERSIST": 1, "PROGS": progs}
+               for progs, stages in (((3, 2), (2, 3), (1, 4)) if kernel == "fwd" else ((1, 3), (1, 4)))]
     if kernel == "fwd":
-        return shapes
-    return [{**cfg, "RECOMPUTE": recompute} for recompute in (0, 1) for cfg in shapes]
+        return shapes + persist
+    return [{**cfg, "RECOMPUTE": recompute} for recompute in (0, 1) for cfg in shapes] + [
+        {**cfg, "RECOMPUTE": 1} for cfg in persist]
+
+
+def window_grid(cfg: dict[str, int], n_seg: int, heads: int, device) -> tuple[tuple[int, ...], dict[str, int]]:
+    """Grid of a window kernel launch and its runtime item arguments (``per``, ``n_items``, ``heads``), from
+    a :func:`window_candidates` configuration (``PROGS`` x the device's SMs persistent programs, each owning
+    ``per`` consecutive (window, head) items; the interpreter counts 3 SMs, so that a CPU test's programs
+    cross windows inside their loops and the last one gets fewer items)."""
+    n_items = n_seg * heads
+    if not cfg["PERSIST"]:
+        return (n_seg, heads // cfg["HEADS"]), {"per": 0, "n_items": n_items, "heads": heads}
+    programs = cfg["PROGS"] * (sm_count(device) if device.type == "cuda" else 3)
+    per = max(1, triton.cdiv(n_items, max(1, min(programs, n_items))))
+    return (max(1, triton.cdiv(n_items, per)),), {"per": per, "n_items": n_items, "heads": heads}

@@ -78,7 +78,7 @@ for i, cfg in enumerate(vt.launch_candidates(80, 64, 64, "dkdv")):
 from vlr_kernels.attention import varlen_windows as vw
 for kernel, fn in (("fwd", vw._window_fwd_kernel), ("dkdv", vw._window_bwd_kernel)):
     for i, cfg in enumerate(vw.window_candidates(80, 64, 64, 16, 1, kernel)):
-        consts = {k: v for k, v in cfg.items() if k not in ("WINDOW", "num_warps", "num_stages")}
+        consts = {k: v for k, v in cfg.items() if k not in ("WINDOW", "PROGS", "num_warps", "num_stages")}
         d0, d1 = head_dim_chunks(80)
         out = compile_kernel(fn, dict(GROUP=1, CAUSAL=False, D0=d0, D1=d1, HEAD_DIM=80, PREC=None, **consts),
                              cfg["num_warps"], cfg["num_stages"])

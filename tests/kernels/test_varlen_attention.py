@@ -268,21 +268,24 @@ def test_triton_dkdv_variants(split):
 
 
 WINDOW_IDS = ["4heads-2stages", "2heads-3stages", "4heads-2stages-recompute", "2heads-3stages-recompute"]
+# (forward, dK/dV) candidate indices: the per-window ones, then the persistent ones
+WINDOW_PAIRS = [(0, 0), (1, 1), (0, 2), (1, 3)]
 
 
 @pytest.mark.parametrize("which", range(4), ids=WINDOW_IDS)
 def test_triton_one_tile_window_kernels(which):
     """The one-tile kernels (a program per segment and 2 or 4 heads, pipelined head loop; in-kernel delta; dQ,
-    dK, dV written directly), every dK/dV candidate (the last two recompute the softmax and delta instead of
-    reading O and LSE) with the forward of its shape: windows of 0..64 rows at hd 80 and 88 (64 + 32 with 8
-    padding columns), causal and not, end-aligned causal rows without keys, fp16, GQA forward with the general
-    backward."""
+    dK, dV written directly), every per-window dK/dV candidate (the recomputing ones recompute the softmax
+    and delta instead of reading O and LSE) with the forward of its shape: windows of 0..64 rows at hd 80 and
+    88 (64 + 32 with 8 padding columns), causal and not, end-aligned causal rows without keys, fp16, GQA
+    forward with the general backward."""
     from vlr_kernels.attention.varlen_windows import window_candidates
 
-    fwd = window_candidates(80, 64, 64, 4, 1, "fwd")[which % 2]
-    bwd = window_candidates(80, 64, 64, 4, 1, "dkdv")[which]
+    fwd_i, bwd_i = WINDOW_PAIRS[which]
+    fwd = window_candidates(80, 64, 64, 4, 1, "fwd")[fwd_i]
+    bwd = window_candidates(80, 64, 64, 4, 1, "dkdv")[bwd_i]
     assert fwd["BLOCK"] == 64 and (fwd["HEADS"], fwd["STAGES"]) == (bwd["HEADS"], bwd["STAGES"])
-    assert bwd["RECOMPUTE"] == (which >= 2)
+    assert bwd["RECOMPUTE"] == (which >= 2) and not fwd["PERSIST"] and not bwd["PERSIST"]
     configs = {"fwd": fwd, "dkdv": bwd}
     windows = [1, 7, 64, 0, 20, 33]
     check_triton(windows, windows, 4, 4, 80, which % 2 == 1, configs=configs)
@@ -294,6 +297,44 @@ def test_triton_one_tile_window_kernels(which):
     check_triton([3, 9, 5], [7, 4, 0], 4, 4, 16, True, dtype=torch.float16, configs=small)
     if not bwd["RECOMPUTE"]:  # the forward of this shape once is enough
         check_triton([3, 9, 5], [7, 4, 0], 8, 2, 16, which != 1, configs={"fwd": small["fwd"]})
+
+
+def test_triton_persistent_window_kernels():
+    """The persistent window kernels (a few programs per SM - 3 "SMs" under the interpreter - each looping over
+    a run of consecutive (window, head) items, segment bounds carried from item to item): 7 windows x 5 heads =
+    35 items, so runs start and end inside windows and the last program gets fewer items (forward 3/SM: 9 runs
+    of 4, 2/SM: 6 of 6, 1/SM: 3 of 12; backward 1/SM: 3 of 12); every candidate, empty windows, causal and not,
+    hd 80 and 88, fp16, GQA forward."""
+    from vlr_kernels.attention.varlen_windows import window_candidates, window_grid
+
+    fwds = [c for c in window_candidates(80, 64, 64, 5, 1, "fwd") if c["PERSIST"]]
+    bwds = [c for c in window_candidates(80, 64, 64, 5, 1, "dkdv") if c["PERSIST"]]
+    assert [(c["PROGS"], c["STAGES"]) for c in fwds] == [(3, 2), (2, 3), (1, 4)]
+    assert [(c["PROGS"], c["STAGES"], c["RECOMPUTE"]) for c in bwds] == [(1, 3, 1), (1, 4, 1)]
+    grids = [window_grid(c, 7, 5, torch.device("cpu")) for c in (*fwds, *bwds)]
+    assert [(g[0], g[1]["per"]) for g in grids] == [((9,), 4), ((6,), 6), ((3,), 12), ((3,), 12), ((3,), 12)]
+    windows = [1, 7, 64, 0, 20, 33, 5]
+    for i, fwd in enumerate(fwds):
+        configs = {"fwd": fwd, "dkdv": bwds[i % 2]}
+        check_triton(windows, windows, 5, 5, 80, i % 2 == 0, configs=configs)
+    check_triton(windows, windows, 5, 5, 88, True, configs={"fwd": fwds[1], "dkdv": bwds[1]})
+    small = {"fwd": {**fwds[0], "BLOCK": 16}, "dkdv": {**bwds[0], "BLOCK": 16}}
+    check_triton([3, 9, 5, 16], [7, 4, 0, 16], 5, 5, 16, True, dtype=torch.float16, configs=small)
+    check_triton([3, 9, 5, 16], [7, 4, 0, 16], 6, 2, 16, False, configs={"fwd": small["fwd"]})
+
+
+def test_window_grid_covers_every_item_once():
+    """Persistent grids: every (window, head) item in exactly one program's run, no empty program; the
+    per-window grid is one program per window and head group."""
+    from vlr_kernels.attention.varlen_windows import window_grid
+
+    for n_seg in (1, 2, 7, 545):
+        for heads in (1, 5, 16):
+            for progs in (1, 2, 3):
+                (grid,), items = window_grid({"PERSIST": 1, "PROGS": progs}, n_seg, heads, torch.device("cpu"))
+                per, n = items["per"], items["n_items"]
+                assert n == n_seg * heads and (grid - 1) * per < n <= grid * per and grid <= max(3 * progs, 1)
+    assert window_grid({"PERSIST": 0, "HEADS": 4}, 545, 16, torch.device("cpu"))[0] == (545, 4)
 
 
 def test_window_recompute_reads_neither_out_nor_lse():
@@ -326,17 +367,19 @@ def test_window_candidates_only_for_one_tile_segments():
     from vlr_kernels.attention.varlen_windows import window_candidates
 
     cands = window_candidates(80, 64, 64, 16, 1, "fwd")
-    assert [(c["HEADS"], c["STAGES"]) for c in cands] == [(4, 2), (2, 3)]
+    assert [(c["HEADS"], c["STAGES"], c["PERSIST"]) for c in cands] == [
+        (4, 2, 0), (2, 3, 0), (1, 2, 1), (1, 3, 1), (1, 4, 1)]
     assert all("RECOMPUTE" not in c for c in cands)
-    # the O-reading backward first (its first entry: the default measured on a GPU), then the recomputing one
+    # the O-reading backward first (its first entry: the default measured on a GPU), then the recomputing one;
+    # the persistent one last in each
     dkdv = window_candidates(80, 64, 64, 16, 1, "dkdv")
-    assert [(c["HEADS"], c["STAGES"], c["RECOMPUTE"]) for c in dkdv] == [
-        (4, 2, 0), (2, 3, 0), (4, 2, 1), (2, 3, 1)]
+    assert [(c["HEADS"], c["STAGES"], c["PERSIST"], c["RECOMPUTE"]) for c in dkdv] == [
+        (4, 2, 0, 0), (2, 3, 0, 0), (4, 2, 0, 1), (2, 3, 0, 1), (1, 3, 1, 1), (1, 4, 1, 1)]
     assert window_candidates(80, 65, 64, 16, 1, "fwd") == []  # a segment needs two tiles
     assert window_candidates(128, 64, 64, 28, 7, "fwd") == []  # head_dim class not compile-checked
     assert window_candidates(80, 64, 64, 8, 2, "dkdv") == []  # GQA backward: the general kernels
     assert [(c["HEADS"], c["RECOMPUTE"]) for c in window_candidates(80, 30, 30, 6, 1, "dkdv")] == [
-        (2, 0), (2, 1)]
+        (2, 0), (2, 1), (1, 1), (1, 1)]
 
 
 def test_dkdv_candidates_cover_the_variants():
