@@ -85,6 +85,14 @@ def store_rows(base, rows, row_ok, stride_t, val, D_START: tl.constexpr, WIDTH: 
 
 
 @triton.jit
+def atomic_add_rows(base, rows, row_ok, stride_t, val, D_START: tl.constexpr, WIDTH: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
+    """``base[rows, D_START:...] += val`` (fp32 buffer), relaxed: no ordering with other memory, only the sum."""
+    ptrs, mask = _rows_ptrs_mask(base, rows, row_ok, stride_t, D_START, WIDTH, HEAD_DIM)
+    tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def kv_ranges(m0, len_q, len_k, prefix, split, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """KV column ranges of the q tile at row ``m0``: ``[0, full_hi)`` needs no mask, ``[full_hi, hi1)``
@@ -177,6 +185,7 @@ class Tile(NamedTuple):
     stages: int
     flat: bool = False  # dkdv: one loop over (q head, q block) pairs, see varlen_triton._dkdv_flat
     split: bool = False  # dkdv: one program per q head, fp32 partial dK/dV that the launcher sums per kv head
+    atomic: bool = False  # dkdv: also dQ, added to an fp32 buffer with atomics (no dQ pass)
     shared: bool = True  # also a candidate for shared-prompt pairs (False: that specialisation spills)
 
 
@@ -189,7 +198,10 @@ _TABLES = {
          # 64x128 (215 registers at hd 80) and 128x64 (250): the wider dK/dV tiles of FlashAttention-2's
          # backward, for the ViT's full-attention layers (up to 8,100-token images); spill-free on sm_90
          "dkdv": (Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(64, 64, 8, 2), Tile(64, 128, 8, 2),
-                  Tile(128, 64, 8, 2)),
+                  Tile(128, 64, 8, 2),
+                  # FlashAttention-2's dQ: each kv tile's program adds dS K to an fp32 buffer, so S and dP are
+                  # computed once (5 matmuls a tile pair instead of 7 with the separate dQ pass)
+                  Tile(64, 64, 8, 2, atomic=True, shared=False), Tile(64, 128, 8, 2, atomic=True, shared=False)),
          "dq": (Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2))},
     128: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 8, 3), Tile(128, 32, 8, 3)),
           # The nested head loop fits only 16-row q blocks; the flat loop fits 32x64 (191 regs), 32x128
@@ -216,7 +228,7 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
     candidates (default: yes unless ``VLR_ATTN_FLAT=0``, the switch that keeps them from the tuner should a GPU
     fail them: run C on an H100 hit an illegal address in the first one before the loop change noted in
     ``varlen_triton._dkdv_flat``; run D passed all ten of their GPU tests). dkdv configurations carry ``FLAT``
-    and ``SPLIT`` (see :class:`Tile`)."""
+    and ``SPLIT``, and ``ATOMIC_DQ`` where set (see :class:`Tile`)."""
     if flat is None:
         flat = os.environ.get("VLR_ATTN_FLAT", "1") != "0"
     table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
@@ -226,10 +238,14 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
             continue
         bm = block_m or pick_block(max_seqlen_q, t.block_m)
         bn = block_n or pick_block(max_seqlen_k, t.block_n)
+        if t.atomic and max_seqlen_k <= bn:
+            continue  # one kv tile per segment: every dK/dV candidate stores dQ directly
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": t.warps if (bm, bn) == t[:2] else 4,
                "num_stages": t.stages}
         if kernel == "dkdv":
             cfg.update(FLAT=t.flat, SPLIT=t.split)
+            if t.atomic:
+                cfg["ATOMIC_DQ"] = True
         if cfg not in out:
             out.append(cfg)
     return out

@@ -31,6 +31,7 @@ from vlr_kernels.attention.varlen_tiles import (
     LN2,
     LOG2E,
     allowed,
+    atomic_add_rows,
     dot_precision,
     grid_tiles,
     head_dim_chunks,
@@ -158,7 +159,8 @@ def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base, lse
                qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, SHARED: tl.constexpr,
                FUSE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
-    """dK/dV contributions of the q rows ``start_m...`` of one q head to one kv tile (dQ too with FUSE_DQ)."""
+    """dK/dV contributions of the q rows ``start_m...`` of one q head to one kv tile; ``FUSE_DQ``: 1 also
+    stores these rows' dQ (the segment's only kv tile), 2 adds this tile's part of it to an fp32 buffer."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < len_q
     q0 = load_rows(q_base, offs_m, row_ok, stride_qt, 0, D0, HEAD_DIM)
@@ -184,7 +186,7 @@ def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base, lse
     dk0 = tl.dot(ds, q0, dk0, input_precision=PREC)
     if D1 > 0:
         dk1 = tl.dot(ds, q1, dk1, input_precision=PREC)
-    if FUSE_DQ:
+    if FUSE_DQ == 1:
         # this kv tile is the segment's only one, so these q rows get their whole dQ from it
         dst = tl.trans(ds)
         dq0 = tl.dot(dst, k0, input_precision=PREC) * sm_scale
@@ -192,6 +194,14 @@ def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base, lse
         if D1 > 0:
             dq1 = tl.dot(dst, k1, input_precision=PREC) * sm_scale
             store_rows(dq_base, offs_m, row_ok, stride_dqt, dq1, D0, D1, HEAD_DIM)
+    elif FUSE_DQ == 2:
+        # every kv tile of the segment adds its part of these rows' dQ to the fp32 buffer ``dq_base``
+        dst = tl.trans(ds)
+        atomic_add_rows(dq_base, offs_m, row_ok, stride_dqt, tl.dot(dst, k0, input_precision=PREC) * sm_scale,
+                        0, D0, HEAD_DIM)
+        if D1 > 0:
+            atomic_add_rows(dq_base, offs_m, row_ok, stride_dqt,
+                            tl.dot(dst, k1, input_precision=PREC) * sm_scale, D0, D1, HEAD_DIM)
     return dk0, dk1, dv0, dv1
 
 
@@ -524,6 +534,9 @@ def varlen_attention_bwd(
         # every segment within one kv tile (vision windows): the dK/dV programs also write dQ, no second pass
         return max_seqlen_k <= cfg["BLOCK_N"]
 
+    def no_dq_pass(cfg: dict[str, int]) -> bool:
+        return bool(cfg.get("WINDOW") or cfg.get("ATOMIC_DQ") or fuses_dq(cfg))
+
     def launch_dq(cfg: dict[str, int]) -> None:
         bm = cfg["BLOCK_M"]
         n_tiles = grid_tiles(tq, n_seg, max_seqlen_q, bm)
@@ -553,9 +566,15 @@ def varlen_attention_bwd(
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
             BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
         )
-        if fuses_dq(cfg):
-            dq.zero_()  # q rows that see no key of their segment are in no kv tile's q range
         cfg = dict(cfg)
+        # 1: dQ stored by the segment's only kv tile; 2: dQ summed over kv tiles in an fp32 buffer (zeroed)
+        atomic = cfg.pop("ATOMIC_DQ", False)
+        fuse = 1 if fuses_dq(cfg) else (2 if atomic else 0)
+        dq_out = dq
+        if fuse == 1:
+            dq.zero_()  # q rows that see no key of their segment are in no kv tile's q range
+        elif fuse == 2:
+            dq_out = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
         bn = cfg["BLOCK_N"]
         n_tiles = grid_tiles(tk, n_seg, max_seqlen_k, bn)
         heads = 1 if cfg.pop("SPLIT") else group
@@ -564,22 +583,24 @@ def varlen_attention_bwd(
         dk_out, dv_out = (dk, dv) if heads == group else (
             torch.empty((tk, hq, d), device=q.device, dtype=torch.float32) for _ in range(2))
         _varlen_attn_dkdv_kernel[(n_tiles, hq // heads)](
-            q, k, v, dout, lse, delta, dk_out, dv_out, dq, *seg_meta,
+            q, k, v, dout, lse, delta, dk_out, dv_out, dq_out, *seg_meta,
             *tile_schedule(cu_seqlens_k, bn, n_tiles), *pair_meta, *common_strides, dk_out.stride(0),
-            dk_out.stride(1), dv_out.stride(0), dv_out.stride(1), dq.stride(0), dq.stride(1), n_seg, tq,
-            softmax_scale * LOG2E.value, softmax_scale, HEADS=heads, FUSE_DQ=fuses_dq(cfg), **meta, **cfg,
+            dk_out.stride(1), dv_out.stride(0), dv_out.stride(1), dq_out.stride(0), dq_out.stride(1), n_seg, tq,
+            softmax_scale * LOG2E.value, softmax_scale, HEADS=heads, FUSE_DQ=fuse, **meta, **cfg,
         )
         if heads != group:
             dk.copy_(dk_out.view(tk, hkv, group, d).sum(2))
             dv.copy_(dv_out.view(tk, hkv, group, d).sum(2))
-        if dq_cfg is not None and not fuses_dq(cfg):
+        if fuse == 2:
+            dq.copy_(dq_out)
+        if dq_cfg is not None and fuse == 0:
             launch_dq(dq_cfg)
 
     windows = [] if shared else window_candidates(d, max_seqlen_q, max_seqlen_k, hkv, group, "dkdv")
     dkdv_cfg = _choose("dkdv", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
                        launch_dkdv, shared, configs, windows)
     launch_dkdv(dkdv_cfg, dq_cfg=None)
-    if not dkdv_cfg.get("WINDOW") and not fuses_dq(dkdv_cfg):
+    if not no_dq_pass(dkdv_cfg):
         launch_dq(_choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
                           launch_dq, shared, configs))
     return dq, dk, dv

@@ -28,15 +28,16 @@ from vlr_kernels.attention.varlen_tiles import head_dim_chunks
 POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "cu_q": "*i32", "cu_k": "*i32", "cu_tiles": "*i32",
            "tile_seg": "*i32", "prefix_lens": "*i32", "split_lens": "*i32"}
 
-def compile_kernel(kernel, constexprs, num_warps, num_stages):
+def compile_kernel(kernel, constexprs, num_warps, num_stages, pointers=None):
     signature, attrs = {}, {}
+    pointers = {**POINTER, **(pointers or {})}
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
         elif p.name in ("qk_scale", "sm_scale"):
             signature[p.name] = "fp32"
-        elif p.name[0].isupper() or p.name in POINTER:
-            signature[p.name] = POINTER.get(p.name, "*bf16")
+        elif p.name[0].isupper() or p.name in pointers:
+            signature[p.name] = pointers.get(p.name, "*bf16")
         else:
             signature[p.name] = "i32"
         # what the launcher specialises at run time: 16-byte aligned pointers, strides multiple of 16
@@ -53,8 +54,10 @@ def variant(name, kernel, head_dim, cfg, causal=True, shared=True, **constexprs)
     d0, d1 = head_dim_chunks(head_dim)
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    # the atomic dQ candidates add to an fp32 buffer
+    pointers = {"DQ": "*fp32"} if constexprs.get("FUSE_DQ") == 2 else None
     consts = dict(CAUSAL=causal, SHARED=shared, D0=d0, D1=d1, HEAD_DIM=head_dim, PREC=None, **cfg, **constexprs)
-    print(json.dumps({"name": name, **compile_kernel(kernel, consts, warps, stages)}), flush=True)
+    print(json.dumps({"name": name, **compile_kernel(kernel, consts, warps, stages, pointers)}), flush=True)
 
 # every launch candidate the tuner may pick: vision full (hd 80, non-causal), vision windows (fused dQ), LLM GQA
 # (hd 128; causal shared-prompt pairs, the costliest specialisation)
@@ -63,17 +66,17 @@ for hd, seq, group, mask, label in ((80, 8100, 1, False, "hd80"), (128, 4096, 7,
         variant(f"fwd_{label}_{i}", vt._varlen_attn_fwd_kernel, hd, cfg, mask, mask, GROUP=group)
     shared_ok = vt.launch_candidates(hd, seq, seq, "dkdv", shared=True, flat=True)
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dkdv", flat=True)):
-        flat = "_flat" if cfg["FLAT"] else ""
+        flat = "_flat" if cfg["FLAT"] else ("_atomic" if cfg.get("ATOMIC_DQ") else "")
         heads = 1 if cfg["SPLIT"] else group
-        consts = {k: v for k, v in cfg.items() if k != "SPLIT"}
+        consts = {k: v for k, v in cfg.items() if k not in ("SPLIT", "ATOMIC_DQ")}
         variant(f"dkdv_{label}_{i}{flat}", vt._varlen_attn_dkdv_kernel, hd, consts, mask,
-                mask and cfg in shared_ok, GROUP=group, HEADS=heads, FUSE_DQ=False)
+                mask and cfg in shared_ok, GROUP=group, HEADS=heads, FUSE_DQ=2 if cfg.get("ATOMIC_DQ") else 0)
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dq")):
         variant(f"dq_{label}_{i}", vt._varlen_attn_dq_kernel, hd, cfg, mask, mask, GROUP=group)
 for i, cfg in enumerate(vt.launch_candidates(80, 64, 64, "dkdv")):
-    consts = {k: v for k, v in cfg.items() if k != "SPLIT"}
+    consts = {k: v for k, v in cfg.items() if k not in ("SPLIT", "ATOMIC_DQ")}
     variant(f"dkdv_hd80_fused_dq_{i}", vt._varlen_attn_dkdv_kernel, 80, consts, False, False, GROUP=1,
-            HEADS=1, FUSE_DQ=True)
+            HEADS=1, FUSE_DQ=1)
 # the one-tile window kernels the tuner may pick for the ViT windows (hd 80, 16 heads, <= 64 tokens)
 from vlr_kernels.attention import varlen_windows as vw
 for kernel, fn in (("fwd", vw._window_fwd_kernel), ("dkdv", vw._window_bwd_kernel)):
@@ -106,4 +109,5 @@ def test_kernels_compile_for_sm90_without_spills():
         if r["name"].endswith("_flat"):  # the wider dK/dV tiles exist for the tensor cores' wide MMA
             assert r["wgmma"], f"{r['name']} does not use wgmma"
     assert sum(r["name"].endswith("_flat") for r in results) >= 4, names
+    assert sum(r["name"].endswith("_atomic") for r in results) >= 2, names
     assert {"window_fwd_0", "window_dkdv_0"} <= set(names), names

@@ -395,6 +395,28 @@ def test_dkdv_candidates_cover_the_variants():
     assert dkdv_config(64, 64, True, False, warps=8) not in shared and shared[0] == cands[0]
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
+def test_triton_atomic_dq(flat):
+    """dQ added by every kv tile's program to an fp32 buffer (no dQ pass): segments of several 16-row kv tiles
+    (each q row gets parts from up to 5), masked and unmasked ranges, causal end-aligned rows without keys (dQ
+    0), non-causal hd 80 (64 + 16) and 88 (8 padding columns), GQA with the nested and the flat head loop, a
+    q-head split, fp16; and the vision full-attention candidates at their own tile sizes."""
+    from vlr_kernels.attention.varlen_tiles import launch_candidates
+
+    small = {"dkdv": {**dkdv_config(16, 16, flat, False), "ATOMIC_DQ": True}}
+    check_triton([1, 7, 64, 0, 20], [1, 7, 64, 0, 20], 4, 2, 80, False, configs=small)
+    check_triton([3, 9, 40, 5], [7, 4, 33, 0], 3, 1, 64, True, configs=small)
+    check_triton([33, 17], [33, 17], 2, 2, 88, True, dtype=torch.float16, configs=small)
+    split = {"dkdv": {**dkdv_config(16, 16, True, True), "ATOMIC_DQ": True}}
+    check_triton([40, 9], [40, 9], 4, 2, 32, True, configs=split)
+    if not flat:
+        atomic = [c for c in launch_candidates(80, 150, 150, "dkdv") if c.get("ATOMIC_DQ")]
+        assert [(c["BLOCK_M"], c["BLOCK_N"]) for c in atomic] == [(64, 64), (64, 128)]
+        for cfg in atomic:  # 150 rows: 3 kv tiles of 64, 2 of 128
+            check_triton([150, 70], [150, 70], 2, 2, 80, False, configs={"dkdv": cfg})
+    assert not [c for c in launch_candidates(80, 150, 150, "dkdv", shared=True) if c.get("ATOMIC_DQ")]
+
+
 def test_flat_candidates_switch(monkeypatch):
     """The flat dK/dV candidates reach the tuner unless VLR_ATTN_FLAT=0 (or flat=False): the switch for a GPU
     where they fail (an illegal address ends the CUDA context; no tuner survives that)."""
