@@ -7,7 +7,9 @@ five small dots, store); ``tl.range(..., num_stages=STAGES)`` software-pipelines
 windows workload is memory-bound (~0.24 ms floor fwd+bwd on an H200) and the one-program-per-(window,
 head) kernels issue their loads, then wait, then compute. A program also finds its segment without the tile
 map (program ``i`` is segment ``i``: one tile per segment, empty ones exit) and amortises the segment lookup
-over its heads.
+over its heads. The ``PERSIST`` variant instead launches a few programs per SM, each looping over a run of
+consecutive (segment, head) items with the segment bounds carried from item to item, so that its pipeline
+stays full from the first item to the last (see :func:`window_candidates`).
 
 The backward computes ``delta`` in the same program (the general path runs a separate pass that reads O and
 dO once more) and writes dQ, dK and dV directly: a one-tile segment has one contributor to each of them.
