@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -47,8 +48,11 @@ def compile_kernel(kernel, constexprs, num_warps, num_stages, pointers=None):
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     regs, spill_bytes = _resource_usage(compiled.asm["cubin"])
+    # a software-pipelined loop waits for all but its newest copies (num > 0); num = 0 everywhere: no overlap
+    waits = [int(n) for n in re.findall(r"async_wait[^\n]*num = (\d+)", compiled.asm["ttgir"])]
     # Hopper's warpgroup MMA (wgmma) needs >= 64 rows per warpgroup; thinner dots fall back to mma.sync
-    return {"regs": regs, "spill_bytes": spill_bytes, "wgmma": "wgmma.mma_async" in compiled.asm["ptx"]}
+    return {"regs": regs, "spill_bytes": spill_bytes, "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
+            "in_flight": max(waits, default=0)}
 
 def variant(name, kernel, head_dim, cfg, causal=True, shared=True, **constexprs):
     d0, d1 = head_dim_chunks(head_dim)
@@ -85,7 +89,7 @@ for kernel, fn in (("fwd", vw._window_fwd_kernel), ("dkdv", vw._window_bwd_kerne
         d0, d1 = head_dim_chunks(80)
         out = compile_kernel(fn, dict(GROUP=1, CAUSAL=False, D0=d0, D1=d1, HEAD_DIM=80, PREC=None, **consts),
                              cfg["num_warps"], cfg["num_stages"])
-        print(json.dumps({"name": f"window_{kernel}_{i}", **out}), flush=True)
+        print(json.dumps({"name": f"window_{kernel}_{i}", "stages": cfg["STAGES"], **out}), flush=True)
 delta = compile_kernel(vt._delta_kernel, dict(BLOCK_T=32, BLOCK_D=128, HEAD_DIM=80), 4, 2)
 print(json.dumps({"name": "delta", **delta}), flush=True)
 """
@@ -111,3 +115,8 @@ def test_kernels_compile_for_sm90_without_spills():
     assert sum(r["name"].endswith("_flat") for r in results) >= 4, names
     assert sum(r["name"].endswith("_atomic") for r in results) >= 2, names
     assert {"window_fwd_0", "window_dkdv_0"} <= set(names), names
+    # the window kernels' head/item loops at >= 3 stages keep the next item's copies in flight: the persistent
+    # loop's first version (segment bounds loaded inside each item) compiled to a loop that waited for every
+    # copy at once
+    windows = [r for r in results if r["name"].startswith("window_") and r["stages"] >= 3]
+    assert len(windows) >= 5 and all(r["in_flight"] > 0 for r in windows), windows
