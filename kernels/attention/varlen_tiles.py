@@ -201,8 +201,15 @@ _TABLES = {
                   Tile(128, 64, 8, 2),
                   # FlashAttention-2's dQ: each kv tile's program adds dS K to an fp32 buffer, so S and dP are
                   # computed once (5 matmuls a tile pair instead of 7 with the separate dQ pass)
-                  Tile(64, 64, 8, 2, atomic=True, shared=False), Tile(64, 128, 8, 2, atomic=True, shared=False)),
-         "dq": (Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2))},
+                  Tile(64, 64, 8, 2, atomic=True, shared=False), Tile(64, 128, 8, 2, atomic=True, shared=False),
+                  # 3 stages: the q-block loop keeps the next block's copies in flight (at 2 it waits for all of
+                  # them, so only other programs' math hides a load); sm_90 hd 80: 220 / 218 registers, 81 / 101
+                  # KiB (2 / 1 programs per SM), atomic 229 / 240, 105 / 133 KiB
+                  Tile(64, 64, 4, 3, shared=False), Tile(64, 128, 8, 3, shared=False),
+                  Tile(64, 64, 4, 3, atomic=True, shared=False), Tile(64, 128, 8, 3, atomic=True, shared=False)),
+         # 3 stages as for dK/dV (sm_90 hd 80: 168 / 182 registers, 80 / 100 KiB)
+         "dq": (Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3, shared=False),
+                Tile(128, 64, 8, 3, shared=False))},
     128: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 8, 3), Tile(128, 32, 8, 3)),
           # The nested head loop fits only 16-row q blocks; the flat loop fits 32x64 (191 regs), 32x128
           # (244) and, without the shared-prompt mask, 64x64 (249). 2 stages: the loop waits for all its

@@ -411,7 +411,8 @@ def test_triton_atomic_dq(flat):
     check_triton([40, 9], [40, 9], 4, 2, 32, True, configs=split)
     if not flat:
         atomic = [c for c in launch_candidates(80, 150, 150, "dkdv") if c.get("ATOMIC_DQ")]
-        assert [(c["BLOCK_M"], c["BLOCK_N"]) for c in atomic] == [(64, 64), (64, 128)]
+        assert [(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in atomic] == [
+            (64, 64, 2), (64, 128, 2), (64, 64, 3), (64, 128, 3)]
         for cfg in atomic:  # 150 rows: 3 kv tiles of 64, 2 of 128
             check_triton([150, 70], [150, 70], 2, 2, 80, False, configs={"dkdv": cfg})
     assert not [c for c in launch_candidates(80, 150, 150, "dkdv", shared=True) if c.get("ATOMIC_DQ")]
