@@ -1,0 +1,59 @@
+"""``benchmarks/bench_attention.py`` on the CPU: the quick workloads run end to end through the Triton interpreter
+(our kernels with the launch configurations the tuner picks, every candidate with ``--candidates``), and a provider
+whose gradients disagree with the SDPA loop is reported and not timed."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.runtime.helpers import run_quick_benchmark
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_quick_run_checks_and_times_every_provider(tmp_path):
+    out_csv = tmp_path / "rows.csv"
+    stdout = run_quick_benchmark("bench_attention.py", out_csv, 300, "--dtype", "float32", "--workloads",
+                                 "windows,pairs", "--candidates", interpret=True)
+    # output and gradients checked against the SDPA loop before timing, every provider that runs here
+    for line in ("[windows] ours: max |x - sdpa_loop|", "[pairs] ours_shared: max |x - sdpa_loop|",
+                 "[pairs] ours_duplicated: max |x - sdpa_loop|", "[windows] sdpa_padded: max |x - sdpa_loop|"):
+        assert line in stdout, stdout[-3000:]
+    assert "disagrees with the SDPA loop" not in stdout
+    rows = list(csv.DictReader(out_csv.open()))
+    timed = {(r["x"], r["provider"], r["mode"]) for r in rows if r["metric"] == "ms"}
+    for x, provider in (("windows", "ours"), ("pairs", "ours_shared"), ("pairs", "ours_duplicated")):
+        assert {(x, provider, m) for m in ("fwd", "bwd", "fwd+bwd")} <= timed
+    # --candidates: the persistent window kernels among the forced-candidate rows
+    assert any("persist" in p for _, p, _ in timed), sorted(timed)
+
+
+def test_disagreeing_gradients_are_reported_not_timed(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_attention as ba
+        from _common import Recorder
+    finally:
+        sys.path.remove(str(BENCH))
+
+    class DoubleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    w = next(w for w in ba.workloads(quick=True) if w.name == "windows")
+    device = torch.device("cpu")
+    ref = ba.ours(w, device, "sdpa")
+    rec = Recorder("varlen_attention", device, None)
+    ba.bench(rec, w, "wrong_dq", lambda: lambda q, k, v: ref(DoubleGrad.apply(q), k, v), device, torch.float32, 0, 1)
+    ba.bench(rec, w, "right", lambda: ref, device, torch.float32, 0, 1)
+    assert any(s.startswith("wrong_dq: windows: disagrees with the SDPA loop") and "'dq'" in s for s in rec.skipped)
+    assert {r.provider for r in rec.rows if r.metric == "ms"} == {"right"}
