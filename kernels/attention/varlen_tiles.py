@@ -219,8 +219,10 @@ _TABLES = {
                    Tile(32, 128, 8, 2, flat=True), Tile(32, 128, 8, 3, flat=True),
                    Tile(64, 64, 8, 2, flat=True, shared=False), Tile(64, 64, 8, 3, flat=True, shared=False),
                    Tile(32, 128, 8, 2, flat=True, split=True)),
+          # run D's pick for the LLM was 128x64 at 2 stages, which waits for all of its copies at each kv block;
+          # the 3-stage 128x64 spills with the shared-prompt mask (sm_90: 249 registers without, 64 B spilled with)
           "dq": (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2), Tile(128, 64, 8, 2),
-                 Tile(64, 64, 8, 3))},
+                 Tile(64, 64, 8, 3), Tile(128, 32, 8, 3), Tile(128, 64, 8, 3, shared=False))},
     256: {"fwd": (Tile(64, 32, 8, 2),), "dkdv": (Tile(16, 32, 8, 2),), "dq": (Tile(32, 32, 8, 2),)},
 }
 

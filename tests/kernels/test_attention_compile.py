@@ -75,8 +75,9 @@ for hd, seq, group, mask, label in ((80, 8100, 1, False, "hd80"), (128, 4096, 7,
         consts = {k: v for k, v in cfg.items() if k not in ("SPLIT", "ATOMIC_DQ")}
         variant(f"dkdv_{label}_{i}{flat}", vt._varlen_attn_dkdv_kernel, hd, consts, mask,
                 mask and cfg in shared_ok, GROUP=group, HEADS=heads, FUSE_DQ=2 if cfg.get("ATOMIC_DQ") else 0)
+    shared_dq = vt.launch_candidates(hd, seq, seq, "dq", shared=True)
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dq")):
-        variant(f"dq_{label}_{i}", vt._varlen_attn_dq_kernel, hd, cfg, mask, mask, GROUP=group)
+        variant(f"dq_{label}_{i}", vt._varlen_attn_dq_kernel, hd, cfg, mask, mask and cfg in shared_dq, GROUP=group)
 for i, cfg in enumerate(vt.launch_candidates(80, 64, 64, "dkdv")):
     consts = {k: v for k, v in cfg.items() if k not in ("SPLIT", "ATOMIC_DQ")}
     variant(f"dkdv_hd80_fused_dq_{i}", vt._varlen_attn_dkdv_kernel, 80, consts, False, False, GROUP=1,
