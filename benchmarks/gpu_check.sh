@@ -11,22 +11,26 @@
 #              torch.compile tracing, model parity, no host sync in the model's input path, optimizer memory);
 #              TESTS="path::name ..." picks them (default: the kernel, model, planner and parallel GPU tests, the
 #              attention launch-candidate tests last; TESTS=tests adds the score CLI runs, which passed in A and B)
-#   flat_probe the flat dK/dV candidates' GPU tests in their own process; VLR_ATTN_FLAT=0 (keeps them from the
-#              benchmarks' tuner) unless all pass (preset VLR_ATTN_FLAT to skip the probe)
+#   new_probe  the GPU tests of the attention launch candidates never run on a GPU before (test ids ending in
+#              -new; vlr_kernels.attention.varlen_tiles.new_candidates_enabled), in a process of their own:
+#              VLR_ATTN_NEW=0 (keeps them from the benchmarks' tuner) unless all pass (preset VLR_ATTN_NEW to skip
+#              the probe). The flat dK/dV candidates had this probe until run D passed all ten; VLR_ATTN_FLAT=0
+#              still keeps them out
 #   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
 #              (providers hf_sdpa, ours, ours_plain and a profile of ours/ours_plain; TRAIN_ARGS="" runs every
 #              provider including ours_megatron, unprofiled). Not in the default STAGES since run D measured issue
 #              7's target (STAGES=...,train adds it, ~85 s)
-#   attention  bench_attention.py: the four varlen-attention workloads, every provider (the ones least measured
-#              first: pairs, full, then windows and llm)
+#   attention  bench_attention.py: the four varlen-attention workloads, every provider, each checked against the
+#              SDPA loop (output and gradients) before it is timed (the ones with open targets first: pairs, windows,
+#              full, then llm)
 #   kernels    run_all.py for issue 4's kernel benchmarks (rotary, reward loss, SwiGLU, RMSNorm: its acceptance
 #              wants them in one run); KERNELS="bench_a.py,bench_b.py" picks others (bench_adamw.py)
 #   model      bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower (not in the
 #              default STAGES)
 # Extra arguments: the script's own ("$@", e.g. --quick) go to every benchmark; TRAIN_ARGS, ATTN_ARGS, KERNEL_ARGS
-# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the default stages add up to 515 s plus the
-# <= 35 s flat probe and the <= 45 s tuning probe (preset VLR_TUNE_THREADS to skip it), one 600 s call of a
-# 15-minute GPU lease. The tests and bench_train run the default launch
+# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the default stages add up to 460 s plus the
+# <= 75 s new-candidate probe and the <= 45 s tuning probe (preset VLR_TUNE_THREADS=8 to skip it: it passed in
+# runs C and D), one 600 s call of a 15-minute GPU lease. The tests and bench_train run the default launch
 # configurations (VLR_TUNE=0: the tuner's compiles would not fit; the candidate tests force every candidate under
 # the bf16 rule); the kernel benchmarks tune. A summary of every stage is printed last. To prepare a bare image:
 # benchmarks/gpu_wheels.sh.
@@ -66,18 +70,18 @@ has build && run_stage build "${LIMIT_BUILD:-40}" env MAX_JOBS=16 "$PY" -m pip i
 FAST_TESTS="tests/kernels/test_reward_loss.py tests/kernels/test_reward_loss_kernels.py tests/kernels/test_rmsnorm.py \
 tests/kernels/test_rotary.py tests/kernels/test_swiglu.py tests/kernels/test_adamw.py tests/kernels/test_tune.py \
 tests/model/test_gpu.py tests/model/test_host_sync.py tests/runtime/test_plan.py tests/parallel"
-has tests && run_stage tests "${LIMIT_TESTS:-160}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
-  ${TESTS:-$FAST_TESTS tests/kernels/test_attention_gpu.py} -k "not flat" \
+has tests && run_stage tests "${LIMIT_TESTS:-130}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
+  ${TESTS:-$FAST_TESTS tests/kernels/test_attention_gpu.py} -k "not new" \
   -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
-# The flat dK/dV candidates' first GPU run (run C, before a loop change) hit an illegal address, which ends the CUDA
-# context of the whole process. Their tests run in a process of their own, and the benchmarks' tuner gets them only
-# if every one passes there (run D: all passed).
-if [ -z "${VLR_ATTN_FLAT:-}" ] && { has tests || has attention; }; then
-  run_stage flat_probe "${LIMIT_FLAT:-35}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu tests/kernels/test_attention_gpu.py \
-    -k flat -p no:cacheprovider --timeout 60 --maxfail 1
-  { grep -qE "[0-9]+ passed" "$LOGDIR/flat_probe.log" && ! grep -qE "[0-9]+ (failed|error)" "$LOGDIR/flat_probe.log"; } \
-    || export VLR_ATTN_FLAT=0
-  summary+=("flat probe: VLR_ATTN_FLAT=${VLR_ATTN_FLAT:-1} (log: flat_probe.log)")
+# A launch candidate's first GPU run can hit an illegal address (the first flat dK/dV candidate did in run C, before a
+# loop change), which ends the CUDA context of the whole process. The candidates never run on a GPU before are tested
+# in a process of their own, and the benchmarks' tuner gets them only if every one passes there.
+if [ -z "${VLR_ATTN_NEW:-}" ] && { has tests || has attention; }; then
+  run_stage new_probe "${LIMIT_NEW:-75}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu tests/kernels/test_attention_gpu.py \
+    -k new -p no:cacheprovider --timeout 60 --maxfail 1
+  { grep -qE "[0-9]+ passed" "$LOGDIR/new_probe.log" && ! grep -qE "[0-9]+ (failed|error)" "$LOGDIR/new_probe.log"; } \
+    || export VLR_ATTN_NEW=0
+  summary+=("new-candidate probe: VLR_ATTN_NEW=${VLR_ATTN_NEW:-1} (log: new_probe.log)")
 fi
 # The benchmarks compile every launch candidate they tune: on worker threads (VLR_TUNE_THREADS) once a probe has
 # shown that works on this machine (a GPU test tuning real kernels that way on a side stream), else serially.
@@ -91,9 +95,9 @@ fi
 # model (~60 candidate compiles) would not fit the stage; the step time is then a conservative figure
 has train && run_stage train "${LIMIT_TRAIN:-130}" env VLR_TUNE="${TRAIN_TUNE:-0}" "$PY" benchmarks/bench_train.py \
   ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain --profile} "$@"
-has attention && run_stage attention "${LIMIT_ATTENTION:-165}" "$PY" benchmarks/bench_attention.py \
-  ${ATTN_ARGS---workloads pairs,full,windows,llm} "$@"
-has kernels && run_stage kernels "${LIMIT_KERNELS:-150}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-30}" \
+has attention && run_stage attention "${LIMIT_ATTENTION:-160}" "$PY" benchmarks/bench_attention.py \
+  ${ATTN_ARGS---workloads pairs,windows,full,llm} "$@"
+has kernels && run_stage kernels "${LIMIT_KERNELS:-130}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-30}" \
   --only "${KERNELS:-bench_reward_loss.py,bench_rotary.py,bench_rmsnorm.py,bench_swiglu.py}" \
   ${KERNEL_ARGS:-} "$@"
 has model && run_stage model "${LIMIT_MODEL:-180}" "$PY" benchmarks/bench_model.py ${MODEL_ARGS:-} "$@"

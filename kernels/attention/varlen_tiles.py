@@ -187,6 +187,7 @@ class Tile(NamedTuple):
     split: bool = False  # dkdv: one program per q head, fp32 partial dK/dV that the launcher sums per kv head
     atomic: bool = False  # dkdv: also dQ, added to an fp32 buffer with atomics (no dQ pass)
     shared: bool = True  # also a candidate for shared-prompt pairs (False: that specialisation spills)
+    new: bool = False  # added since the last GPU run (D): never run on a GPU yet, see new_candidates_enabled
 
 
 # Candidates per kernel and head-dim class. The first entry is the default; the others are alternatives
@@ -201,15 +202,17 @@ _TABLES = {
                   Tile(128, 64, 8, 2),
                   # FlashAttention-2's dQ: each kv tile's program adds dS K to an fp32 buffer, so S and dP are
                   # computed once (5 matmuls a tile pair instead of 7 with the separate dQ pass)
-                  Tile(64, 64, 8, 2, atomic=True, shared=False), Tile(64, 128, 8, 2, atomic=True, shared=False),
+                  Tile(64, 64, 8, 2, atomic=True, shared=False, new=True),
+                  Tile(64, 128, 8, 2, atomic=True, shared=False, new=True),
                   # 3 stages: the q-block loop keeps the next block's copies in flight (at 2 it waits for all of
                   # them, so only other programs' math hides a load); sm_90 hd 80: 220 / 218 registers, 81 / 101
                   # KiB (2 / 1 programs per SM), atomic 229 / 240, 105 / 133 KiB
-                  Tile(64, 64, 4, 3, shared=False), Tile(64, 128, 8, 3, shared=False),
-                  Tile(64, 64, 4, 3, atomic=True, shared=False), Tile(64, 128, 8, 3, atomic=True, shared=False)),
+                  Tile(64, 64, 4, 3, shared=False, new=True), Tile(64, 128, 8, 3, shared=False, new=True),
+                  Tile(64, 64, 4, 3, atomic=True, shared=False, new=True),
+                  Tile(64, 128, 8, 3, atomic=True, shared=False, new=True)),
          # 3 stages as for dK/dV (sm_90 hd 80: 168 / 182 registers, 80 / 100 KiB)
-         "dq": (Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3, shared=False),
-                Tile(128, 64, 8, 3, shared=False))},
+         "dq": (Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2),
+                Tile(64, 64, 4, 3, shared=False, new=True), Tile(128, 64, 8, 3, shared=False, new=True))},
     128: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 8, 3), Tile(128, 32, 8, 3)),
           # The nested head loop fits only 16-row q blocks; the flat loop fits 32x64 (191 regs), 32x128
           # (244) and, without the shared-prompt mask, 64x64 (249). 2 stages: the loop waits for all its
@@ -222,14 +225,27 @@ _TABLES = {
           # run D's pick for the LLM was 128x64 at 2 stages, which waits for all of its copies at each kv block;
           # the 3-stage 128x64 spills with the shared-prompt mask (sm_90: 249 registers without, 64 B spilled with)
           "dq": (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2), Tile(128, 64, 8, 2),
-                 Tile(64, 64, 8, 3), Tile(128, 32, 8, 3), Tile(128, 64, 8, 3, shared=False))},
+                 Tile(64, 64, 8, 3), Tile(128, 32, 8, 3, new=True), Tile(128, 64, 8, 3, shared=False, new=True))},
     256: {"fwd": (Tile(64, 32, 8, 2),), "dkdv": (Tile(16, 32, 8, 2),), "dq": (Tile(32, 32, 8, 2),)},
 }
 
 
+NEW_ENV = "VLR_ATTN_NEW"
+
+
+def new_candidates_enabled(new: bool | None = None) -> bool:
+    """Whether the launch candidates added since the last GPU run (``Tile.new``, the persistent window kernels)
+    reach the tuner: ``new`` if given, else yes unless ``VLR_ATTN_NEW=0``. They pass the CPU tests and compile
+    for sm_90 without spills, but an illegal address in one of them would end the CUDA context of the process
+    that tunes it (as a flat dK/dV candidate did in run C); ``benchmarks/gpu_check.sh`` runs their GPU tests in
+    a process of its own first and sets ``VLR_ATTN_NEW=0`` for the benchmarks unless all pass."""
+    return os.environ.get(NEW_ENV, "1") != "0" if new is None else new
+
+
 def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kernel: str,
                       block_m: int | None = None, block_n: int | None = None,
-                      shared: bool = False, flat: bool | None = None) -> list[dict[str, int]]:
+                      shared: bool = False, flat: bool | None = None,
+                      new: bool | None = None) -> list[dict[str, int]]:
     """Launch configurations of one kernel (``fwd``, ``dkdv``, ``dq``), default first, duplicates removed:
     tiles shrink to the longest segment for short windows (fewer registers there: 4 warps are enough);
     ``block_m``/``block_n`` override every candidate's tiles (tests use them to exercise multi-tile paths);
@@ -237,13 +253,15 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
     candidates (default: yes unless ``VLR_ATTN_FLAT=0``, the switch that keeps them from the tuner should a GPU
     fail them: run C on an H100 hit an illegal address in the first one before the loop change noted in
     ``varlen_triton._dkdv_flat``; run D passed all ten of their GPU tests). dkdv configurations carry ``FLAT``
-    and ``SPLIT``, and ``ATOMIC_DQ`` where set (see :class:`Tile`)."""
+    and ``SPLIT``, and ``ATOMIC_DQ`` where set (see :class:`Tile`). ``new``: include the candidates never run on
+    a GPU yet (:func:`new_candidates_enabled`)."""
     if flat is None:
         flat = os.environ.get("VLR_ATTN_FLAT", "1") != "0"
+    new = new_candidates_enabled(new)
     table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
     out: list[dict[str, int]] = []
     for t in table:
-        if (shared and not t.shared) or (t.flat and not flat):
+        if (shared and not t.shared) or (t.flat and not flat) or (t.new and not new):
             continue
         bm = block_m or pick_block(max_seqlen_q, t.block_m)
         bn = block_n or pick_block(max_seqlen_k, t.block_n)

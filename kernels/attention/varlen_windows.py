@@ -27,7 +27,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from vlr_kernels._backend import sm_count
-from vlr_kernels.attention.varlen_tiles import LN2, LOG2E, allowed, load_head, scores, store_rows
+from vlr_kernels.attention.varlen_tiles import (
+    LN2,
+    LOG2E,
+    allowed,
+    load_head,
+    new_candidates_enabled,
+    scores,
+    store_rows,
+)
 
 
 @triton.jit
@@ -230,7 +238,7 @@ def _window_bwd_kernel(
 
 
 def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads: int, group: int,
-                      kernel: str) -> list[dict[str, int]]:
+                      kernel: str, new: bool | None = None) -> list[dict[str, int]]:
     """One-tile configurations (``WINDOW`` marks them for the launchers) for ``fwd`` or ``dkdv`` when every
     segment fits a 64-row tile and ``head_dim <= 96`` (the vision tower's class, which the sm_90 compile test
     covers), else none. ``HEADS`` (q heads for ``fwd``, kv heads for ``dkdv``) per program where they divide
@@ -257,7 +265,8 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     (TTGIR waits and ptxas): forward 160 / 184 / 186 registers, 68 / 98 / 128 KiB at 2 / 3 / 4 stages;
     backward (recomputing) 223 / 229 registers, 144 / 184 KiB at 3 / 4 stages, the next 1 / 2 items' loads in
     flight (``async_wait num = 8 / 16``); no spills. The O-reading backward spills 8 bytes in this loop: not
-    offered."""
+    offered. The persistent configurations have not run on a GPU yet: ``new`` (default
+    :func:`~vlr_kernels.attention.varlen_tiles.new_candidates_enabled`) False leaves them out."""
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
     block = max(16, triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
@@ -268,7 +277,8 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     # forward: 3 programs per SM fit at 2 stages (68 KiB), 2 at 3 (98 KiB), 1 at 4 (128 KiB); backward: one per
     # SM (registers), recomputing only (the O-reading one spills in the persistent loop at sm_90)
     persist = [{**base, "HEADS": 1, "STAGES": stages, "PERSIST": 1, "PROGS": progs}
-               for progs, stages in (((3, 2), (2, 3), (1, 4)) if kernel == "fwd" else ((1, 3), (1, 4)))]
+               for progs, stages in (((3, 2), (2, 3), (1, 4)) if kernel == "fwd" else ((1, 3), (1, 4)))
+               if new_candidates_enabled(new)]
     if kernel == "fwd":
         return shapes + persist
     return [{**cfg, "RECOMPUTE": recompute} for recompute in (0, 1) for cfg in shapes] + [

@@ -131,30 +131,38 @@ def test_sdpa_backend_runs_fused_kernels(case):
         assert_bf16_rule(a, b, c, f"{case} sdpa {name}", floor=2e-3)
 
 
-def _candidate_cases() -> list[tuple[str, dict]]:
+def _candidate_cases() -> list[tuple[str, dict, bool]]:
     """Every launch candidate the tuner may pick for the LLM backward (hd 128, GQA 7; the shared-prompt
-    specialisation gets its own list), the vision full-attention backward (hd 80) and the one-tile window
-    kernels, each forced on its own."""
+    specialisation gets its own list), the vision full-attention backward (hd 80, dK/dV and dQ) and the one-tile
+    window kernels, each forced on its own, and whether it is one never run on a GPU before (its test id ends in
+    ``-new``: benchmarks/gpu_check.sh runs those first, in a process of their own)."""
     from vlr_kernels.attention.varlen_tiles import launch_candidates
     from vlr_kernels.attention.varlen_windows import window_candidates
 
     out = []
-    for case in ("llm_gqa", "pairs", "vision_full"):
+    for case, kernel in (("llm_gqa", "dkdv"), ("pairs", "dkdv"), ("vision_full", "dkdv"), ("vision_full", "dq"),
+                         ("llm_gqa", "dq")):
         lens, _, _, d, _, shared = CASES[case]
-        for cfg in launch_candidates(d, max(lens), max(lens), "dkdv", shared=shared is not None, flat=True):
-            out.append((case, {"dkdv": cfg}))
+        args = (d, max(lens), max(lens), kernel)
+        extra = {"flat": True} if kernel == "dkdv" else {}
+        old = launch_candidates(*args, shared=shared is not None, new=False, **extra)
+        for cfg in launch_candidates(*args, shared=shared is not None, new=True, **extra):
+            if kernel == "dq" and cfg in old:
+                continue  # the dQ pass of every dK/dV case above already ran the default dQ tiles
+            out.append((case, {kernel: cfg}, cfg not in old))
     lens, hq, hkv, d, _, _ = CASES["windows"]
     for kernel in ("fwd", "dkdv"):
         heads = hq if kernel == "fwd" else hkv
-        out += [("windows", {kernel: cfg})
-                for cfg in window_candidates(d, max(lens), max(lens), heads, hq // hkv, kernel)]
+        old = window_candidates(d, max(lens), max(lens), heads, hq // hkv, kernel, new=False)
+        out += [("windows", {kernel: cfg}, cfg not in old)
+                for cfg in window_candidates(d, max(lens), max(lens), heads, hq // hkv, kernel, new=True)]
     return out
 
 
-@pytest.mark.parametrize("case,configs", _candidate_cases(),
+@pytest.mark.parametrize("case,configs", [c[:2] for c in _candidate_cases()],
                          ids=[f"{c}-{kernel}-{'-'.join(str(int(x)) for x in cfg[kernel].values())}"
-                              + ("-flat" if cfg[kernel].get("FLAT") else "")
-                              for c, cfg in _candidate_cases() for kernel in cfg])
+                              + ("-flat" if cfg[kernel].get("FLAT") else "") + ("-new" if new else "")
+                              for c, cfg, new in _candidate_cases() for kernel in cfg])
 def test_every_candidate_bf16_rule(case, configs):
     from vlr_kernels.attention.varlen_triton import varlen_attention_bwd, varlen_attention_fwd
 

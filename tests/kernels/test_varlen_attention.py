@@ -433,6 +433,30 @@ def test_flat_candidates_switch(monkeypatch):
     assert off == launch_candidates(128, 4096, 4096, "dkdv", flat=False)
 
 
+def test_new_candidates_switch(monkeypatch):
+    """The candidates never run on a GPU yet (atomic-dQ and 3-stage hd-80 backward tiles, 3-stage hd-128 dQ, the
+    persistent window kernels) reach the tuner unless VLR_ATTN_NEW=0 (or new=False), which leaves every other
+    candidate, defaults first, in place."""
+    from vlr_kernels.attention.varlen_tiles import launch_candidates
+    from vlr_kernels.attention.varlen_windows import window_candidates
+
+    monkeypatch.delenv("VLR_ATTN_NEW", raising=False)
+    shapes = [(80, 8100, 8100, "dkdv"), (80, 8100, 8100, "dq"), (128, 4096, 4096, "dq")]
+    on = [launch_candidates(*a) for a in shapes]
+    wins = [window_candidates(80, 64, 64, 16, 1, k) for k in ("fwd", "dkdv")]
+    monkeypatch.setenv("VLR_ATTN_NEW", "0")
+    off = [launch_candidates(*a) for a in shapes]
+    wins_off = [window_candidates(80, 64, 64, 16, 1, k) for k in ("fwd", "dkdv")]
+    for a, b in zip(on + wins, off + wins_off):
+        assert b and len(b) < len(a) and b == [c for c in a if c in b] and a[0] == b[0]
+    assert any(c.get("ATOMIC_DQ") for c in on[0]) and not any(c.get("ATOMIC_DQ") for c in off[0])
+    assert not any(c["num_stages"] == 3 for c in off[0] + off[1])
+    assert not any(c["PERSIST"] for c in wins_off[0] + wins_off[1])
+    assert off == [launch_candidates(*a, new=False) for a in shapes]
+    monkeypatch.delenv("VLR_ATTN_NEW")
+    assert off[0] == launch_candidates(80, 8100, 8100, "dkdv", new=False)
+
+
 def test_public_triton_autograd_noncontiguous_inputs():
     """The public function: autograd through the Triton kernels, q/k/v strided views of one qkv tensor."""
     lens = [6, 13]
