@@ -5,6 +5,8 @@
 # and a clean export of HEAD into .clean/, then prints the command to run there (carry .whl and .clean).
 # The wheels: megatron-core 0.19.2 (the newest for cp312; 0.16.1 is what the CPU suite pins for Python 3.11),
 # liger-kernel (a benchmark peer) and the transformers version the CPU suite uses (parity is checked against it).
+# The printed command presets VLR_TUNE_THREADS=8 (threaded tuner compiles; gpu_check's probe of it passed in runs C
+# and D), which skips that probe's 45 s.
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,5 +22,5 @@ sha=$(git rev-parse --short HEAD)
 cat <<EOF
 wheels in .whl: $(ls .whl | tr '\n' ' ')
 run on the GPU machine (carry [".whl", ".clean"]; limits per stage in gpu_check.sh's header):
-set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1; cd .clean && VLR_GIT_SHA=$sha LOGDIR=\$OUT bash benchmarks/gpu_check.sh 2>&1 | tee \$OUT/console.txt
+set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1; cd .clean && VLR_GIT_SHA=$sha VLR_TUNE_THREADS=8 LOGDIR=\$OUT bash benchmarks/gpu_check.sh 2>&1 | tee \$OUT/console.txt
 EOF
