@@ -28,8 +28,8 @@
 #   model      bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower (not in the
 #              default STAGES)
 # Extra arguments: the script's own ("$@", e.g. --quick) go to every benchmark; TRAIN_ARGS, ATTN_ARGS, KERNEL_ARGS
-# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the default stages add up to 460 s plus the
-# <= 75 s new-candidate probe and the <= 45 s tuning probe (preset VLR_TUNE_THREADS=8 to skip it: it passed in
+# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the default stages add up to 450 s plus the
+# <= 90 s new-candidate probe and the <= 45 s tuning probe (preset VLR_TUNE_THREADS=8 to skip it: it passed in
 # runs C and D), one 600 s call of a 15-minute GPU lease. The tests and bench_train run the default launch
 # configurations (VLR_TUNE=0: the tuner's compiles would not fit; the candidate tests force every candidate under
 # the bf16 rule); the kernel benchmarks tune. A summary of every stage is printed last. To prepare a bare image:
@@ -70,14 +70,14 @@ has build && run_stage build "${LIMIT_BUILD:-40}" env MAX_JOBS=16 "$PY" -m pip i
 FAST_TESTS="tests/kernels/test_reward_loss.py tests/kernels/test_reward_loss_kernels.py tests/kernels/test_rmsnorm.py \
 tests/kernels/test_rotary.py tests/kernels/test_swiglu.py tests/kernels/test_adamw.py tests/kernels/test_tune.py \
 tests/model/test_gpu.py tests/model/test_host_sync.py tests/runtime/test_plan.py tests/parallel"
-has tests && run_stage tests "${LIMIT_TESTS:-130}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
+has tests && run_stage tests "${LIMIT_TESTS:-120}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
   ${TESTS:-$FAST_TESTS tests/kernels/test_attention_gpu.py} -k "not new" \
   -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
 # A launch candidate's first GPU run can hit an illegal address (the first flat dK/dV candidate did in run C, before a
 # loop change), which ends the CUDA context of the whole process. The candidates never run on a GPU before are tested
 # in a process of their own, and the benchmarks' tuner gets them only if every one passes there.
 if [ -z "${VLR_ATTN_NEW:-}" ] && { has tests || has attention; }; then
-  run_stage new_probe "${LIMIT_NEW:-75}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu tests/kernels/test_attention_gpu.py \
+  run_stage new_probe "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu tests/kernels/test_attention_gpu.py \
     -k new -p no:cacheprovider --timeout 60 --maxfail 1
   { grep -qE "[0-9]+ passed" "$LOGDIR/new_probe.log" && ! grep -qE "[0-9]+ (failed|error)" "$LOGDIR/new_probe.log"; } \
     || export VLR_ATTN_NEW=0

@@ -221,7 +221,11 @@ _TABLES = {
           "dkdv": (Tile(16, 64, 8, 2), Tile(16, 128, 8, 2), Tile(32, 32, 8, 2), Tile(32, 64, 8, 3, flat=True),
                    Tile(32, 128, 8, 2, flat=True), Tile(32, 128, 8, 3, flat=True),
                    Tile(64, 64, 8, 2, flat=True, shared=False), Tile(64, 64, 8, 3, flat=True, shared=False),
-                   Tile(32, 128, 8, 2, flat=True, split=True)),
+                   Tile(32, 128, 8, 2, flat=True, split=True),
+                   # atomic dQ (see the hd-80 class): sm_90 230 / 252 registers (255 with the shared-prompt mask), no
+                   # spills; ~2-4 GB of fp32 atomics for the LLM workload against its ~0.85 ms dQ pass
+                   Tile(32, 64, 8, 3, flat=True, atomic=True, new=True),
+                   Tile(32, 128, 8, 3, flat=True, atomic=True, new=True)),
           # run D's pick for the LLM was 128x64 at 2 stages, which waits for all of its copies at each kv block;
           # the 3-stage 128x64 spills with the shared-prompt mask (sm_90: 249 registers without, 64 B spilled with)
           "dq": (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2), Tile(128, 64, 8, 2),

@@ -70,7 +70,7 @@ for hd, seq, group, mask, label in ((80, 8100, 1, False, "hd80"), (128, 4096, 7,
         variant(f"fwd_{label}_{i}", vt._varlen_attn_fwd_kernel, hd, cfg, mask, mask, GROUP=group)
     shared_ok = vt.launch_candidates(hd, seq, seq, "dkdv", shared=True, flat=True)
     for i, cfg in enumerate(vt.launch_candidates(hd, seq, seq, "dkdv", flat=True)):
-        flat = "_flat" if cfg["FLAT"] else ("_atomic" if cfg.get("ATOMIC_DQ") else "")
+        flat = ("_flat" if cfg["FLAT"] else "") + ("_atomic" if cfg.get("ATOMIC_DQ") else "")
         heads = 1 if cfg["SPLIT"] else group
         consts = {k: v for k, v in cfg.items() if k not in ("SPLIT", "ATOMIC_DQ")}
         variant(f"dkdv_{label}_{i}{flat}", vt._varlen_attn_dkdv_kernel, hd, consts, mask,
@@ -111,10 +111,10 @@ def test_kernels_compile_for_sm90_without_spills():
     assert names[-1] == "delta" and len(names) > 8
     for r in results:
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0, f"register spills in {r}"
-        if r["name"].endswith("_flat"):  # the wider dK/dV tiles exist for the tensor cores' wide MMA
+        if "_flat" in r["name"]:  # the wider dK/dV tiles exist for the tensor cores' wide MMA
             assert r["wgmma"], f"{r['name']} does not use wgmma"
-    assert sum(r["name"].endswith("_flat") for r in results) >= 4, names
-    assert sum(r["name"].endswith("_atomic") for r in results) >= 2, names
+    assert sum("_flat" in r["name"] for r in results) >= 4, names
+    assert sum(r["name"].endswith("_atomic") for r in results) >= 4, names
     assert {"window_fwd_0", "window_dkdv_0"} <= set(names), names
     # the window kernels' head/item loops at >= 3 stages keep the next item's copies in flight: the persistent
     # loop's first version (segment bounds loaded inside each item) compiled to a loop that waited for every

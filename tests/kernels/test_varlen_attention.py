@@ -400,7 +400,7 @@ def test_triton_atomic_dq(flat):
     """dQ added by every kv tile's program to an fp32 buffer (no dQ pass): segments of several 16-row kv tiles
     (each q row gets parts from up to 5), masked and unmasked ranges, causal end-aligned rows without keys (dQ
     0), non-causal hd 80 (64 + 16) and 88 (8 padding columns), GQA with the nested and the flat head loop, a
-    q-head split, fp16; and the vision full-attention candidates at their own tile sizes."""
+    q-head split, shared-prompt pairs, fp16; and the vision full-attention candidates at their own tile sizes."""
     from vlr_kernels.attention.varlen_tiles import launch_candidates
 
     small = {"dkdv": {**dkdv_config(16, 16, flat, False), "ATOMIC_DQ": True}}
@@ -409,6 +409,9 @@ def test_triton_atomic_dq(flat):
     check_triton([33, 17], [33, 17], 2, 2, 88, True, dtype=torch.float16, configs=small)
     split = {"dkdv": {**dkdv_config(16, 16, True, True), "ATOMIC_DQ": True}}
     check_triton([40, 9], [40, 9], 4, 2, 32, True, configs=split)
+    # shared-prompt pairs (the LLM's atomic candidates take them): rejected rows skip the chosen kv tiles
+    check_triton([20 + 25 + 19, 5 + 3 + 2], [64, 10], 4, 2, 32, True, shared=([20, 5], [45, 8]), dense=True,
+                 configs=small)
     if not flat:
         atomic = [c for c in launch_candidates(80, 150, 150, "dkdv") if c.get("ATOMIC_DQ")]
         assert [(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in atomic] == [
