@@ -396,11 +396,20 @@ def candidate_times(rec: Recorder, w: Workload, device: torch.device, dtype: tor
 def _progress(rec: Recorder, workload: str) -> None:
     """This workload's rows and the targets so far, printed as soon as it is done (a run stopped by a time
     limit keeps what it measured)."""
-    from vlr_kernels._tune import choices
+    from vlr_kernels._tune import choices, timings
 
     print(markdown_table([r for r in rec.rows if r.x == workload]), flush=True)
     print(acceptance(rec), flush=True)
     print(f"[varlen_attention] tuner choices so far: {choices()}", flush=True)
+    for key, timed in timings().items():
+        if key not in _PRINTED:  # every candidate's time from the tuner's own loop: no extra device time
+            _PRINTED.add(key)
+            print(f"[varlen_attention] tuner timings {key}: "
+                  + "; ".join(f"{_describe(str(key[0]), c) if isinstance(c, dict) else c} {ms:.4g} ms"
+                              for c, ms in timed), flush=True)
+
+
+_PRINTED: set = set()
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -5,7 +5,7 @@ on the card (register file, SM count, memory latency) more than on anything the 
 events, median of a few launches on the caller's own tensors; ``launch(config)`` must only write outputs it
 fully overwrites) and remembers the fastest for the process. On the CPU (Triton interpreter), during
 CUDA-graph capture or with ``VLR_TUNE=0`` the first candidate - the documented default - is used without
-timing. ``choices()`` lists what was picked, for benchmark notes.
+timing. ``choices()`` lists what was picked and ``timings()`` every candidate's time, for benchmark notes.
 
 Compiling the candidates dominates a first call (seconds per Triton kernel, one kernel per candidate). With
 ``VLR_TUNE_THREADS=N`` (> 1) the candidates after the first are compiled (and run once) on N threads before the
@@ -34,6 +34,7 @@ import torch
 
 C = TypeVar("C")
 _PICKED: dict[Hashable, object] = {}
+_TIMES: dict[Hashable, list[tuple[object, float]]] = {}  # key -> (candidate, median ms; inf: failed) as timed
 _LOADED: dict[str, object] = {}  # repr(key) -> JSON form of the config, from load_choices
 
 
@@ -81,6 +82,7 @@ def pick(key: Hashable, candidates: Sequence[C], launch: Callable[[C], None], de
         raise RuntimeError(f"no launch configuration of {key} runs on this device: {errors}")
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _PICKED[key] = best
+    _TIMES[key] = list(zip(candidates, times))
     return best
 
 
@@ -113,6 +115,13 @@ def _warm_in_parallel(candidates: Sequence[C], launch: Callable[[C], None], devi
 def choices() -> dict[Hashable, object]:
     """Every tuned ``key -> config`` of this process."""
     return dict(_PICKED)
+
+
+def timings() -> dict[Hashable, list[tuple[object, float]]]:
+    """Every key this process timed: ``(candidate, median ms)`` in candidate order (``inf`` for one that failed to
+    launch). Each candidate's time comes from the timing loop that chose the pick, on the caller's tensors, so
+    benchmarks can report every launch configuration's cost without timing it again."""
+    return {k: list(v) for k, v in _TIMES.items()}
 
 
 def _device_name() -> str:

@@ -57,3 +57,29 @@ def test_disagreeing_gradients_are_reported_not_timed(tmp_path):
     ba.bench(rec, w, "right", lambda: ref, device, torch.float32, 0, 1)
     assert any(s.startswith("wrong_dq: windows: disagrees with the SDPA loop") and "'dq'" in s for s in rec.skipped)
     assert {r.provider for r in rec.rows if r.metric == "ms"} == {"right"}
+
+
+def test_progress_prints_every_timed_candidate_once(monkeypatch, capsys):
+    """The tuner's own per-candidate times (recorded on the GPU while it picks) are printed once per key with each
+    candidate described as in the --candidates rows."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_attention as ba
+        from _common import Recorder
+    finally:
+        sys.path.remove(str(BENCH))
+    from vlr_kernels import _tune
+
+    win = {"WINDOW": 1, "BLOCK": 64, "HEADS": 1, "STAGES": 3, "PERSIST": 1, "PROGS": 1, "RECOMPUTE": 1,
+           "num_warps": 8, "num_stages": 2}
+    tile = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "FLAT": False, "SPLIT": False,
+            "ATOMIC_DQ": True}
+    monkeypatch.setattr(_tune, "_TIMES", {("dkdv", 80, 64, 64): [(win, 0.25), (tile, float("inf"))]})
+    monkeypatch.setattr(ba, "_PRINTED", set())
+    rec = Recorder("varlen_attention", torch.device("cpu"), None)
+    ba._progress(rec, "windows")
+    ba._progress(rec, "windows")
+    out = capsys.readouterr().out
+    line = "[varlen_attention] tuner timings ('dkdv', 80, 64, 64): ours dkdv 64x64 persist1/SM pipe3 window w8 s2 " \
+           "recompute 0.25 ms; ours dkdv 64x128 w8 s3 atomic_dq inf ms"
+    assert out.count("tuner timings") == 1 and line in out, out

@@ -29,8 +29,11 @@ def test_gpu_picks_the_fastest_and_skips_failures(monkeypatch):
             raise RuntimeError("out of resources")
         torch.cuda._sleep(cycles[cand])
 
+    monkeypatch.setattr(_tune, "_TIMES", {})
     assert _tune.pick(("k", 1), ["slow", "broken", "fast"], launch, dev) == "fast"
     assert _tune.choices() == {("k", 1): "fast"}
+    (slow, t_slow), (broken, t_broken), (fast, t_fast) = _tune.timings()[("k", 1)]
+    assert (slow, broken, fast) == ("slow", "broken", "fast") and t_broken == float("inf") and t_slow > 10 * t_fast
     with pytest.raises(RuntimeError, match="no launch configuration"):
         _tune.pick(("k", 2), ["broken"] * 2, launch, dev)
 
