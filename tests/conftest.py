@@ -24,9 +24,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _triton_bounds_checked():
-    """Under the Triton interpreter every kernel launched by any test proves each memory access in bounds (see
-    tests/kernels/oob.py): an out-of-bounds lane that the CPU silently tolerates would be an illegal address on a
-    GPU. Set VLR_OOB_CHECK=0 to run without."""
+    """Under the Triton interpreter every kernel launched by any test proves each memory access in bounds and
+    free of write races between its programs (see tests/kernels/oob.py): an out-of-bounds lane that the CPU
+    silently tolerates would be an illegal address on a GPU. Set VLR_OOB_CHECK=0 to run without."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or os.environ.get("VLR_OOB_CHECK", "1") == "0":
         yield
         return

@@ -1,11 +1,13 @@
-"""Out-of-bounds memory checks for Triton kernels run by the interpreter (``TRITON_INTERPRET=1``).
+"""Out-of-bounds and write-race checks for Triton kernels run by the interpreter (``TRITON_INTERPRET=1``).
 
 The interpreter executes a kernel's loads and stores on raw host addresses and never checks them: a lane that reads
 past a tensor gets whatever bytes lie there, and a test passes as long as the value is unused or masked later. On a
 GPU the same access can be an illegal address, which ends the CUDA context of the process (a flat dK/dV candidate
 did that in run C). :func:`bounds_checked` makes every unmasked lane of every load, store and atomic in the
 kernels launched inside it prove that its bytes lie within the storage of one of the launch's tensor arguments, and
-raises :class:`OutOfBounds` naming the kernel, the operation and the first offending address otherwise.
+raises :class:`OutOfBounds` naming the kernel, the operation and the first offending address otherwise. It also
+raises :class:`WriteRace` when two programs of one launch store (not atomically) to the same address: the
+interpreter runs programs one after another, so the last one always wins there, while on a GPU the winner varies.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import torch
 
 class OutOfBounds(AssertionError):
     """A Triton kernel touched bytes outside every tensor it was launched with."""
+
+
+class WriteRace(AssertionError):
+    """Two programs of one launch stored to the same address without an atomic: on a GPU the result depends on
+    their order."""
 
 
 def _tensor_args(values) -> Iterator[torch.Tensor]:
@@ -36,7 +43,7 @@ def bounds_checked() -> Iterator[list[str]]:
     from triton.runtime import interpreter as interp
 
     builder = interp.interpreter_builder
-    state: dict = {"ranges": np.zeros((0, 2), dtype=np.uint64), "kernel": None}
+    state: dict = {"ranges": np.zeros((0, 2), dtype=np.uint64), "kernel": None, "writers": {}}
     launched: list[str] = []
     call = interp.GridExecutor.__call__
 
@@ -48,6 +55,7 @@ def bounds_checked() -> Iterator[list[str]]:
             extents.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
         state["ranges"] = np.array(extents, dtype=np.uint64).reshape(-1, 2)
         state["kernel"] = self.fn.__name__
+        state["writers"] = {}  # address -> the program (grid index) that stored to it in this launch
         launched.append(self.fn.__name__)
         try:
             return call(self, *args, **kwargs)
@@ -69,6 +77,17 @@ def bounds_checked() -> Iterator[list[str]]:
             raise OutOfBounds(f"{state['kernel']}: {op} of {int((~inside).sum())} lane(s) outside every tensor "
                               f"argument, first at {bad:#x} ({itemsize} B); arguments span {near}")
 
+    def check_race(ptrs, mask) -> None:
+        addr = np.asarray(ptrs.data).astype(np.uint64)
+        if mask is not None:
+            addr = addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)]
+        me = tuple(builder.grid_idx)
+        writers = state["writers"]
+        for a in addr.reshape(-1).tolist():
+            other = writers.setdefault(a, me)
+            if other != me:
+                raise WriteRace(f"{state['kernel']}: programs {other} and {me} both store to {a:#x}")
+
     def itemsize_of(ptrs) -> int:
         return np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize
 
@@ -81,6 +100,7 @@ def bounds_checked() -> Iterator[list[str]]:
 
     def masked_store(ptrs, value, mask, cache_policy):
         check("store", ptrs, mask, itemsize_of(ptrs))
+        check_race(ptrs, mask)
         return store(ptrs, value, mask, cache_policy)
 
     def atomic_rmw(op, ptr, val, mask, sem, scope):

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tests.kernels.oob import OutOfBounds, bounds_checked
+from tests.kernels.oob import OutOfBounds, WriteRace, bounds_checked
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                                 reason="checks the Triton interpreter")
@@ -65,3 +65,23 @@ def test_stores_and_atomics_are_checked(atomic):
     with bounds_checked(), pytest.raises(Exception) as err:
         _copy[(1,)](src, dst, 8, 1, BLOCK=16, MASKED=True, ATOMIC=atomic)
     assert f"_copy: {'atomic' if atomic else 'store'} of 1 lane(s)" in repr(err.value)
+
+
+@triton.jit
+def _scatter(dst, idx, STRIDE: tl.constexpr):
+    # program p stores p at dst[idx[p]], twice (the same program may overwrite itself)
+    p = tl.program_id(0)
+    target = tl.load(idx + p * STRIDE)
+    tl.store(dst + target, p.to(tl.float32))
+    tl.store(dst + target, p.to(tl.float32) + 0.0)
+
+
+def test_write_races_between_programs_are_caught():
+    dst = torch.zeros(4)
+    with bounds_checked():
+        _scatter[(4,)](dst, torch.arange(4), STRIDE=1)  # one writer per element
+        assert torch.equal(dst, torch.arange(4, dtype=torch.float32))
+        with pytest.raises(Exception) as err:
+            _scatter[(4,)](dst, torch.tensor([0, 1, 1, 3]), STRIDE=1)  # programs 1 and 2 both store dst[1]
+    assert "WriteRace" in repr(err.value) and "programs (1, 0, 0) and (2, 0, 0) both store" in repr(err.value)
+    assert issubclass(WriteRace, AssertionError)
