@@ -123,3 +123,31 @@ def bounds_checked() -> Iterator[list[str]]:
         for name in names:
             builder.__dict__.pop(name, None)
         builder.__dict__.update(outer)
+
+
+@contextlib.contextmanager
+def poisoned_empty() -> Iterator[None]:
+    """``torch.empty``, ``torch.empty_like`` and ``Tensor.new_empty`` return tensors filled with NaN (floating
+    dtypes) or a large negative sentinel (integer dtypes) inside: on the CPU fresh memory is often zero, while on a
+    GPU the caching allocator hands back whatever the last tensor left there, so a kernel that reads an element no
+    one wrote passes on the CPU and gives wrong or varying results on the GPU. With the poison such a read shows up
+    as a NaN (or, as an index, an out-of-bounds access)."""
+
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        with _disable_current_modes():  # invisible to the tests that record the ops a call dispatches
+            if t.is_floating_point() or t.is_complex():
+                t.fill_(float("nan"))
+            elif t.dtype not in (torch.bool, torch.uint8) and t.numel():
+                t.fill_(-(2**30) + 7)
+        return t
+
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    torch.empty = lambda *a, **k: poison(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: poison(empty_like(*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: poison(new_empty(self, *a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = empty, empty_like, new_empty

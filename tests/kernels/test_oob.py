@@ -85,3 +85,15 @@ def test_write_races_between_programs_are_caught():
             _scatter[(4,)](dst, torch.tensor([0, 1, 1, 3]), STRIDE=1)  # programs 1 and 2 both store dst[1]
     assert "WriteRace" in repr(err.value) and "programs (1, 0, 0) and (2, 0, 0) both store" in repr(err.value)
     assert issubclass(WriteRace, AssertionError)
+
+
+def test_fresh_buffers_are_poisoned():
+    """In the kernel tests (tests/kernels/conftest.py) fresh buffers hold NaN or a negative sentinel, never the
+    zeros a CPU allocation often happens to hold; explicit fills are untouched."""
+    from tests.kernels.oob import poisoned_empty
+
+    with poisoned_empty():
+        assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty_like(torch.ones(2))).all()
+        assert (torch.zeros(2).new_empty(4, dtype=torch.int64) < -(2**29)).all()
+        assert torch.equal(torch.zeros(3), torch.zeros(3)) and torch.empty(0).numel() == 0
+    assert not torch.isnan(torch.empty(3).zero_()).any()
