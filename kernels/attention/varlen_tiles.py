@@ -187,7 +187,7 @@ class Tile(NamedTuple):
     split: bool = False  # dkdv: one program per q head, fp32 partial dK/dV that the launcher sums per kv head
     atomic: bool = False  # dkdv: also dQ, added to an fp32 buffer with atomics (no dQ pass)
     shared: bool = True  # also a candidate for shared-prompt pairs (False: that specialisation spills)
-    new: bool = False  # added since the last GPU run (D): never run on a GPU yet, see new_candidates_enabled
+    new: bool = False  # never run on a GPU yet (added after the last run of its workload): new_candidates_enabled
 
 
 # Candidates per kernel and head-dim class. The first entry is the default; the others are alternatives
@@ -197,9 +197,10 @@ class Tile(NamedTuple):
 _TABLES = {
     96: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 128, 8, 3)),
          # 64x128 (215 registers at hd 80) and 128x64 (250): the wider dK/dV tiles of FlashAttention-2's
-         # backward, for the ViT's full-attention layers (up to 8,100-token images); spill-free on sm_90
-         "dkdv": (Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(64, 64, 8, 2), Tile(64, 128, 8, 2),
-                  Tile(128, 64, 8, 2),
+         # backward, for the ViT's full-attention layers (up to 8,100-token images); spill-free on sm_90; added
+         # after run B, the last run of this workload, so not yet run on a GPU
+         "dkdv": (Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(64, 64, 8, 2), Tile(64, 128, 8, 2, new=True),
+                  Tile(128, 64, 8, 2, new=True),
                   # FlashAttention-2's dQ: each kv tile's program adds dS K to an fp32 buffer, so S and dP are
                   # computed once (5 matmuls a tile pair instead of 7 with the separate dQ pass)
                   Tile(64, 64, 8, 2, atomic=True, shared=False, new=True),
@@ -238,8 +239,8 @@ NEW_ENV = "VLR_ATTN_NEW"
 
 
 def new_candidates_enabled(new: bool | None = None) -> bool:
-    """Whether the launch candidates added since the last GPU run (``Tile.new``, the persistent window kernels)
-    reach the tuner: ``new`` if given, else yes unless ``VLR_ATTN_NEW=0``. They pass the CPU tests and compile
+    """Whether the launch candidates that never ran on a GPU (``Tile.new``; the persistent and the recomputing
+    window kernels) reach the tuner: ``new`` if given, else yes unless ``VLR_ATTN_NEW=0``. They pass the CPU tests and compile
     for sm_90 without spills, but an illegal address in one of them would end the CUDA context of the process
     that tunes it (as a flat dK/dV candidate did in run C); ``benchmarks/gpu_check.sh`` runs their GPU tests in
     a process of its own first and sets ``VLR_ATTN_NEW=0`` for the benchmarks unless all pass."""

@@ -265,7 +265,7 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     (TTGIR waits and ptxas): forward 160 / 184 / 186 registers, 68 / 98 / 128 KiB at 2 / 3 / 4 stages;
     backward (recomputing) 223 / 229 registers, 144 / 184 KiB at 3 / 4 stages, the next 1 / 2 items' loads in
     flight (``async_wait num = 8 / 16``); no spills. The O-reading backward spills 8 bytes in this loop: not
-    offered. The persistent configurations have not run on a GPU yet: ``new`` (default
+    offered. The persistent and the recomputing configurations have not run on a GPU yet: ``new`` (default
     :func:`~vlr_kernels.attention.varlen_tiles.new_candidates_enabled`) False leaves them out."""
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
@@ -281,7 +281,9 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
                if new_candidates_enabled(new)]
     if kernel == "fwd":
         return shapes + persist
-    return [{**cfg, "RECOMPUTE": recompute} for recompute in (0, 1) for cfg in shapes] + [
+    # the recomputing backward came after run C, the last run of the windows: not yet run on a GPU either
+    recompute = (0, 1) if new_candidates_enabled(new) else (0,)
+    return [{**cfg, "RECOMPUTE": r} for r in recompute for cfg in shapes] + [
         {**cfg, "RECOMPUTE": 1} for cfg in persist]
 
 
