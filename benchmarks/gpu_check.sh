@@ -20,17 +20,18 @@
 #              (providers hf_sdpa, ours, ours_plain and a profile of ours/ours_plain; TRAIN_ARGS="" runs every
 #              provider including ours_megatron, unprofiled). Not in the default STAGES since run D measured issue
 #              7's target (STAGES=...,train adds it, ~85 s)
-#   attention  bench_attention.py: the four varlen-attention workloads, every provider, each checked against the
-#              SDPA loop (output and gradients) before it is timed (the ones with open targets first: pairs, windows,
-#              full, then llm)
+#   attention  bench_attention.py: the four varlen-attention workloads (ATTN_WORKLOADS, default pairs,windows,full,
+#              llm: the ones with open targets first), one process each (stages attention_<workload>), every provider
+#              checked against the SDPA loop (output and gradients) before it is timed
 #   kernels    run_all.py for issue 4's kernel benchmarks (rotary, reward loss, SwiGLU, RMSNorm: its acceptance
 #              wants them in one run); KERNELS="bench_a.py,bench_b.py" picks others (bench_adamw.py)
 #   model      bench_model.py: reward model fwd/bwd vs stock transformers at 7B widths, vision tower (not in the
 #              default STAGES)
-# Extra arguments: the script's own ("$@", e.g. --quick) go to every benchmark; TRAIN_ARGS, ATTN_ARGS, KERNEL_ARGS
-# and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds; the default stages add up to 450 s plus the
-# <= 90 s new-candidate probe and the <= 45 s tuning probe (preset VLR_TUNE_THREADS=8 to skip it: it passed in
-# runs C and D), one 600 s call of a 15-minute GPU lease. The tests and bench_train run the default launch
+# Extra arguments: the script's own ("$@", e.g. --quick) go to every benchmark; TRAIN_ARGS, ATTN_ARGS (e.g.
+# --candidates), KERNEL_ARGS and MODEL_ARGS to one stage each. Limits: LIMIT_<STAGE> seconds (LIMIT_ATTENTION: all
+# workloads together); the default stages add up to 455 s plus the <= 90 s new-candidate probe and the <= 45 s
+# tuning probe (preset VLR_TUNE_THREADS=8 to skip it: it passed in runs C and D), one 600 s call of a 15-minute GPU
+# lease. The tests and bench_train run the default launch
 # configurations (VLR_TUNE=0: the tuner's compiles would not fit; the candidate tests force every candidate under
 # the bf16 rule); the kernel benchmarks tune. A summary of every stage is printed last. To prepare a bare image:
 # benchmarks/gpu_wheels.sh.
@@ -54,7 +55,8 @@ run_stage() {  # name limit_s command...: output to LOGDIR/name.log, tail shown,
   timeout --kill-after=15 "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
   rc=$?
   tail -n "${TAIL_LINES:-25}" "$LOGDIR/$name.log"
-  summary+=("$name: exit $rc in $(( $(date +%s) - t0 )) s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')")
+  LAST_S=$(( $(date +%s) - t0 ))
+  summary+=("$name: exit $rc in $LAST_S s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')")
   [ $rc -eq 0 ] || status=1
 }
 
@@ -95,8 +97,19 @@ fi
 # model (~60 candidate compiles) would not fit the stage; the step time is then a conservative figure
 has train && run_stage train "${LIMIT_TRAIN:-130}" env VLR_TUNE="${TRAIN_TUNE:-0}" "$PY" benchmarks/bench_train.py \
   ${TRAIN_ARGS---providers hf_sdpa,ours,ours_plain --profile} "$@"
-has attention && run_stage attention "${LIMIT_ATTENTION:-160}" "$PY" benchmarks/bench_attention.py \
-  ${ATTN_ARGS---workloads pairs,windows,full,llm} "$@"
+# One process per workload: an illegal address (which ends the process's CUDA context) or a slow provider costs only
+# its own workload (run D's single process lost pairs and full to the stage limit). Each gets an equal share of what
+# the earlier ones left of LIMIT_ATTENTION (at least 20 s).
+if has attention; then
+  attn_budget=${LIMIT_ATTENTION:-165}
+  IFS=, read -r -a attn_workloads <<<"${ATTN_WORKLOADS:-pairs,windows,full,llm}"
+  attn_left=${#attn_workloads[@]}
+  for w in "${attn_workloads[@]}"; do
+    share=$(( attn_budget / attn_left )); [ "$share" -ge 20 ] || share=20
+    run_stage "attention_$w" "$share" "$PY" benchmarks/bench_attention.py --workloads "$w" ${ATTN_ARGS:-} "$@"
+    attn_budget=$(( attn_budget - LAST_S )); attn_left=$(( attn_left - 1 ))
+  done
+fi
 has kernels && run_stage kernels "${LIMIT_KERNELS:-130}" "$PY" benchmarks/run_all.py --timeout-s "${LIMIT_KERNEL:-30}" \
   --only "${KERNELS:-bench_reward_loss.py,bench_rotary.py,bench_rmsnorm.py,bench_swiglu.py}" \
   ${KERNEL_ARGS:-} "$@"
