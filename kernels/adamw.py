@@ -22,7 +22,6 @@ a 0-d fp32 device tensor (a clip factor computed from a device-side norm).
 from __future__ import annotations
 
 import torch
-
 from vlr_kernels._backend import resolve_backend
 from vlr_kernels._triton_compat import tl, triton, triton_jit
 

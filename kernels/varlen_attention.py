@@ -347,7 +347,7 @@ def varlen_attention(
     )
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
     name = resolve_backend("varlen_attention", q.device, backend, BACKENDS)
-    shared = dict(prefix_lens=prefix_lens, split_lens=split_lens)
+    shared = {"prefix_lens": prefix_lens, "split_lens": split_lens}
     if name == "torch":
         return varlen_attention_ref(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, **shared

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen before pyplot is imported)
+matplotlib.use("Agg")  # the backend must be chosen before pyplot is imported
+import matplotlib.pyplot as plt
 
 PLOTS = {
     "loss": ("loss", "Bradley–Terry loss"),

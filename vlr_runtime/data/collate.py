@@ -254,4 +254,4 @@ def split_scores(rewards: torch.Tensor, examples: list[ProcessedExample]) -> lis
     return out
 
 
-__all__ = ["Preprocessor", "ProcessedExample", "collate", "split_scores", "DataError"]
+__all__ = ["DataError", "Preprocessor", "ProcessedExample", "collate", "split_scores"]

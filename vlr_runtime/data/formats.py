@@ -356,6 +356,14 @@ def row_id(index: RowIndex, i: int) -> str:
 
 
 __all__ = [
-    "RowIndex", "expand_shards", "parse_row", "parse_pair", "parse_rank", "read_examples", "example_from_row",
-    "row_id", "normalize_messages", "count_images",
+    "RowIndex",
+    "count_images",
+    "example_from_row",
+    "expand_shards",
+    "normalize_messages",
+    "parse_pair",
+    "parse_rank",
+    "parse_row",
+    "read_examples",
+    "row_id",
 ]

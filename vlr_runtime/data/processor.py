@@ -45,7 +45,7 @@ class ImageProcessorConfig:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ImageProcessorConfig":
+    def from_model_dir(cls, model_dir: str | Path) -> ImageProcessorConfig:
         """Read ``preprocessor_config.json`` (``min_pixels``/``max_pixels`` win over ``size``, as in transformers)."""
         path = Path(model_dir) / "preprocessor_config.json"
         if not path.is_file():
