@@ -60,3 +60,28 @@ def test_time_ms_caps_the_reps_of_slow_calls(monkeypatch):
     assert calls["slow"] == 2 + _common.SLOW_REP and p20 <= p50 <= p80 and p50 >= 10.0
     _common.time_ms(fast, cpu, warmup=4, rep=20)
     assert calls["fast"] == 4 + 20
+
+
+def test_reward_loss_acceptance_lines():
+    """bench_reward_loss states issue 4's targets per provider and mode from the run's own rows: <= 0.10 ms and
+    >= 10x torch.compile of the HF-style path (here run D's H100 figures for triton and the compile baseline; the
+    triton_zero_fwd time is made up, it was never measured)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_reward_loss as brl
+        from _common import Recorder
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+
+    rec = Recorder("reward_loss", torch.device("cpu"), None)
+    x = "T=32768,P=32,H=3584"
+    for provider, mode, ms in (("hf_compile", "fwd+bwd graph", 0.847), ("triton", "fwd+bwd graph", 0.0863),
+                               ("triton_zero_fwd", "fwd+bwd graph", 0.0820), ("triton", "fwd+bwd", 0.625)):
+        rec.add(provider, mode, "ms", x, ms)
+    lines = brl.acceptance(rec, x).splitlines()
+    assert lines == [
+        f"[fwd+bwd] {x} triton: 0.625 ms (target <= 0.10), no hf_compile row",
+        f"[fwd+bwd graph] {x} triton: 0.0863 ms (target <= 0.10), 9.81x hf_compile (0.847 ms; target >= 10)",
+        f"[fwd+bwd graph] {x} triton_zero_fwd: 0.082 ms (target <= 0.10), 10.33x hf_compile (0.847 ms; target >= 10)",
+    ]
