@@ -85,11 +85,15 @@ def store_rows(base, rows, row_ok, stride_t, val, D_START: tl.constexpr, WIDTH: 
 
 
 @triton.jit
-def atomic_add_rows(base, rows, row_ok, stride_t, val, D_START: tl.constexpr, WIDTH: tl.constexpr,
-                    HEAD_DIM: tl.constexpr):
-    """``base[rows, D_START:...] += val`` (fp32 buffer), relaxed: no ordering with other memory, only the sum."""
-    ptrs, mask = _rows_ptrs_mask(base, rows, row_ok, stride_t, D_START, WIDTH, HEAD_DIM)
-    tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+def put_rows(base, rows, row_ok, stride_t, val, D_START: tl.constexpr, WIDTH: tl.constexpr,
+             HEAD_DIM: tl.constexpr, ATOMIC: tl.constexpr):
+    """:func:`store_rows`, or with ``ATOMIC`` ``base[rows, D_START:...] += val`` (fp32 buffer), relaxed: no
+    ordering with other memory, only the sum."""
+    if ATOMIC:
+        ptrs, mask = _rows_ptrs_mask(base, rows, row_ok, stride_t, D_START, WIDTH, HEAD_DIM)
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+    else:
+        store_rows(base, rows, row_ok, stride_t, val, D_START, WIDTH, HEAD_DIM)
 
 
 @triton.jit
@@ -238,13 +242,18 @@ _TABLES = {
 NEW_ENV = "VLR_ATTN_NEW"
 
 
+def _enabled(env: str, given: bool | None) -> bool:
+    """``given`` if not None, else on unless the environment variable ``env`` is ``0``."""
+    return os.environ.get(env, "1") != "0" if given is None else given
+
+
 def new_candidates_enabled(new: bool | None = None) -> bool:
     """Whether the launch candidates that never ran on a GPU (``Tile.new``; the persistent and the recomputing
     window kernels) reach the tuner: ``new`` if given, else yes unless ``VLR_ATTN_NEW=0``. They pass the CPU tests and compile
     for sm_90 without spills, but an illegal address in one of them would end the CUDA context of the process
     that tunes it (as a flat dK/dV candidate did in run C); ``benchmarks/gpu_check.sh`` runs their GPU tests in
     a process of its own first and sets ``VLR_ATTN_NEW=0`` for the benchmarks unless all pass."""
-    return os.environ.get(NEW_ENV, "1") != "0" if new is None else new
+    return _enabled(NEW_ENV, new)
 
 
 def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kernel: str,
@@ -260,8 +269,7 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
     ``varlen_triton._dkdv_flat``; run D passed all ten of their GPU tests). dkdv configurations carry ``FLAT``
     and ``SPLIT``, and ``ATOMIC_DQ`` where set (see :class:`Tile`). ``new``: include the candidates never run on
     a GPU yet (:func:`new_candidates_enabled`)."""
-    if flat is None:
-        flat = os.environ.get("VLR_ATTN_FLAT", "1") != "0"
+    flat = _enabled("VLR_ATTN_FLAT", flat)
     new = new_candidates_enabled(new)
     table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
     out: list[dict[str, int]] = []

@@ -31,7 +31,6 @@ from vlr_kernels.attention.varlen_tiles import (
     LN2,
     LOG2E,
     allowed,
-    atomic_add_rows,
     dot_precision,
     grid_tiles,
     head_dim_chunks,
@@ -39,6 +38,7 @@ from vlr_kernels.attention.varlen_tiles import (
     launch_candidates,
     load_head,
     load_rows,
+    put_rows,
     q_ranges,
     rows_contiguous,
     scores,
@@ -186,22 +186,15 @@ def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, dq_base, lse
     dk0 = tl.dot(ds, q0, dk0, input_precision=PREC)
     if D1 > 0:
         dk1 = tl.dot(ds, q1, dk1, input_precision=PREC)
-    if FUSE_DQ == 1:
-        # this kv tile is the segment's only one, so these q rows get their whole dQ from it
+    if FUSE_DQ > 0:
+        # 1: this kv tile is the segment's only one, so these q rows get their whole dQ from it (stored);
+        # 2: every kv tile of the segment adds its part of these rows' dQ to the fp32 buffer ``dq_base``
         dst = tl.trans(ds)
-        dq0 = tl.dot(dst, k0, input_precision=PREC) * sm_scale
-        store_rows(dq_base, offs_m, row_ok, stride_dqt, dq0, 0, D0, HEAD_DIM)
+        put_rows(dq_base, offs_m, row_ok, stride_dqt, tl.dot(dst, k0, input_precision=PREC) * sm_scale, 0, D0,
+                 HEAD_DIM, FUSE_DQ == 2)
         if D1 > 0:
-            dq1 = tl.dot(dst, k1, input_precision=PREC) * sm_scale
-            store_rows(dq_base, offs_m, row_ok, stride_dqt, dq1, D0, D1, HEAD_DIM)
-    elif FUSE_DQ == 2:
-        # every kv tile of the segment adds its part of these rows' dQ to the fp32 buffer ``dq_base``
-        dst = tl.trans(ds)
-        atomic_add_rows(dq_base, offs_m, row_ok, stride_dqt, tl.dot(dst, k0, input_precision=PREC) * sm_scale,
-                        0, D0, HEAD_DIM)
-        if D1 > 0:
-            atomic_add_rows(dq_base, offs_m, row_ok, stride_dqt,
-                            tl.dot(dst, k1, input_precision=PREC) * sm_scale, D0, D1, HEAD_DIM)
+            put_rows(dq_base, offs_m, row_ok, stride_dqt, tl.dot(dst, k1, input_precision=PREC) * sm_scale, D0,
+                     D1, HEAD_DIM, FUSE_DQ == 2)
     return dk0, dk1, dv0, dv1
 
 
@@ -530,12 +523,11 @@ def varlen_attention_bwd(
                       dout.stride(0), dout.stride(1))
     shape_key = (causal, shared, hq // hkv, q.dtype)
 
-    def fuses_dq(cfg: dict[str, int]) -> bool:
-        # every segment within one kv tile (vision windows): the dK/dV programs also write dQ, no second pass
-        return max_seqlen_k <= cfg["BLOCK_N"]
-
-    def no_dq_pass(cfg: dict[str, int]) -> bool:
-        return bool(cfg.get("WINDOW") or cfg.get("ATOMIC_DQ") or fuses_dq(cfg))
+    def dq_mode(cfg: dict[str, int]) -> int:
+        """How a general dK/dV configuration gets dQ (its kernel's ``FUSE_DQ``): 1, every segment within one kv
+        tile (vision windows): the dK/dV programs store it; 2, ``ATOMIC_DQ``: they add it to an fp32 buffer;
+        0: a dQ pass follows."""
+        return 1 if max_seqlen_k <= cfg["BLOCK_N"] else (2 if cfg.get("ATOMIC_DQ") else 0)
 
     def launch_dq(cfg: dict[str, int]) -> None:
         bm = cfg["BLOCK_M"]
@@ -566,10 +558,8 @@ def varlen_attention_bwd(
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
             BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
         )
-        cfg = dict(cfg)
-        # 1: dQ stored by the segment's only kv tile; 2: dQ summed over kv tiles in an fp32 buffer (zeroed)
-        atomic = cfg.pop("ATOMIC_DQ", False)
-        fuse = 1 if fuses_dq(cfg) else (2 if atomic else 0)
+        fuse = dq_mode(cfg)
+        cfg = {k: v for k, v in cfg.items() if k != "ATOMIC_DQ"}
         dq_out = dq
         if fuse == 1:
             dq.zero_()  # q rows that see no key of their segment are in no kv tile's q range
@@ -600,7 +590,7 @@ def varlen_attention_bwd(
     dkdv_cfg = _choose("dkdv", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
                        launch_dkdv, shared, configs, windows)
     launch_dkdv(dkdv_cfg, dq_cfg=None)
-    if not no_dq_pass(dkdv_cfg):
+    if not dkdv_cfg.get("WINDOW") and dq_mode(dkdv_cfg) == 0:
         launch_dq(_choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
                           launch_dq, shared, configs))
     return dq, dk, dv

@@ -269,6 +269,7 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     :func:`~vlr_kernels.attention.varlen_tiles.new_candidates_enabled`) False leaves them out."""
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
+    new = new_candidates_enabled(new)
     block = max(16, triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
     warps = 4 if kernel == "fwd" else 8
     base = {"WINDOW": 1, "BLOCK": block, "num_warps": warps, "num_stages": 2}
@@ -277,12 +278,11 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     # forward: 3 programs per SM fit at 2 stages (68 KiB), 2 at 3 (98 KiB), 1 at 4 (128 KiB); backward: one per
     # SM (registers), recomputing only (the O-reading one spills in the persistent loop at sm_90)
     persist = [{**base, "HEADS": 1, "STAGES": stages, "PERSIST": 1, "PROGS": progs}
-               for progs, stages in (((3, 2), (2, 3), (1, 4)) if kernel == "fwd" else ((1, 3), (1, 4)))
-               if new_candidates_enabled(new)]
+               for progs, stages in (((3, 2), (2, 3), (1, 4)) if kernel == "fwd" else ((1, 3), (1, 4))) if new]
     if kernel == "fwd":
         return shapes + persist
     # the recomputing backward came after run C, the last run of the windows: not yet run on a GPU either
-    recompute = (0, 1) if new_candidates_enabled(new) else (0,)
+    recompute = (0, 1) if new else (0,)
     return [{**cfg, "RECOMPUTE": r} for r in recompute for cfg in shapes] + [
         {**cfg, "RECOMPUTE": 1} for cfg in persist]
 
