@@ -207,6 +207,11 @@ class Recorder:
         p80 = p50 if p80 is None else p80
         self.rows.append(Row(self.kernel, provider, mode, metric, x, p50, p20, p80, **self.env))
 
+    def p50(self, provider: str, mode: str, x: str, metric: str = "ms") -> float | None:
+        """The latest recorded median of ``provider``'s ``mode`` on ``x`` (None when it was not measured)."""
+        hits = [r.p50 for r in self.rows if (r.provider, r.mode, r.metric, r.x) == (provider, mode, metric, x)]
+        return hits[-1] if hits else None
+
     def skip(self, provider: str, reason: str) -> None:
         self.skipped.append(f"{provider}: {reason}")
         print(f"[{self.kernel}] skipped {provider}: {reason}", flush=True)

@@ -274,11 +274,6 @@ def agreement(fn: Attention, ref: Attention, q, k, v, dout) -> dict[str, float]:
             for name, (a, b) in zip(("out", "dq", "dk", "dv"), pairs)}
 
 
-def p50_ms(rec: Recorder, provider: str, mode: str, x: str) -> float | None:
-    hits = [r.p50 for r in rec.rows if (r.provider, r.mode, r.metric, r.x) == (provider, mode, "ms", x)]
-    return hits[-1] if hits else None
-
-
 def bench(rec: Recorder, w: Workload, provider: str, factory: Callable[[], Attention], device, dtype, warmup,
           rep, rows: torch.Tensor | None = None, delivered_tokens: int | None = None) -> None:
     """Check the provider's output and gradients against the SDPA loop on this workload (for ours: with the
@@ -301,7 +296,7 @@ def bench(rec: Recorder, w: Workload, provider: str, factory: Callable[[], Atten
     fwd_flop = 4 * w.heads_q * w.head_dim * w.valid_pairs()
     for mode, flop in (("fwd", fwd_flop), ("bwd", 2.5 * fwd_flop), ("fwd+bwd", 3.5 * fwd_flop),
                        ("fwd graph", fwd_flop), ("fwd+bwd graph", 3.5 * fwd_flop)):
-        ms = p50_ms(rec, provider, mode, w.name)
+        ms = rec.p50(provider, mode, w.name)
         if ms is not None:
             rec.add(provider, mode, "TFLOP/s", w.name, flop / (ms * 1e-3) / 1e12)
             if delivered_tokens is not None:
@@ -326,7 +321,7 @@ def acceptance(rec: Recorder) -> str:
     lines = []
     for mode in ("fwd+bwd", "fwd+bwd graph"):
         def ms(provider, x, mode=mode):
-            return p50_ms(rec, provider, mode, x)
+            return rec.p50(provider, mode, x)
 
         win, win_flex = ms("ours", "windows"), ms("flex", "windows")
         if win:

@@ -170,22 +170,14 @@ def main(argv: list[str] | None = None) -> str:
     return rec.finish()
 
 
-OURS = ("triton", "cuda", "triton_checked", "triton_zero_fwd")
-
-
 def acceptance(rec: Recorder, x: str) -> str:
     """Issue 4's reward-loss targets for each of our providers, host-launched and as device time (graph): fwd+bwd
     <= 0.10 ms, and >= 10x torch.compile of the HF-style path in the same mode of the same run."""
-
-    def p50(provider: str, mode: str) -> float | None:
-        hits = [r.p50 for r in rec.rows if (r.provider, r.mode, r.metric, r.x) == (provider, mode, "ms", x)]
-        return hits[-1] if hits else None
-
     lines = []
     for mode in ("fwd+bwd", "fwd+bwd graph"):
-        base = p50("hf_compile", mode)
+        base = rec.p50("hf_compile", mode, x)
         for name in OURS:
-            ms = p50(name, mode)
+            ms = rec.p50(name, mode, x)
             if ms is None:
                 continue
             vs = f", {base / ms:.2f}x hf_compile ({base:.4g} ms; target >= 10)" if base else ", no hf_compile row"

@@ -5,14 +5,10 @@ whose gradients disagree with the SDPA loop is reported and not timed."""
 from __future__ import annotations
 
 import csv
-import sys
-from pathlib import Path
 
 import torch
 
-from tests.runtime.helpers import run_quick_benchmark
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.runtime.helpers import bench_module, run_quick_benchmark
 
 
 def test_quick_run_checks_and_times_every_provider(tmp_path):
@@ -33,12 +29,8 @@ def test_quick_run_checks_and_times_every_provider(tmp_path):
 
 
 def test_disagreeing_gradients_are_reported_not_timed(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_attention as ba
-        from _common import Recorder
-    finally:
-        sys.path.remove(str(BENCH))
+    ba = bench_module("bench_attention")
+    Recorder = bench_module("_common").Recorder
 
     class DoubleGrad(torch.autograd.Function):
         @staticmethod
@@ -62,12 +54,8 @@ def test_disagreeing_gradients_are_reported_not_timed(tmp_path):
 def test_progress_prints_every_timed_candidate_once(monkeypatch, capsys):
     """The tuner's own per-candidate times (recorded on the GPU while it picks) are printed once per key with each
     candidate described as in the --candidates rows."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_attention as ba
-        from _common import Recorder
-    finally:
-        sys.path.remove(str(BENCH))
+    ba = bench_module("bench_attention")
+    Recorder = bench_module("_common").Recorder
     from vlr_kernels import _tune
 
     win = {"WINDOW": 1, "BLOCK": 64, "HEADS": 1, "STAGES": 3, "PERSIST": 1, "PROGS": 1, "RECOMPUTE": 1,

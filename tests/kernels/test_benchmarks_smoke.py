@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.runtime.helpers import bench_module
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 SCHEMA = ["kernel", "provider", "mode", "metric", "x", "p50", "p20", "p80", "gpu", "torch", "triton", "sha", "time"]
 
@@ -42,8 +44,7 @@ def test_time_ms_caps_the_reps_of_slow_calls(monkeypatch):
     calls; a fast one keeps its warm-up and reps."""
     import torch
 
-    sys.path.insert(0, str(BENCH))
-    import _common
+    _common = bench_module("_common")
 
     monkeypatch.setattr(_common, "SLOW_CALL_MS", 5.0)
     calls = {"slow": 0, "fast": 0}
@@ -66,12 +67,8 @@ def test_reward_loss_acceptance_lines():
     """bench_reward_loss states issue 4's targets per provider and mode from the run's own rows: <= 0.10 ms and
     >= 10x torch.compile of the HF-style path (here run D's H100 figures for triton and the compile baseline; the
     triton_zero_fwd time is made up, it was never measured)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_reward_loss as brl
-        from _common import Recorder
-    finally:
-        sys.path.remove(str(BENCH))
+    brl = bench_module("bench_reward_loss")
+    Recorder = bench_module("_common").Recorder
     import torch
 
     rec = Recorder("reward_loss", torch.device("cpu"), None)

@@ -1,5 +1,6 @@
 """Running a benchmark script's ``--quick`` CPU smoke mode from a test."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -18,3 +19,14 @@ def run_quick_benchmark(script: str, csv_path: Path, timeout_s: float, *extra: s
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def bench_module(name: str):
+    """The module ``benchmarks/<name>.py``, imported with ``benchmarks/`` on ``sys.path`` for the import (its own
+    imports of ``_common`` and siblings resolve there) and off it again afterwards."""
+    path = str(REPO / "benchmarks")
+    sys.path.insert(0, path)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(path)

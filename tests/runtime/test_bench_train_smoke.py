@@ -4,7 +4,7 @@ are written."""
 
 import csv
 
-from tests.runtime.helpers import run_quick_benchmark
+from tests.runtime.helpers import bench_module, run_quick_benchmark
 
 
 def test_bench_train_quick(tmp_path):
@@ -36,13 +36,9 @@ def test_bench_models_keep_rotary_frequencies_in_fp32():
     """The stock model of bench_model/bench_train in bf16 keeps its rotary inv_freq buffers in fp32, as
     ``from_pretrained(dtype=torch.bfloat16)`` does; ``Module.to(bf16)`` alone would round them (the LLM's fastest
     rotary angle then drifts ~2 rad by position 1,000)."""
-    import sys
-    from pathlib import Path
-
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from bench_model import build_models
+    build_models = bench_module("bench_model").build_models
 
     from vlr_runtime.parallel import setup_distributed, teardown
 
