@@ -10,11 +10,14 @@ Providers:
   triton_checked the same with the index checks left on (inside the forward kernels, + one torch._assert_async)
   triton_zero_fwd triton with VLR_REWARD_ZERO_IN_FORWARD=1: the forward allocates dL/dhidden and its row kernel's
                  launch zeroes it; the backward runs only the scored columns (its fwd rows include that write)
-Our providers run with that variable set for the call (1 for triton_zero_fwd, 0 for the others, whatever the shell
+  triton_zero_stream  VLR_REWARD_ZERO_IN_FORWARD=stream: the unscored rows' zeros run on a side stream from the
+                 forward, joined at the end of the backward; timed as fwd+bwd only (a forward alone leaves the side
+                 stream running - its fwd/bwd split would be meaningless - and cannot be captured alone)
+Our providers run with that variable set for the call (1 / stream for those two, 0 for the others, whatever the shell
 has): setting it costs the host-launched rows a few microseconds, the graph rows nothing.
 Liger-Kernel has no reward-head / pairwise-loss op, so it has no row here.
 Before timing, each of our providers' loss and gradients are checked against float64 (relative error norm within a
-dtype bound) and triton_zero_fwd against triton bit for bit; a provider that fails is reported as skipped, not timed.
+dtype bound) and triton_zero_fwd / triton_zero_stream against triton bit for bit; a provider that fails is reported as skipped, not timed.
 Bytes counted (the floor of the fused op): fwd reads the 2P rows; bwd reads them again and writes dL/dhidden [T, H]
 (the zero fill dominates).
 """
@@ -31,11 +34,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps, want
+from _common import Recorder, base_parser, bench_device, compiled, copy_bandwidth_gbps, training_modes, want
 from vlr_kernels import fused_reward_loss, fused_reward_loss_ref, rms_norm_ref
 from vlr_kernels.reward_loss import ZERO_IN_FORWARD_ENV
 
-OURS = ("triton", "cuda", "triton_checked", "triton_zero_fwd")
+OURS = ("triton", "cuda", "triton_checked", "triton_zero_fwd", "triton_zero_stream")
+ZERO_MODES = {"triton_zero_fwd": "1", "triton_zero_stream": "stream"}  # VLR_REWARD_ZERO_IN_FORWARD; others "0"
+FWD_BWD_ONLY = ("triton_zero_stream",)
 # relative error norm of the loss and each gradient vs float64: a few units of the dtype's rounding
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 
@@ -55,13 +60,13 @@ def gather_first_loss(hidden, scored_index, pair_index, head_weight, head_bias, 
     return -F.logsigmoid(rewards[pair_index[:, 0]] - rewards[pair_index[:, 1]]).mean()
 
 
-def zero_in_forward(fn: Callable[[], torch.Tensor], on: bool) -> Callable[[], torch.Tensor]:
-    """``fn`` run with ``VLR_REWARD_ZERO_IN_FORWARD`` set to 1 or 0 (fused_reward_loss reads it at each call), the
-    previous value restored afterwards."""
+def zero_in_forward(fn: Callable[[], torch.Tensor], value: str) -> Callable[[], torch.Tensor]:
+    """``fn`` run with ``VLR_REWARD_ZERO_IN_FORWARD`` set to ``value`` (fused_reward_loss reads it at each call),
+    the previous value restored afterwards."""
 
     def run() -> torch.Tensor:
         old = os.environ.get(ZERO_IN_FORWARD_ENV)
-        os.environ[ZERO_IN_FORWARD_ENV] = "1" if on else "0"
+        os.environ[ZERO_IN_FORWARD_ENV] = value
         try:
             return fn()
         finally:
@@ -75,8 +80,8 @@ def zero_in_forward(fn: Callable[[], torch.Tensor], on: bool) -> Callable[[], to
 
 def check_ours(rec: Recorder, providers: dict, selected: str, inputs: tuple, dtype: torch.dtype) -> None:
     """Run each selected provider of ours once (fwd+bwd) before timing: loss and every gradient against float64,
-    and triton_zero_fwd bit for bit against triton. A failure removes the provider (reported as skipped); a provider
-    that raises is left to the timing loop, which reports it."""
+    and the zero-in-forward modes bit for bit against triton. A failure removes the provider (reported as skipped);
+    a provider that raises is left to the timing loop, which reports it."""
     hidden, scored, pair_index, w, b, nw = inputs
     params = [t for t in (hidden, w, b, nw) if t is not None]
     ins64 = [t.detach().double().requires_grad_() for t in params]
@@ -105,12 +110,13 @@ def check_ours(rec: Recorder, providers: dict, selected: str, inputs: tuple, dty
         if bad:
             rec.skip(name, "wrong result before timing: " + ", ".join(bad))
             del providers[name]
-    if "triton" in got and "triton_zero_fwd" in got and "triton_zero_fwd" in providers:
-        same = [torch.equal(a, c) for a, c in zip(got["triton"], got["triton_zero_fwd"])]
-        if not all(same):
-            rec.skip("triton_zero_fwd", "differs from triton (mode off): " + ", ".join(
-                n for n, ok in zip(names, same) if not ok))
-            del providers["triton_zero_fwd"]
+    for name in ZERO_MODES:
+        if "triton" in got and name in got and name in providers:
+            same = [torch.equal(a, c) for a, c in zip(got["triton"], got[name])]
+            if not all(same):
+                rec.skip(name, "differs from triton (mode off): " + ", ".join(
+                    n for n, ok in zip(names, same) if not ok))
+                del providers[name]
     for t in params:
         t.grad = None
 
@@ -157,15 +163,20 @@ def main(argv: list[str] | None = None) -> str:
         "hf_compile": lambda: run(compiled(hf_style_loss)),
         "gather_compile": lambda: run(compiled(gather_first_loss)),
     }
-    for name, backend, checked, zero_fwd in (("triton", "triton", False, False), ("cuda", "cuda", False, False),
-                                             ("triton_checked", "triton", True, False),
-                                             ("triton_zero_fwd", "triton", False, True)):
-        providers[name] = lambda bk=backend, ck=checked, zf=zero_fwd: zero_in_forward(
-            lambda: fused_reward_loss(hidden, scored, pair_index, w, b, nw, backend=bk, check_indices=ck)[0], zf)
+    for name in OURS:
+        providers[name] = lambda bk=name.split("_")[0], ck=name == "triton_checked", zm=ZERO_MODES.get(name, "0"): (
+            zero_in_forward(lambda: fused_reward_loss(hidden, scored, pair_index, w, b, nw, backend=bk,
+                                                      check_indices=ck)[0], zm))
     check_ours(rec, providers, args.providers, (hidden, scored, pair_index, w, b, nw), dtype)
     params = [t for t in (hidden, w, b, nw) if t is not None]
-    rec.run_providers(providers, x, lambda loss: loss.backward(), params, bytes_moved, ceiling,
-                      args.providers, warmup, rep)
+    backward = lambda loss: loss.backward()  # noqa: E731
+    rec.run_providers({k: v for k, v in providers.items() if k not in FWD_BWD_ONLY}, x, backward, params,
+                      bytes_moved, ceiling, args.providers, warmup, rep)
+    for name in FWD_BWD_ONLY:
+        if name in providers and want(name, args.providers):
+            modes = training_modes(providers[name](), backward, params)
+            rec.measure(name, x, {"fwd+bwd": modes["fwd+bwd"]}, bytes_moved, ceiling, warmup, rep,
+                        graph_modes=("fwd+bwd",))
     print(acceptance(rec, x), flush=True)
     return rec.finish()
 

@@ -10,15 +10,26 @@ registers) while the others write zeros to every unscored row. The gradient is a
 separate fill, no ``[T, H]`` buffer in the forward, peak memory = the gradient + O(S) scalars. ``check_indices``
 adds one ``torch._assert_async`` on CUDA. The Triton kernels live in :mod:`vlr_kernels.reward_loss_triton`.
 
-Opt-in zero-in-forward mode (triton backend; ``VLR_REWARD_ZERO_IN_FORWARD=1``, read at every call, default off):
-when ``hidden`` needs a gradient (grad mode on and ``hidden.requires_grad``), the forward allocates the ``[T, H]``
-gradient and the row kernel's launch gets zero programs after its S row programs that write zeros to every row of
-it, so the latency-bound row work runs beside the bandwidth-bound write; the backward launches only the scored-column
-programs, which overwrite the scored rows (stream order makes them the last writers). The buffer is held from the
-forward to the backward (in a training step the loss backward follows at once, so the peak is v4's). Without a
-gradient for ``hidden`` (``torch.no_grad``, :func:`reward_scores`, a frozen input) nothing changes. With
-``backend="cuda"`` (or automatic resolution to it) the mode raises a ValueError: the CUDA ops' forward takes no
-gradient buffer, and silently running without the mode would hide that. The ``torch`` reference ignores it (its
+Opt-in zero-in-forward modes (triton backend; ``VLR_REWARD_ZERO_IN_FORWARD``, read at every call: unset/``0`` off,
+``1`` = ``launch``, ``stream``). Either mode applies only when ``hidden`` needs a gradient (grad mode on and
+``hidden.requires_grad``); without one (``torch.no_grad``, :func:`reward_scores`, a frozen input) nothing changes.
+The forward then allocates the ``[T, H]`` gradient, which is held from the forward to the backward (in a training
+step the loss backward follows at once, so the peak is the default mode's), and the backward launches only the
+scored-column programs into it:
+
+* ``launch`` (v5): the row kernel's launch gets zero programs after its S row programs that write zeros to every row
+  of the buffer, so the latency-bound row work runs beside the bandwidth-bound write; the scored columns overwrite
+  the scored rows later (stream order makes them the last writers).
+* ``stream`` (v6, CUDA): the unscored rows' zero programs run alone on a per-device side stream, forked from the
+  caller's stream at the forward and joined (one event) at the end of the backward, after the scored columns. The
+  row and pair kernels, autograd's seed and the scored columns then all run under the write. Each row has one
+  writer, so the two streams need no other ordering; the buffer and ``scored_index`` are ``record_stream``-ed on
+  the side stream, so a forward whose backward never runs frees them safely. Under CUDA-graph capture, forward and
+  backward must be captured together: a forward captured alone leaves the side stream unjoined and the capture
+  fails. On CPU (Triton interpreter) the fill runs in place before the forward's kernels.
+
+With ``backend="cuda"`` (or automatic resolution to it) either mode raises a ValueError: the CUDA ops' forward takes
+no gradient buffer, and silently running without the mode would hide that. The ``torch`` reference ignores them (its
 autograd gradient is not ours to place).
 
 Forward, per scored row ``s`` (fp32 math whatever the input dtype)::
@@ -57,13 +68,41 @@ _BACKENDS = ("triton", "cuda", "torch")
 ZERO_IN_FORWARD_ENV = "VLR_REWARD_ZERO_IN_FORWARD"
 
 
-def zero_in_forward_requested() -> bool:
-    """The opt-in zero-in-forward mode, read from ``VLR_REWARD_ZERO_IN_FORWARD`` at each call: ``1`` on; unset, empty
-    or ``0`` off; any other value is a ValueError."""
+ZERO_IN_FORWARD_MODES = {"": "off", "0": "off", "1": "launch", "stream": "stream"}
+
+
+def zero_in_forward_mode() -> str:
+    """The opt-in zero-in-forward mode, read from ``VLR_REWARD_ZERO_IN_FORWARD`` at each call: ``"off"`` (unset,
+    empty or ``0``), ``"launch"`` (``1``) or ``"stream"``; any other value is a ValueError."""
     value = os.environ.get(ZERO_IN_FORWARD_ENV, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{ZERO_IN_FORWARD_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    if value not in ZERO_IN_FORWARD_MODES:
+        raise ValueError(f"{ZERO_IN_FORWARD_ENV} must be 0, 1 or stream, got {value!r}")
+    return ZERO_IN_FORWARD_MODES[value]
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _zero_unscored_beside(dhidden: torch.Tensor, scored_index: torch.Tensor) -> torch.cuda.Event | None:
+    """The ``stream`` mode's fill: zeros for the unscored rows of ``dhidden`` queued on the device's side stream
+    after everything queued so far on the current one; returns the event the backward waits for. On CPU (the
+    interpreter) the launch runs in place and None is returned."""
+    if dhidden.device.type != "cuda":
+        TritonLaunchers.zero_unscored(dhidden, scored_index)
+        return None
+    current = torch.cuda.current_stream(dhidden.device)
+    side = _SIDE_STREAMS.get(dhidden.device)
+    if side is None:
+        side = _SIDE_STREAMS[dhidden.device] = torch.cuda.Stream(dhidden.device)
+    side.wait_stream(current)  # the buffer's block may still be in use by earlier work of the current stream
+    with torch.cuda.stream(side):
+        TritonLaunchers.zero_unscored(dhidden, scored_index)
+    done = torch.cuda.Event()
+    done.record(side)
+    # freed before the fill ends (no backward), the blocks must not go back to the current stream's pool early
+    dhidden.record_stream(side)
+    scored_index.record_stream(side)
+    return done
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -206,16 +245,18 @@ def _raise_on_bad_indices(ok: torch.Tensor, t_rows: int, scored_index: torch.Ten
 class FusedRewardLossFunction(torch.autograd.Function):
     """Autograd wrapper: forward = rewards of the scored rows + pair loss (2 kernels); backward = grads of hidden
     (every row, in the same kernel as the head/norm weight grads). ``impl`` is ``"triton"`` or ``"cuda"``;
-    ``check`` runs the index checks inside the forward kernels (one ``_assert_async`` on CUDA). ``zero_in_fwd``
-    (triton only; the caller passes it only when hidden needs a gradient: ``ctx.needs_input_grad`` is also True
-    under ``torch.no_grad``): the forward allocates the gradient and zeroes it in the row kernel's launch."""
+    ``check`` runs the index checks inside the forward kernels (one ``_assert_async`` on CUDA). ``zero_mode``
+    (``"off"``, or for triton ``"launch"`` / ``"stream"``; the caller passes a mode only when hidden needs a
+    gradient: ``ctx.needs_input_grad`` is also True under ``torch.no_grad``): the forward allocates the gradient and
+    has its unscored rows zeroed in the row kernel's launch or on the side stream (module docstring)."""
 
     @staticmethod
     def forward(ctx, hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps, margin,
-                center_coef, impl, check, zero_in_fwd):
+                center_coef, impl, check, zero_mode):
         ops = _launchers(impl)
-        dhidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if zero_in_fwd else None
-        buffer = {} if dhidden is None else {"dhidden": dhidden}  # only TritonLaunchers take it
+        dhidden = None if zero_mode == "off" else torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        buffer = {"dhidden": dhidden} if zero_mode == "launch" else {}  # only TritonLaunchers take it
+        ctx.fill_done = _zero_unscored_beside(dhidden, scored_index) if zero_mode == "stream" else None
         rewards, rstd, row_ok = ops.reward_fwd(hidden, scored_index, head_weight, head_bias, norm_weight, eps, check,
                                                **buffer)
         loss, acc, ok, coef = ops.pair_loss_fwd(rewards, pair_index, margin, row_ok, center_coef, check)
@@ -239,6 +280,8 @@ class FusedRewardLossFunction(torch.autograd.Function):
             dloss.float().contiguous(), drewards.float().contiguous() if drewards is not None else None, hidden,
             scored_index, head_weight, head_bias, norm_weight, rewards, rstd, coef, **buffer,
         )
+        if ctx.fill_done is not None:  # the side stream's zeros join here, after the scored columns
+            torch.cuda.current_stream(dh.device).wait_event(ctx.fill_done)
         return dh, None, None, dw, db, dg, None, None, None, None, None, None
 
 
@@ -283,7 +326,8 @@ def fused_reward_loss(
         check_indices: verify index bounds/uniqueness. triton/cuda: inside the forward kernels, reported by one
             ``torch._assert_async`` on CUDA (no host sync) or a ValueError on CPU; torch: with PyTorch ops.
 
-    ``VLR_REWARD_ZERO_IN_FORWARD=1`` selects the zero-in-forward mode (module docstring; ValueError with cuda).
+    ``VLR_REWARD_ZERO_IN_FORWARD=1`` or ``=stream`` selects a zero-in-forward mode (module docstring; ValueError
+    with cuda).
 
     Returns:
         ``loss`` 0-d float32, ``rewards [S]`` float32 (the torch backend keeps float64 for float64 hidden),
@@ -293,10 +337,10 @@ def fused_reward_loss(
     """
     check_reward_inputs(hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, margin, False)
     name = resolve_backend("fused_reward_loss", hidden.device, backend, _BACKENDS)
-    zero_in_fwd = zero_in_forward_requested()
-    if zero_in_fwd and name == "cuda":
-        raise ValueError(f"{ZERO_IN_FORWARD_ENV}=1 is a triton-backend mode: the cuda ops' forward takes no gradient "
-                         "buffer; unset it or use backend='triton'")
+    zero_mode = zero_in_forward_mode()
+    if zero_mode != "off" and name == "cuda":
+        raise ValueError(f"{ZERO_IN_FORWARD_ENV}={os.environ[ZERO_IN_FORWARD_ENV]} is a triton-backend mode: the cuda "
+                         "ops' forward takes no gradient buffer; unset it or use backend='triton'")
     if name == "torch":
         if check_indices:
             check_index_values(hidden.shape[0], scored_index, pair_index)
@@ -308,7 +352,7 @@ def fused_reward_loss(
     )
     loss, rewards, accuracy = FusedRewardLossFunction.apply(
         hidden, scored_index, pair_index, head_weight, head_bias, norm_weight, eps, margin, center_coef, name,
-        check_indices, zero_in_fwd and torch.is_grad_enabled() and hidden.requires_grad,
+        check_indices, zero_mode if torch.is_grad_enabled() and hidden.requires_grad else "off",
     )
     return loss, rewards, accuracy
 

@@ -3,10 +3,11 @@
 
 Kernels: ``_reward_fwd_kernel`` (one program per scored row: reward, rstd, index checks), ``_pair_loss_kernel``
 (loss, accuracy, dL/dr per row, the checks' verdict) and ``_reward_bwd_kernel`` (scored-column programs for the
-scored rows of dL/dhidden and dw/dg/db, then zero programs for the unscored rows). The opt-in zero-in-forward mode
-(see :mod:`vlr_kernels.reward_loss`) launches ``_reward_fwd_zero_kernel`` instead of ``_reward_fwd_kernel``: the
-same row programs followed by zero programs over every row of the gradient buffer, and the backward then launches
-only its scored-column programs into that buffer.
+scored rows of dL/dhidden and dw/dg/db, then zero programs for the unscored rows). The opt-in zero-in-forward modes
+(see :mod:`vlr_kernels.reward_loss`): ``launch`` runs ``_reward_fwd_zero_kernel`` instead of ``_reward_fwd_kernel``
+(the same row programs followed by zero programs over every row of the gradient buffer); ``stream`` runs
+``_zero_unscored_kernel`` (the backward's zero programs alone) on a side stream beside the unchanged forward. In
+both the backward then launches only its scored-column programs into that buffer.
 """
 
 from __future__ import annotations
@@ -234,6 +235,17 @@ def _reward_bwd_kernel(
                    BLOCK_I)
 
 
+@triton_jit
+def _zero_unscored_kernel(
+    idx_ptr, dh_ptr, n_rows, n_cols, n_scored,
+    ZERO_ROWS: tl.constexpr, ZERO_COLS: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    # The zero-in-forward ``stream`` mode's fill: _reward_bwd_kernel's zero programs on their own, so that the fill
+    # can run on a side stream while the forward's row and pair kernels and the backward's scored columns (which
+    # own the scored rows: one writer per row, no ordering needed) run on the caller's stream.
+    _zero_rows(tl.program_id(0), idx_ptr, dh_ptr, n_rows, n_cols, n_scored, True, ZERO_ROWS, ZERO_COLS, BLOCK_I)
+
+
 def _block_h(n_cols: int) -> int:
     return min(triton.next_power_of_2(n_cols), 2048)
 
@@ -277,6 +289,19 @@ def reward_fwd(
     return rewards, rstd, row_ok
 
 
+def zero_unscored(dhidden: torch.Tensor, scored_index: torch.Tensor) -> None:
+    """Triton launcher: zeros in every row of the contiguous ``[T, H]`` buffer ``dhidden`` that ``scored_index``
+    does not name (scored rows untouched), on the current stream. Pass the buffer to :func:`reward_loss_bwd` with
+    ``unscored_zeroed=True``; the caller orders the two launches if they run on different streams."""
+    if dhidden.dim() != 2 or not dhidden.is_contiguous():
+        raise ValueError(f"dhidden must be a contiguous [T, H] buffer, got {tuple(dhidden.shape)}")
+    t_rows, n_cols = dhidden.shape
+    _zero_unscored_kernel[(triton.cdiv(t_rows, _ZERO_ROWS),)](
+        scored_index, dhidden, t_rows, n_cols, scored_index.numel(), ZERO_ROWS=_ZERO_ROWS, ZERO_COLS=_ZERO_COLS,
+        BLOCK_I=_BLOCK_I, num_warps=4,
+    )
+
+
 def pair_loss_fwd(
     rewards: torch.Tensor, pair_index: torch.Tensor, margin: torch.Tensor | None, row_ok: torch.Tensor,
     center_coef: float, check: bool = False,
@@ -305,8 +330,9 @@ def reward_loss_bwd(
     """Triton launcher: ``(dhidden [T, H], dhead_weight [H], dhead_bias [1], dnorm_weight [H] | None)`` in one
     kernel. ``dhidden``: a contiguous ``[T, H]`` buffer whose contents do not matter (every row is written: the S
     scored rows with their gradient, the others with zeros); allocated uninitialised when None.
-    ``unscored_zeroed``: ``dhidden`` already holds zeros in every unscored row (:func:`reward_fwd` zeroed it): only
-    the scored-column programs run, and their stores overwrite every element of every scored row."""
+    ``unscored_zeroed``: every unscored row of ``dhidden`` is zeroed by another launch (:func:`reward_fwd`'s before
+    this one, or :func:`zero_unscored`'s on a side stream, which the caller joins): only the scored-column programs
+    run, and their stores overwrite every element of every scored row."""
     t_rows, n_cols = hidden.shape
     s = scored_index.numel()
     if dhidden is None:
@@ -331,8 +357,9 @@ def reward_loss_bwd(
 
 class TritonLaunchers:
     """The three launchers of the triton backend (the interface :class:`~vlr_kernels.reward_loss_cuda.CudaLaunchers`
-    shares; only these take the zero-in-forward buffer)."""
+    shares; only these take the zero-in-forward buffer), and the ``stream`` mode's fill."""
 
     reward_fwd = staticmethod(reward_fwd)
+    zero_unscored = staticmethod(zero_unscored)
     pair_loss_fwd = staticmethod(pair_loss_fwd)
     reward_loss_bwd = staticmethod(reward_loss_bwd)

@@ -106,17 +106,19 @@ def _nan_filled_empty(monkeypatch) -> list[tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.parametrize("mode", ["1", "stream"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_zero_in_forward_mode_matches_reference_and_mode_off(case, dtype, monkeypatch):
-    """VLR_REWARD_ZERO_IN_FORWARD=1: the forward allocates the gradient (filled with NaN here, every ``empty`` is)
-    and zeroes it; outputs and every gradient equal the float64 reference and, bit for bit, the default mode's."""
+def test_zero_in_forward_mode_matches_reference_and_mode_off(case, dtype, mode, monkeypatch):
+    """VLR_REWARD_ZERO_IN_FORWARD=1 or stream: the forward allocates the gradient (filled with NaN here, every
+    ``empty`` is) and has it zeroed; outputs and every gradient equal the float64 reference and, bit for bit, the
+    default mode's."""
     shapes = _nan_filled_empty(monkeypatch)
     monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "0")
     _, outputs_off, _ = inputs_off = _run_case(case, dtype)
     grads_off = [t.grad for t in inputs_off[0] if t is not None and t.requires_grad]
     shapes.clear()
-    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, mode)
     inputs, outputs, drew = _run_case(case, dtype)
     t_rows, h = CASES[case][:2]
     assert shapes.count((t_rows, h)) == 1, shapes  # the one gradient buffer, NaN-filled before the forward zeroed it
@@ -127,11 +129,12 @@ def test_zero_in_forward_mode_matches_reference_and_mode_off(case, dtype, monkey
         assert torch.equal(on, off)
 
 
-def test_zero_in_forward_mode_backward_twice(monkeypatch):
+@pytest.mark.parametrize("mode", ["1", "stream"])
+def test_zero_in_forward_mode_backward_twice(mode, monkeypatch):
     """retain_graph: the second backward reuses the buffer the forward zeroed (autograd copied the first gradient
     out, as the saved buffer is still referenced), so the accumulated gradient is exactly twice the first."""
     hidden, scored, pairs, w, b, nw, m = reward_inputs(37, 80, 4, [[0, 1], [2, 3]], torch.float32, True, True)
-    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, mode)
     loss, _, _ = fused_reward_loss(hidden, scored, pairs, w, b, nw, 1e-6, m, 0.1, backend="triton")
     loss.backward(retain_graph=True)
     first = [t.grad.clone() for t in (hidden, w, b, nw)]
@@ -141,19 +144,22 @@ def test_zero_in_forward_mode_backward_twice(monkeypatch):
 
 
 def test_zero_in_forward_env_values(monkeypatch):
-    """A bad value is an error; the cuda backend refuses the mode (checked before its ops load); the torch
-    reference ignores it."""
+    """A bad value is an error; the cuda backend refuses either mode (checked before its ops load); the torch
+    reference ignores them."""
     hidden, scored, pairs, w, b, nw, m = reward_inputs(12, 8, 2, [[0, 1]], torch.float32, True, True)
     args = (hidden, scored, pairs, w, b, nw, 1e-6, m)
-    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "yes")
-    with pytest.raises(ValueError, match="must be 0 or 1"):
-        fused_reward_loss(*args, backend="triton")
-    monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "1")
+    for bad in ("yes", "2", "Stream"):
+        monkeypatch.setenv(ZERO_IN_FORWARD_ENV, bad)
+        with pytest.raises(ValueError, match="must be 0, 1 or stream"):
+            fused_reward_loss(*args, backend="triton")
     expected = fused_reward_loss_ref(*args)[0]
-    torch.testing.assert_close(fused_reward_loss(*args, backend="torch")[0], expected)
-    monkeypatch.setattr(rl, "resolve_backend", lambda *a, **k: "cuda")
-    with pytest.raises(ValueError, match="triton-backend mode"):
-        fused_reward_loss(*args)
+    for mode in ("1", "stream"):
+        monkeypatch.setenv(ZERO_IN_FORWARD_ENV, mode)
+        torch.testing.assert_close(fused_reward_loss(*args, backend="torch")[0], expected)
+        with monkeypatch.context() as m_ctx:
+            m_ctx.setattr(rl, "resolve_backend", lambda *a, **k: "cuda")
+            with pytest.raises(ValueError, match=f"{ZERO_IN_FORWARD_ENV}={mode} is a triton-backend mode"):
+                fused_reward_loss(*args)
 
 
 def test_reward_scores_and_strided_hidden():

@@ -23,8 +23,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # import_module: the package exports functions named like some of these modules (vlr_kernels.swiglu)
-adamw, reward_loss, rmsnorm, rotary, swiglu = (
-    importlib.import_module(f"vlr_kernels.{m}") for m in ("adamw", "reward_loss", "rmsnorm", "rotary", "swiglu")
+adamw, reward_loss, reward_loss_triton, rmsnorm, rotary, swiglu = (
+    importlib.import_module(f"vlr_kernels.{m}")
+    for m in ("adamw", "reward_loss", "reward_loss_triton", "rmsnorm", "rotary", "swiglu")
 )
 
 BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
@@ -57,6 +58,14 @@ CASES = [
        {"h_ptr": BF, "idx_ptr": I64, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF, "rewards_ptr": F32, "rstd_ptr": F32,
         "row_ok_ptr": I32, "n_rows": "i32", "n_cols": "i32", "n_scored": "i32", "stride_t": "i32", "eps": "fp32"},
        {"HAS_NORM": on, "CHECK": on, "BLOCK_H": 2048, "BLOCK_I": 64}, 8) for on in (False, True)],
+    ("reward_fwd_zero+norm", reward_loss_triton._reward_fwd_zero_kernel,
+     {"h_ptr": BF, "idx_ptr": I64, "w_ptr": BF, "b_ptr": BF, "g_ptr": BF, "rewards_ptr": F32, "rstd_ptr": F32,
+      "row_ok_ptr": I32, "dh_ptr": BF, "n_rows": "i32", "n_cols": "i32", "n_scored": "i32", "stride_t": "i32",
+      "eps": "fp32"},
+     {"HAS_NORM": True, "CHECK": False, "BLOCK_H": 2048, "BLOCK_I": 64, "ZERO_ROWS": 8, "ZERO_COLS": 512}, 8),
+    ("zero_unscored", reward_loss_triton._zero_unscored_kernel,
+     {"idx_ptr": I64, "dh_ptr": BF, "n_rows": "i32", "n_cols": "i32", "n_scored": "i32"},
+     {"ZERO_ROWS": 8, "ZERO_COLS": 512, "BLOCK_I": 64}, 4),
     ("pair_loss+margin+check", reward_loss._pair_loss_kernel,
      {"rewards_ptr": F32, "pair_ptr": I64, "margin_ptr": F32, "row_ok_ptr": I32, "loss_ptr": F32, "acc_ptr": F32,
       "ok_ptr": I32, "coef_ptr": F32, "n_scored": "i32", "n_pairs": "i32", "center_coef": "fp32"},
