@@ -163,13 +163,20 @@ def main(argv: list[str] | None = None) -> str:
         "hf_compile": lambda: run(compiled(hf_style_loss)),
         "gather_compile": lambda: run(compiled(gather_first_loss)),
     }
+    def ours(name: str) -> Callable[[], Callable[[], torch.Tensor]]:
+        backend = "cuda" if name == "cuda" else "triton"
+        return lambda: zero_in_forward(lambda: fused_reward_loss(
+            hidden, scored, pair_index, w, b, nw, backend=backend, check_indices=name == "triton_checked")[0],
+            ZERO_MODES.get(name, "0"))
+
     for name in OURS:
-        providers[name] = lambda bk=name.split("_")[0], ck=name == "triton_checked", zm=ZERO_MODES.get(name, "0"): (
-            zero_in_forward(lambda: fused_reward_loss(hidden, scored, pair_index, w, b, nw, backend=bk,
-                                                      check_indices=ck)[0], zm))
+        providers[name] = ours(name)
     check_ours(rec, providers, args.providers, (hidden, scored, pair_index, w, b, nw), dtype)
     params = [t for t in (hidden, w, b, nw) if t is not None]
-    backward = lambda loss: loss.backward()  # noqa: E731
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+
     rec.run_providers({k: v for k, v in providers.items() if k not in FWD_BWD_ONLY}, x, backward, params,
                       bytes_moved, ceiling, args.providers, warmup, rep)
     for name in FWD_BWD_ONLY:

@@ -4,8 +4,6 @@ on a GPU for both backends); the same for the opt-in zero-in-forward modes (VLR_
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import vlr_kernels.reward_loss as rl
