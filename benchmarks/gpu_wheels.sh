@@ -21,6 +21,7 @@ rm -rf .clean && mkdir .clean && git archive HEAD | tar -x -C .clean
 sha=$(git rev-parse --short HEAD)
 cat <<EOF
 wheels in .whl: $(ls .whl | tr '\n' ' ')
-run on the GPU machine (carry [".whl", ".clean"]; limits per stage in gpu_check.sh's header):
+run on the GPU machine (carry [".whl", ".clean"]; limits per stage in gpu_check.sh's header; ask for kind
+nvidia-h200 if the session may: the vision-windows target needs ~87% of an H100's copy ceiling, ~62% of an H200's):
 set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1; cd .clean && VLR_GIT_SHA=$sha VLR_TUNE_THREADS=8 LOGDIR=\$OUT bash benchmarks/gpu_check.sh 2>&1 | tee \$OUT/console.txt
 EOF

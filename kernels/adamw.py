@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 from vlr_kernels._backend import resolve_backend
-from vlr_kernels._triton_compat import tl, triton, triton_jit
+from vlr_kernels._triton_compat import cdiv, tl, triton_jit
 
 _BACKENDS = ("triton", "torch")
 _BLOCK = 1024
@@ -111,7 +111,7 @@ def adamw_triton(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     if n == 0:
         return
     scale_is_ptr = torch.is_tensor(grad_scale)
-    _adamw_kernel[(triton.cdiv(n, _BLOCK),)](
+    _adamw_kernel[(cdiv(n, _BLOCK),)](
         master, grad, exp_avg, exp_avg_sq, master if param is None else param, step,
         grad_scale if scale_is_ptr else float(grad_scale), float(lr), 1.0 - lr * weight_decay, float(eps), n,
         BETA1=float(beta1), BETA2=float(beta2), SCALE_IS_PTR=scale_is_ptr, HAS_PARAM=param is not None,

@@ -13,7 +13,7 @@ both the backward then launches only its scored-column programs into that buffer
 from __future__ import annotations
 
 import torch
-from vlr_kernels._triton_compat import tl, triton, triton_jit
+from vlr_kernels._triton_compat import cdiv, next_power_of_2, tl, triton_jit
 
 
 @triton_jit
@@ -247,7 +247,7 @@ def _zero_unscored_kernel(
 
 
 def _block_h(n_cols: int) -> int:
-    return min(triton.next_power_of_2(n_cols), 2048)
+    return min(next_power_of_2(n_cols), 2048)
 
 
 _BLOCK_I = 64  # scored indices per step of the index scans
@@ -284,7 +284,7 @@ def reward_fwd(
         _reward_fwd_kernel[(s,)](*row_args, *sizes, **consts)
     else:
         _check_grad_buffer(dhidden, hidden)
-        _reward_fwd_zero_kernel[(s + triton.cdiv(t_rows, _ZERO_ROWS),)](
+        _reward_fwd_zero_kernel[(s + cdiv(t_rows, _ZERO_ROWS),)](
             *row_args, dhidden, *sizes, **consts, ZERO_ROWS=_ZERO_ROWS, ZERO_COLS=_ZERO_COLS)
     return rewards, rstd, row_ok
 
@@ -296,7 +296,7 @@ def zero_unscored(dhidden: torch.Tensor, scored_index: torch.Tensor) -> None:
     if dhidden.dim() != 2 or not dhidden.is_contiguous():
         raise ValueError(f"dhidden must be a contiguous [T, H] buffer, got {tuple(dhidden.shape)}")
     t_rows, n_cols = dhidden.shape
-    _zero_unscored_kernel[(triton.cdiv(t_rows, _ZERO_ROWS),)](
+    _zero_unscored_kernel[(cdiv(t_rows, _ZERO_ROWS),)](
         scored_index, dhidden, t_rows, n_cols, scored_index.numel(), ZERO_ROWS=_ZERO_ROWS, ZERO_COLS=_ZERO_COLS,
         BLOCK_I=_BLOCK_I, num_warps=4,
     )
@@ -314,7 +314,7 @@ def pair_loss_fwd(
     acc = torch.empty((), dtype=torch.float32, device=rewards.device)
     ok = torch.empty((), dtype=torch.int32, device=rewards.device)
     coef = torch.empty(s, dtype=torch.float32, device=rewards.device)
-    _pair_loss_kernel[(triton.cdiv(s, _PAIR_BLOCK_S),)](
+    _pair_loss_kernel[(cdiv(s, _PAIR_BLOCK_S),)](
         rewards, pair_index, margin if margin is not None else rewards, row_ok, loss, acc, ok, coef, s, n_pairs,
         float(center_coef), HAS_MARGIN=margin is not None, CHECK=check, BLOCK_S=_PAIR_BLOCK_S,
         BLOCK_P=_PAIR_BLOCK_P, num_warps=4,
@@ -343,8 +343,8 @@ def reward_loss_bwd(
     dw = torch.empty_like(head_weight)
     db = torch.empty_like(head_bias)
     dg = torch.empty_like(norm_weight) if norm_weight is not None else None
-    n_col_tiles = triton.cdiv(n_cols, _BWD_BLOCK_C)
-    n_zero_programs = 0 if unscored_zeroed else triton.cdiv(t_rows, _ZERO_ROWS)
+    n_col_tiles = cdiv(n_cols, _BWD_BLOCK_C)
+    n_zero_programs = 0 if unscored_zeroed else cdiv(t_rows, _ZERO_ROWS)
     _reward_bwd_kernel[(n_col_tiles + n_zero_programs,)](
         hidden, scored_index, head_weight, head_bias, norm_weight if norm_weight is not None else head_weight,
         rewards, rstd, coef, dloss, drewards if drewards is not None else rewards, dhidden, dw,

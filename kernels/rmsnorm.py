@@ -7,11 +7,9 @@ Backward stores only ``s`` and the per-row ``rstd`` (fp32, 4 bytes a row).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from vlr_kernels._backend import resolve_backend, sm_count
-from vlr_kernels._triton_compat import tl, triton, triton_jit
+from vlr_kernels._triton_compat import next_power_of_2, tl, triton_jit
 from vlr_kernels._tune import pick
 
 _BACKENDS = ("triton", "torch")
@@ -125,10 +123,8 @@ def _num_warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
-@functools.cache
 def _block_n(n: int) -> int:
-    # cached: triton.next_power_of_2 is a constexpr_function, microseconds of host time per call
-    return triton.next_power_of_2(n)
+    return next_power_of_2(n)
 
 
 def rms_norm_fwd(

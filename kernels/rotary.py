@@ -12,7 +12,7 @@ import functools
 
 import torch
 from vlr_kernels._backend import resolve_backend
-from vlr_kernels._triton_compat import tl, triton, triton_jit
+from vlr_kernels._triton_compat import cdiv, next_power_of_2, tl, triton_jit
 from vlr_kernels._tune import pick
 
 _BACKENDS = ("triton", "torch")
@@ -140,11 +140,10 @@ _CONFIGS = ((1, 4), (2, 4), (4, 4), (4, 8))
 
 @functools.cache
 def _blocks(heads_q: int, heads_k: int, head_dim: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_H, q head blocks, all head blocks, BLOCK_D)``; cached because triton.cdiv/next_power_of_2 are
-    constexpr_functions (microseconds of host time per call)."""
-    block_h = min(triton.next_power_of_2(max(heads_q, heads_k)), 16)
-    n_q_blocks = triton.cdiv(heads_q, block_h)
-    return block_h, n_q_blocks, n_q_blocks + triton.cdiv(heads_k, block_h), triton.next_power_of_2(head_dim // 2)
+    """``(BLOCK_H, q head blocks, all head blocks, BLOCK_D)`` (cached: one dict lookup per launch)."""
+    block_h = min(next_power_of_2(max(heads_q, heads_k)), 16)
+    n_q_blocks = cdiv(heads_q, block_h)
+    return block_h, n_q_blocks, n_q_blocks + cdiv(heads_k, block_h), next_power_of_2(head_dim // 2)
 
 
 def rotary_fwd(

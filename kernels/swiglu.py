@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from vlr_kernels._backend import resolve_backend
-from vlr_kernels._triton_compat import tl, triton, triton_jit
+from vlr_kernels._triton_compat import cdiv, tl, triton_jit
 
 _BACKENDS = ("triton", "torch")
 _BLOCK = 1024
@@ -48,7 +48,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Launch the forward on contiguous ``gate``/``up`` of any shape; returns ``y`` of the same shape."""
     y = torch.empty_like(gate)
     n = gate.numel()
-    _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, BLOCK=_BLOCK, num_warps=4)
+    _swiglu_fwd_kernel[(cdiv(n, _BLOCK),)](gate, up, y, n, BLOCK=_BLOCK, num_warps=4)
     return y
 
 
@@ -56,7 +56,7 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     """Launch the backward; returns ``(dgate, dup)`` shaped like ``gate``."""
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
-    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_BLOCK, num_warps=4)
+    _swiglu_bwd_kernel[(cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_BLOCK, num_warps=4)
     return dg, du
 
 

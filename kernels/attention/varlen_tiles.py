@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from vlr_kernels._triton_compat import cdiv, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -22,7 +23,7 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
         raise ValueError(f"varlen_attention (triton): head_dim must be <= 256, got {head_dim}")
     d0 = max(16, 1 << (head_dim.bit_length() - 1))
     rest = head_dim - d0
-    return d0, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
+    return d0, (0 if rest <= 0 else max(16, next_power_of_2(rest)))
 
 
 @triton.jit
@@ -163,12 +164,12 @@ def tile_schedule(cu_seqlens: torch.Tensor, block: int,
 
 def grid_tiles(total: int, n_seg: int, max_seqlen: int, block: int) -> int:
     """Upper bound on the number of tiles of all segments, from host-known sizes only."""
-    return min(triton.cdiv(total + n_seg * (block - 1), block), n_seg * triton.cdiv(max_seqlen, block))
+    return min(cdiv(total + n_seg * (block - 1), block), n_seg * cdiv(max_seqlen, block))
 
 
 def pick_block(max_seqlen: int, cap: int) -> int:
     """Smallest power-of-two tile (>= 16, tl.dot's minimum) covering ``max_seqlen``, capped at ``cap``."""
-    return min(cap, max(16, triton.next_power_of_2(max(int(max_seqlen), 1))))
+    return min(cap, max(16, next_power_of_2(max(int(max_seqlen), 1))))
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:

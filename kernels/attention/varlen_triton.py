@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from vlr_kernels._triton_compat import cdiv, next_power_of_2
 from vlr_kernels._tune import pick
 from vlr_kernels.attention.varlen_tiles import (
     LN2,
@@ -418,8 +419,8 @@ def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, 
     if block_m is not None or block_n is not None:
         return cands[0]
     cands += extra
-    key = (kernel, head_dim, triton.next_power_of_2(max(max_q, 1)),
-           triton.next_power_of_2(max(max_k, 1)), *shape_key)
+    key = (kernel, head_dim, next_power_of_2(max(max_q, 1)),
+           next_power_of_2(max(max_k, 1)), *shape_key)
     return pick(key, cands, launch, device)
 
 
@@ -554,9 +555,9 @@ def varlen_attention_bwd(
                 GROUP=group, CAUSAL=causal, D0=d0, D1=d1, HEAD_DIM=d, PREC=meta["PREC"], **cfg)
             return
         block_t = 32
-        _delta_kernel[(triton.cdiv(tq, block_t), hq)](
+        _delta_kernel[(cdiv(tq, block_t), hq)](
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
-            BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d,
+            BLOCK_T=block_t, BLOCK_D=next_power_of_2(d), HEAD_DIM=d,
         )
         fuse = dq_mode(cfg)
         cfg = {k: v for k, v in cfg.items() if k != "ATOMIC_DQ"}

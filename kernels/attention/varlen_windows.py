@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from vlr_kernels._backend import sm_count
+from vlr_kernels._triton_compat import cdiv, next_power_of_2
 from vlr_kernels.attention.varlen_tiles import (
     LN2,
     LOG2E,
@@ -270,7 +271,7 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
     new = new_candidates_enabled(new)
-    block = max(16, triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
+    block = max(16, next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
     warps = 4 if kernel == "fwd" else 8
     base = {"WINDOW": 1, "BLOCK": block, "num_warps": warps, "num_stages": 2}
     shapes = [{**base, "HEADS": n, "STAGES": stages, "PERSIST": 0} for n, stages in ((4, 2), (2, 3))
@@ -296,5 +297,5 @@ def window_grid(cfg: dict[str, int], n_seg: int, heads: int, device) -> tuple[tu
     if not cfg["PERSIST"]:
         return (n_seg, heads // cfg["HEADS"]), {"per": 0, "n_items": n_items, "heads": heads}
     programs = cfg["PROGS"] * (sm_count(device) if device.type == "cuda" else 3)
-    per = max(1, triton.cdiv(n_items, max(1, min(programs, n_items))))
-    return (max(1, triton.cdiv(n_items, per)),), {"per": per, "n_items": n_items, "heads": heads}
+    per = max(1, cdiv(n_items, max(1, min(programs, n_items))))
+    return (max(1, cdiv(n_items, per)),), {"per": per, "n_items": n_items, "heads": heads}

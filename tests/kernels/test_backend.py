@@ -52,3 +52,14 @@ def test_resolution_traces_into_one_graph(monkeypatch):
     x = torch.randn(5)
     expected = x * 2 if resolve_backend("my_op", CPU, None, ("triton", "cuda", "torch")) == "torch" else x - 1
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), expected)
+
+
+def test_host_cdiv_and_next_power_of_2_match_triton():
+    """The launchers' host-side helpers give triton's results (they exist to skip its per-call overhead)."""
+    triton = pytest.importorskip("triton")
+    from vlr_kernels._triton_compat import cdiv, next_power_of_2
+
+    for n in [*range(300), 1023, 1024, 1025, 32604, 2**31 - 1, 2**31]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 7, 8, 16, 64, 512, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
