@@ -72,15 +72,21 @@ has build && run_stage build "${LIMIT_BUILD:-40}" env MAX_JOBS=16 "$PY" -m pip i
 FAST_TESTS="tests/kernels/test_reward_loss.py tests/kernels/test_reward_loss_kernels.py tests/kernels/test_rmsnorm.py \
 tests/kernels/test_rotary.py tests/kernels/test_swiglu.py tests/kernels/test_adamw.py tests/kernels/test_tune.py \
 tests/model/test_gpu.py tests/model/test_host_sync.py tests/runtime/test_plan.py tests/parallel"
+# Most of a GPU test's time is Triton compiling its kernels on one core: with pytest-xdist importable (gpu_wheels.sh
+# carries it) the tests and the probe run on TEST_WORKERS processes sharing the GPU (default 4; 0 = one process).
+# Run D's single process got through 28 of 52 tests in the 120 s.
+XDIST=()
+if [ "${TEST_WORKERS:-4}" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${TEST_WORKERS:-4}"); fi
+summary+=("pytest workers: ${XDIST[*]:-one process (no pytest-xdist)}")
 has tests && run_stage tests "${LIMIT_TESTS:-120}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
-  ${TESTS:-$FAST_TESTS tests/kernels/test_attention_gpu.py} -k "not new" \
+  ${XDIST[@]+"${XDIST[@]}"} ${TESTS:-$FAST_TESTS tests/kernels/test_attention_gpu.py} -k "not new" \
   -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
 # A launch candidate's first GPU run can hit an illegal address (the first flat dK/dV candidate did in run C, before a
 # loop change), which ends the CUDA context of the whole process. The candidates never run on a GPU before are tested
 # in a process of their own, and the benchmarks' tuner gets them only if every one passes there.
 if [ -z "${VLR_ATTN_NEW:-}" ] && { has tests || has attention; }; then
-  run_stage new_probe "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu tests/kernels/test_attention_gpu.py \
-    -k new -p no:cacheprovider --timeout 60 --maxfail 1
+  run_stage new_probe "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu ${XDIST[@]+"${XDIST[@]}"} \
+    tests/kernels/test_attention_gpu.py -k new -p no:cacheprovider --timeout 60 --maxfail 1
   { grep -qE "[0-9]+ passed" "$LOGDIR/new_probe.log" && ! grep -qE "[0-9]+ (failed|error)" "$LOGDIR/new_probe.log"; } \
     || export VLR_ATTN_NEW=0
   summary+=("new-candidate probe: VLR_ATTN_NEW=${VLR_ATTN_NEW:-1} (log: new_probe.log)")

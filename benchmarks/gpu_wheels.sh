@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_wheels.sh        # downloads the wheels into .whl/ (git-ignored via .git/info/exclude)
 # and a clean export of HEAD into .clean/, then prints the command to run there (carry .whl and .clean).
 # The wheels: megatron-core 0.19.2 (the newest for cp312; 0.16.1 is what the CPU suite pins for Python 3.11),
-# liger-kernel (a benchmark peer) and the transformers version the CPU suite uses (parity is checked against it).
+# liger-kernel (a benchmark peer), the transformers version the CPU suite uses (parity is checked against it) and
+# pytest-xdist + execnet (gpu_check.sh runs the GPU tests on several processes when it can import xdist).
 # The printed command presets VLR_TUNE_THREADS=8 (threaded tuner compiles; gpu_check's probe of it passed in runs C
 # and D), which skips that probe's 45 s.
 set -eu
@@ -16,7 +17,7 @@ transformers_version=$("$PY" -c "import transformers; print(transformers.__versi
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  megatron-core==0.19.2 liger-kernel "transformers==$transformers_version"
+  megatron-core==0.19.2 liger-kernel "transformers==$transformers_version" pytest-xdist execnet
 rm -rf .clean && mkdir .clean && git archive HEAD | tar -x -C .clean
 sha=$(git rev-parse --short HEAD)
 cat <<EOF
