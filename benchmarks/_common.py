@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CSV = REPO / "benchmarks" / "results" / "kernels.csv"  # git-ignored; RESULTS.md holds curated numbers
+# git-ignored; RESULTS.md holds curated numbers. VLR_BENCH_CSV overrides it (gpu_check.sh: straight into its LOGDIR,
+# so rows survive a run that is killed before it could copy them)
+DEFAULT_CSV = Path(os.environ.get("VLR_BENCH_CSV") or REPO / "benchmarks" / "results" / "kernels.csv")
 _L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any L2 (H100 50 MB, H200 60 MB)
 
 
@@ -206,6 +208,8 @@ class Recorder:
         p20 = p50 if p20 is None else p20
         p80 = p50 if p80 is None else p80
         self.rows.append(Row(self.kernel, provider, mode, metric, x, p50, p20, p80, **self.env))
+        if metric == "ms":  # as measured: a run killed by its time limit still shows what it timed
+            print(f"[{self.kernel}] {x} {provider} {mode}: {p50:.4g} ms [{p20:.4g}-{p80:.4g}]", flush=True)
 
     def p50(self, provider: str, mode: str, x: str, metric: str = "ms") -> float | None:
         """The latest recorded median of ``provider``'s ``mode`` on ``x`` (None when it was not measured)."""

@@ -23,7 +23,7 @@ SCHEMA = ["kernel", "provider", "mode", "metric", "x", "p50", "p20", "p80", "gpu
 def test_quick_benchmarks_write_rows(tmp_path):
     out = tmp_path / "rows.csv"
     cmd = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--providers", "hf_eager,triton", "--csv", str(out),
-           "--rep", "2", "--only", "bench_reward_loss.py,bench_swiglu.py"]
+           "--rep", "2", "--only", "bench_reward_loss.py,bench_swiglu.py", "--skip", "bench_reward_loss.py --prenormed"]
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -37,6 +37,10 @@ def test_quick_benchmarks_write_rows(tmp_path):
                 assert (kernel, provider, mode) in timed
     assert all(float(r["p50"]) > 0 for r in rows), "a zero was written as data"
     assert "## All kernel benchmarks" in proc.stdout
+    assert "=== bench_reward_loss.py --prenormed: skipped (--skip)" in proc.stdout
+    assert not any(r["kernel"] == "reward_loss_prenormed" for r in rows)
+    # every timing is printed when measured (what a run killed by its time limit still shows)
+    assert "[reward_loss] T=257,P=3,H=80 triton fwd+bwd: " in proc.stdout
 
 
 def test_time_ms_caps_the_reps_of_slow_calls(monkeypatch):
