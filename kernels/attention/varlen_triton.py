@@ -539,10 +539,31 @@ def varlen_attention_bwd(
             softmax_scale, **meta, **cfg,
         )
 
-    default_dq = (configs or {}).get("dq") or launch_candidates(d, max_seqlen_q, max_seqlen_k, "dq", block_m,
-                                                                block_n, shared)[0]
+    def launch_delta() -> None:
+        block_t = 32
+        _delta_kernel[(cdiv(tq, block_t), hq)](
+            out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
+            BLOCK_T=block_t, BLOCK_D=next_power_of_2(d), HEAD_DIM=d,
+        )
 
-    def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = default_dq) -> None:
+    delta_ready = []
+
+    def launch_dq_first(cfg: dict[str, int]) -> None:
+        # the dQ pass tuned on its own, before dK/dV: it reads delta, computed once here (the tuner launches the
+        # first candidate on this thread before any worker thread)
+        if not delta_ready:
+            launch_delta()
+            delta_ready.append(True)
+        launch_dq(cfg)
+
+    # The dK/dV candidates that need a dQ pass are timed together with the dQ tile that the final launch will
+    # use (the tuner's pick), so that neither they nor the ones fusing dQ are favoured by a default dQ tile.
+    needs_dq_pass = any(not c.get("WINDOW") and dq_mode(c) == 0 for c in launch_candidates(
+        d, max_seqlen_q, max_seqlen_k, "dkdv", block_m, block_n, shared))
+    dq_for_dkdv = _choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
+                          launch_dq_first, shared, configs) if needs_dq_pass else None
+
+    def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = dq_for_dkdv) -> None:
         # timed with the passes each candidate needs: delta, and the dQ pass unless it fuses dQ
         if cfg.get("WINDOW"):
             # cfg's constexprs: BLOCK, HEADS, STAGES and RECOMPUTE (1: the kernel leaves out and lse unread)
@@ -554,11 +575,7 @@ def varlen_attention_bwd(
                 dv.stride(0), dv.stride(1), tq, softmax_scale * LOG2E.value, softmax_scale, **items,
                 GROUP=group, CAUSAL=causal, D0=d0, D1=d1, HEAD_DIM=d, PREC=meta["PREC"], **cfg)
             return
-        block_t = 32
-        _delta_kernel[(cdiv(tq, block_t), hq)](
-            out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
-            BLOCK_T=block_t, BLOCK_D=next_power_of_2(d), HEAD_DIM=d,
-        )
+        launch_delta()
         fuse = dq_mode(cfg)
         cfg = {k: v for k, v in cfg.items() if k != "ATOMIC_DQ"}
         dq_out = dq

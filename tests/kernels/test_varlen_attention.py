@@ -543,3 +543,58 @@ def test_tile_schedule_names_each_tiles_segment():
     cu_tiles, tile_seg = tile_schedule(cu_seqlens, 4, 9)
     assert cu_tiles.tolist() == [0, 2, 2, 3, 3, 3, 6]
     assert tile_seg.tolist() == [0, 0, 2, 5, 5, 5, 6, 6, 6] and tile_seg.dtype == torch.int32
+
+
+def test_tuner_times_dkdv_candidates_with_the_dq_pick(monkeypatch):
+    """The backward's tuner picks the dQ tile first and times every dK/dV candidate that needs a dQ pass together
+    with that tile (not the default one, which would favour the candidates fusing dQ); the final launches use the
+    picks and equal a launch with both forced. A fake tuner stands in for the timing: it launches what it is
+    given and picks the last dQ candidate (not the default)."""
+    import vlr_kernels.attention.varlen_triton as vt
+
+    lens, hq, hkv, d = [40, 70], 2, 1, 16
+    q, k, v = (t.to(DEVICE) for t in make(lens, lens, hq, hkv, d, torch.float32))
+    cq = cu(lens).to(DEVICE)
+    m, scale = max(lens), d**-0.5
+    out, lse = varlen_attention_fwd(q, k, v, cq, cq, m, m, True, scale)
+    dout = torch.randn_like(out)
+    dq_cands = vt.launch_candidates(d, m, m, "dq", None, None, False)
+    dkdv_cands = vt.launch_candidates(d, m, m, "dkdv", None, None, False)
+    needs_pass = next(c for c in dkdv_cands if c["BLOCK_N"] < m and not c.get("ATOMIC_DQ"))
+    events, dq_tiles = [], []
+    real_dq = vt._varlen_attn_dq_kernel
+
+    class SpyDq:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                dq_tiles.append((events[-1], kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_stages"]))
+                return real_dq[grid](*args, **kwargs)
+            return run
+
+    picked = {}
+
+    def fake_pick(key, cands, launch, device, reps=5):
+        if key in picked:  # as the real tuner, once per key
+            return picked[key]
+        events.append(key[0])
+        if key[0] == "dq":
+            launch(cands[-1])
+        if key[0] == "dkdv":
+            launch(needs_pass)
+        picked[key] = cands[-1] if key[0] == "dq" else cands[0]
+        return picked[key]
+
+    monkeypatch.setattr(vt, "_varlen_attn_dq_kernel", SpyDq())
+    monkeypatch.setattr(vt, "pick", fake_pick)
+    got = varlen_attention_bwd(dout, q, k, v, out, lse, cq, cq, m, m, True, scale)
+    last = dq_cands[-1]
+    tile = (last["BLOCK_M"], last["BLOCK_N"], last["num_stages"])
+    assert events == ["dq", "dkdv"], events
+    assert dkdv_cands[0]["BLOCK_N"] < m  # the final dK/dV launch needs a dQ pass too
+    # the dQ pick's own timing launch, the dK/dV candidate's timing with it, and the final dQ pass with it
+    assert dq_tiles == [("dq", *tile), ("dkdv", *tile), ("dkdv", *tile)], dq_tiles
+    monkeypatch.undo()
+    forced = varlen_attention_bwd(dout, q, k, v, out, lse, cq, cq, m, m, True, scale,
+                                  configs={"dkdv": dkdv_cands[0], "dq": last})
+    for a, b in zip(got, forced):
+        assert torch.equal(a, b)
