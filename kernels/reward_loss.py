@@ -66,8 +66,6 @@ from vlr_kernels.reward_loss_triton import (  # noqa: F401
 
 _BACKENDS = ("triton", "cuda", "torch")
 ZERO_IN_FORWARD_ENV = "VLR_REWARD_ZERO_IN_FORWARD"
-
-
 ZERO_IN_FORWARD_MODES = {"": "off", "0": "off", "1": "launch", "stream": "stream"}
 
 
