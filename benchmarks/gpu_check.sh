@@ -12,10 +12,10 @@
 #              TESTS="path::name ..." picks them (default: the kernel, model, planner and parallel GPU tests, the
 #              attention launch-candidate tests last; TESTS=tests adds the score CLI runs, which passed in A and B)
 #   new_probe  the GPU tests of the attention launch candidates never run on a GPU before (test ids ending in
-#              -new; vlr_kernels.attention.varlen_tiles.new_candidates_enabled), in a process of their own:
-#              VLR_ATTN_NEW=0 (keeps them from the benchmarks' tuner) unless all pass (preset VLR_ATTN_NEW to skip
-#              the probe). The flat dK/dV candidates had this probe until run D passed all ten; VLR_ATTN_FLAT=0
-#              still keeps them out
+#              -new; vlr_kernels.attention.varlen_tiles.new_candidate_allowed), in processes of their own:
+#              VLR_ATTN_NEW then lists for the benchmarks' tuner the candidates whose every test passed (1: all,
+#              0: none; tests/kernels/new_probe.py; preset VLR_ATTN_NEW to skip the probe). The flat dK/dV
+#              candidates had this probe until run D passed all ten; VLR_ATTN_FLAT=0 still keeps them out
 #   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
 #              (providers hf_sdpa, ours, ours_plain and a profile of ours/ours_plain; TRAIN_ARGS="" runs every
 #              provider including ours_megatron, unprofiled). Not in the default STAGES since run D measured issue
@@ -95,10 +95,14 @@ has tests && run_stage tests "${LIMIT_TESTS:-120}" env VLR_TUNE="${VLR_TUNE:-0}"
 # in a process of their own, and the benchmarks' tuner gets them only if every one passes there.
 if [ -z "${VLR_ATTN_NEW:-}" ] && { has tests || has attention; }; then
   run_stage new_probe "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu ${XDIST[@]+"${XDIST[@]}"} \
-    tests/kernels/test_attention_gpu.py -k new -p no:cacheprovider --timeout 60 --maxfail 1
-  { grep -qE "[0-9]+ passed" "$LOGDIR/new_probe.log" && ! grep -qE "[0-9]+ (failed|error)" "$LOGDIR/new_probe.log"; } \
-    || export VLR_ATTN_NEW=0
-  summary+=("new-candidate probe: VLR_ATTN_NEW=${VLR_ATTN_NEW:-1} (log: new_probe.log)")
+    tests/kernels/test_attention_gpu.py -k new -p no:cacheprovider --timeout 60
+  # per candidate: the ones whose every test passed (a failure, a crash or the time limit keeps out only its own)
+  VLR_ATTN_NEW=$("$PY" -m tests.kernels.new_probe "$LOGDIR/new_probe.log" 2>>"$LOGDIR/new_probe.log") || VLR_ATTN_NEW=0
+  export VLR_ATTN_NEW
+  case "$VLR_ATTN_NEW" in
+    0|1) summary+=("new-candidate probe: VLR_ATTN_NEW=$VLR_ATTN_NEW (log: new_probe.log)") ;;
+    *) summary+=("new-candidate probe: $(tr ',' '\n' <<<"$VLR_ATTN_NEW" | wc -l) candidates passed, VLR_ATTN_NEW=$VLR_ATTN_NEW") ;;
+  esac
 fi
 # The benchmarks compile every launch candidate they tune: on worker threads (VLR_TUNE_THREADS) once a probe has
 # shown that works on this machine (a GPU test tuning real kernels that way on a side stream), else serially.

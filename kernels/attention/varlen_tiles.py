@@ -192,7 +192,7 @@ class Tile(NamedTuple):
     split: bool = False  # dkdv: one program per q head, fp32 partial dK/dV that the launcher sums per kv head
     atomic: bool = False  # dkdv: also dQ, added to an fp32 buffer with atomics (no dQ pass)
     shared: bool = True  # also a candidate for shared-prompt pairs (False: that specialisation spills)
-    new: bool = False  # never run on a GPU yet (added after the last run of its workload): new_candidates_enabled
+    new: bool = False  # never run on a GPU yet (added after the last run of its workload): new_candidate_allowed
 
 
 # Candidates per kernel and head-dim class. The first entry is the default; the others are alternatives
@@ -248,13 +248,26 @@ def _enabled(env: str, given: bool | None) -> bool:
     return os.environ.get(env, "1") != "0" if given is None else given
 
 
-def new_candidates_enabled(new: bool | None = None) -> bool:
-    """Whether the launch candidates that never ran on a GPU (``Tile.new``; the persistent and the recomputing
-    window kernels) reach the tuner: ``new`` if given, else yes unless ``VLR_ATTN_NEW=0``. They pass the CPU tests and compile
-    for sm_90 without spills, but an illegal address in one of them would end the CUDA context of the process
-    that tunes it (as a flat dK/dV candidate did in run C); ``benchmarks/gpu_check.sh`` runs their GPU tests in
-    a process of its own first and sets ``VLR_ATTN_NEW=0`` for the benchmarks unless all pass."""
-    return _enabled(NEW_ENV, new)
+def candidate_id(kernel: str, head_dim: int, cfg: dict[str, int]) -> str:
+    """A launch candidate's name in ``VLR_ATTN_NEW`` lists: ``<kernel>@<head_dim>:<its values, in order>``, e.g.
+    ``dq@80:128-64-8-3``."""
+    return f"{kernel}@{head_dim}:" + "-".join(str(int(v)) for v in cfg.values())
+
+
+def new_candidate_allowed(kernel: str, head_dim: int, cfg: dict[str, int], new: bool | None = None) -> bool:
+    """Whether a launch candidate that never ran on a GPU (``Tile.new``; the persistent and the recomputing window
+    kernels) reaches the tuner: ``new`` if given, else per ``VLR_ATTN_NEW``: unset or ``1`` yes, ``0`` no, or a
+    comma-separated list of :func:`candidate_id` names, only those. They pass the CPU tests and compile for sm_90
+    without spills, but an illegal address in one of them would end the CUDA context of the process that tunes it
+    (as a flat dK/dV candidate did in run C); ``benchmarks/gpu_check.sh`` runs their GPU tests in a process of
+    its own first and lists for the benchmarks the candidates whose every test passed
+    (``python -m tests.kernels.new_probe``)."""
+    if new is not None:
+        return new
+    value = os.environ.get(NEW_ENV, "1").strip()
+    if value in ("0", "1", ""):
+        return value != "0"
+    return candidate_id(kernel, head_dim, cfg) in {name.strip() for name in value.split(",")}
 
 
 def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kernel: str,
@@ -269,13 +282,12 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
     fail them: run C on an H100 hit an illegal address in the first one before the loop change noted in
     ``varlen_triton._dkdv_flat``; run D passed all ten of their GPU tests). dkdv configurations carry ``FLAT``
     and ``SPLIT``, and ``ATOMIC_DQ`` where set (see :class:`Tile`). ``new``: include the candidates never run on
-    a GPU yet (:func:`new_candidates_enabled`)."""
+    a GPU yet (default: per :func:`new_candidate_allowed`)."""
     flat = _enabled("VLR_ATTN_FLAT", flat)
-    new = new_candidates_enabled(new)
     table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
     out: list[dict[str, int]] = []
     for t in table:
-        if (shared and not t.shared) or (t.flat and not flat) or (t.new and not new):
+        if (shared and not t.shared) or (t.flat and not flat):
             continue
         bm = block_m or pick_block(max_seqlen_q, t.block_m)
         bn = block_n or pick_block(max_seqlen_k, t.block_n)
@@ -287,6 +299,8 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
             cfg.update(FLAT=t.flat, SPLIT=t.split)
             if t.atomic:
                 cfg["ATOMIC_DQ"] = True
+        if t.new and not new_candidate_allowed(kernel, head_dim, cfg, new):
+            continue
         if cfg not in out:
             out.append(cfg)
     return out

@@ -33,7 +33,7 @@ from vlr_kernels.attention.varlen_tiles import (
     LOG2E,
     allowed,
     load_head,
-    new_candidates_enabled,
+    new_candidate_allowed,
     scores,
     store_rows,
 )
@@ -266,11 +266,10 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     (TTGIR waits and ptxas): forward 160 / 184 / 186 registers, 68 / 98 / 128 KiB at 2 / 3 / 4 stages;
     backward (recomputing) 223 / 229 registers, 144 / 184 KiB at 3 / 4 stages, the next 1 / 2 items' loads in
     flight (``async_wait num = 8 / 16``); no spills. The O-reading backward spills 8 bytes in this loop: not
-    offered. The persistent and the recomputing configurations have not run on a GPU yet: ``new`` (default
-    :func:`~vlr_kernels.attention.varlen_tiles.new_candidates_enabled`) False leaves them out."""
+    offered. The persistent and the recomputing configurations have not run on a GPU yet: each reaches the
+    tuner per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False: none)."""
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
-    new = new_candidates_enabled(new)
     block = max(16, next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
     warps = 4 if kernel == "fwd" else 8
     base = {"WINDOW": 1, "BLOCK": block, "num_warps": warps, "num_stages": 2}
@@ -279,14 +278,15 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     # forward: 3 programs per SM fit at 2 stages (68 KiB), 2 at 3 (98 KiB), 1 at 4 (128 KiB); backward: one per
     # SM (registers), recomputing only (the O-reading one spills in the persistent loop at sm_90)
     persist = [{**base, "HEADS": 1, "STAGES": stages, "PERSIST": 1, "PROGS": progs}
-               for progs, stages in (((3, 2), (2, 3), (1, 4)) if kernel == "fwd" else ((1, 3), (1, 4))) if new]
+               for progs, stages in (((3, 2), (2, 3), (1, 4)) if kernel == "fwd" else ((1, 3), (1, 4)))]
     if kernel == "fwd":
-        return shapes + persist
-    # the recomputing backward came after run C, the last run of the windows: not yet run on a GPU either
-    recompute = (0, 1) if new else (0,)
-    return [{**cfg, "RECOMPUTE": r} for r in recompute for cfg in shapes] + [
-        {**cfg, "RECOMPUTE": 1} for cfg in persist]
-
+        found = shapes + persist
+    else:
+        # the recomputing backward came after run C, the last run of the windows: not yet run on a GPU either
+        found = [{**cfg, "RECOMPUTE": r} for r in (0, 1) for cfg in shapes] + [
+            {**cfg, "RECOMPUTE": 1} for cfg in persist]
+    return [cfg for cfg in found if not (cfg["PERSIST"] or cfg.get("RECOMPUTE"))
+            or new_candidate_allowed(kernel, head_dim, cfg, new)]
 
 def window_grid(cfg: dict[str, int], n_seg: int, heads: int, device) -> tuple[tuple[int, ...], dict[str, int]]:
     """Grid of a window kernel launch and its runtime item arguments (``per``, ``n_items``, ``heads``), from

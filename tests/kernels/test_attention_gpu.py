@@ -159,10 +159,15 @@ def _candidate_cases() -> list[tuple[str, dict, bool]]:
     return out
 
 
+def candidate_test_id(case: str, configs: dict[str, dict[str, int]], new: bool) -> str:
+    """The test id of one forced candidate (``tests.kernels.new_probe`` maps ids back to candidates)."""
+    (kernel, cfg), = configs.items()
+    return (f"{case}-{kernel}-{'-'.join(str(int(x)) for x in cfg.values())}" + ("-flat" if cfg.get("FLAT") else "")
+            + ("-new" if new else ""))
+
+
 @pytest.mark.parametrize("case,configs", [c[:2] for c in _candidate_cases()],
-                         ids=[f"{c}-{kernel}-{'-'.join(str(int(x)) for x in cfg[kernel].values())}"
-                              + ("-flat" if cfg[kernel].get("FLAT") else "") + ("-new" if new else "")
-                              for c, cfg, new in _candidate_cases() for kernel in cfg])
+                         ids=[candidate_test_id(*c) for c in _candidate_cases()])
 def test_every_candidate_bf16_rule(case, configs):
     from vlr_kernels.attention.varlen_triton import varlen_attention_bwd, varlen_attention_fwd
 

@@ -460,6 +460,38 @@ def test_new_candidates_switch(monkeypatch):
     assert off[0] == launch_candidates(80, 8100, 8100, "dkdv", new=False)
 
 
+def test_new_candidates_by_name(monkeypatch):
+    """VLR_ATTN_NEW as a list of candidate names (what gpu_check.sh sets from its probe): exactly the listed new
+    candidates join the old ones, per kernel and head dim (the same tile at another head dim is another kernel)."""
+    from vlr_kernels.attention.varlen_tiles import candidate_id, launch_candidates
+    from vlr_kernels.attention.varlen_windows import window_candidates
+
+    monkeypatch.delenv("VLR_ATTN_NEW", raising=False)
+    cases = [((80, 8100, 8100, "dq"), 80, "dq"), ((128, 4096, 4096, "dq"), 128, "dq"),
+             ((80, 8100, 8100, "dkdv"), 80, "dkdv")]
+    new_by_case = [[c for c in launch_candidates(*a) if c not in launch_candidates(*a, new=False)]
+                   for a, _, _ in cases]
+    win_new = [c for c in window_candidates(80, 64, 64, 16, 1, "fwd")
+               if c not in window_candidates(80, 64, 64, 16, 1, "fwd", new=False)]
+    assert all(new_by_case) and win_new
+    dq80, dq128 = new_by_case[0][-1], new_by_case[1][-1]
+    assert candidate_id("dq", 80, dq80) == "dq@80:" + "-".join(str(int(v)) for v in dq80.values())
+    chosen = [candidate_id("dq", 80, dq80), candidate_id("fwd", 80, win_new[1])]
+    monkeypatch.setenv("VLR_ATTN_NEW", " , ".join(chosen))
+    for (args, d, kernel), new in zip(cases, new_by_case):
+        got = launch_candidates(*args)
+        old = launch_candidates(*args, new=False)
+        assert got == [c for c in launch_candidates(*args, new=True) if c in old or candidate_id(kernel, d, c) in chosen]
+    assert [c for c in launch_candidates(80, 8100, 8100, "dq") if c not in launch_candidates(
+        80, 8100, 8100, "dq", new=False)] == [dq80]
+    # the hd-128 table has a new dQ tile with the same values as the listed hd-80 one: not listed, so left out
+    assert dq128.items() == dq80.items()
+    assert launch_candidates(128, 4096, 4096, "dq") == launch_candidates(128, 4096, 4096, "dq", new=False)
+    wins = window_candidates(80, 64, 64, 16, 1, "fwd")
+    assert [c for c in wins if c["PERSIST"]] == [win_new[1]]
+    assert not [c for c in window_candidates(80, 64, 64, 16, 1, "dkdv") if c.get("RECOMPUTE")]
+
+
 def test_public_triton_autograd_noncontiguous_inputs():
     """The public function: autograd through the Triton kernels, q/k/v strided views of one qkv tensor."""
     lens = [6, 13]
