@@ -193,7 +193,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, rep: int = 
 
 
 class Recorder:
-    """Collects rows for one benchmark run, writes them to the CSV and prints the markdown table."""
+    """Collects rows for one benchmark run, appends each to the CSV as it comes and prints the markdown table."""
 
     def __init__(self, kernel: str, device: torch.device, csv_path: Path | None = DEFAULT_CSV):
         self.kernel = kernel
@@ -207,7 +207,10 @@ class Recorder:
             p80: float | None = None) -> None:
         p20 = p50 if p20 is None else p20
         p80 = p50 if p80 is None else p80
-        self.rows.append(Row(self.kernel, provider, mode, metric, x, p50, p20, p80, **self.env))
+        row = Row(self.kernel, provider, mode, metric, x, p50, p20, p80, **self.env)
+        self.rows.append(row)
+        if self.csv_path is not None:  # at once: a run killed by its time limit keeps the rows it measured
+            append_csv(self.csv_path, [row])
         if metric == "ms":  # as measured: a run killed by its time limit still shows what it timed
             print(f"[{self.kernel}] {x} {provider} {mode}: {p50:.4g} ms [{p20:.4g}-{p80:.4g}]", flush=True)
 
@@ -313,9 +316,7 @@ class Recorder:
             self.measure(name, x, training_modes(forward, backward, params), bytes_moved, ceiling_gbps, warmup, rep)
 
     def finish(self) -> str:
-        """Append rows to the CSV (header written once) and return the markdown table (also printed)."""
-        if self.csv_path is not None and self.rows:
-            append_csv(self.csv_path, self.rows)
+        """The markdown table of the run's rows (also printed; the CSV got each row as it was added)."""
         table = markdown_table(self.rows, self.env)
         print(table, flush=True)
         return table

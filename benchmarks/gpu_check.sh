@@ -151,6 +151,10 @@ if has model; then
   run_stage model "$avail" "$PY" benchmarks/bench_model.py ${MODEL_ARGS:-} "$@"
 fi
 
+if [ -s "$VLR_BENCH_CSV" ]; then  # issue 4/5 verdicts from this run's rows (benchmarks/targets.py)
+  echo; echo "=== targets"
+  "$PY" benchmarks/targets.py "$VLR_BENCH_CSV" | tee "$LOGDIR/targets.md"
+fi
 echo
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
