@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, append_csv, base_parser, bench_device, time_ms, want
+from _common import Recorder, base_parser, bench_device, time_ms, want
 from bench_model import SEQ_TOKENS, SEQS, build_models, freeze_vit, hf_loss, hf_rewards, pair_loss
 
 from vlr_runtime.flops import batch_step_flops, mfu, peak_flops_for, training_step_flops
@@ -515,8 +515,6 @@ def main(argv: list[str] | None = None) -> str:
             rec.add("planner", "memory tp1 pp1 dp1", "rel_err_vs_device_peak", x, planner["rel_err"])
             rec.add("planner", "memory tp1 pp1 dp1", "rel_err_wo_overhead_vs_allocated", x, planner["rel_err_alloc"])
 
-        if args.csv is not None and rec.rows:
-            append_csv(args.csv, rec.rows)
         table = _markdown(rec.env, x, results, notes, firsts, est, planner, agreement, bad, work, phase_ms)
         print(table, flush=True)
         if bad:

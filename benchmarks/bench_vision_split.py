@@ -40,7 +40,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Recorder, append_csv, base_parser
+from _common import Recorder, base_parser
 
 MAX_REL_DIFF = 1e-6
 FULL_GRIDS = ((1, 28, 28), (1, 16, 24), (1, 20, 20), (1, 12, 16), (1, 24, 36), (1, 8, 12))
@@ -283,7 +283,7 @@ def _ms(t: list[float]) -> str:
 
 
 def report(result: dict, work: Workload, procs: int, note: str, csv_path: Path | None) -> tuple[str, bool]:
-    """CSV rows (appended to ``csv_path``) and the markdown table of :func:`run_ranks`' ``result``; also whether
+    """CSV rows (appended to ``csv_path`` by the Recorder as they are added) and the markdown table of :func:`run_ranks`' ``result``; also whether
     the outputs agreed."""
     ranks = result["ranks"]
     per_rank, images, patch_ratio, flop_ratio = result["analytic"]
@@ -306,8 +306,6 @@ def report(result: dict, work: Workload, procs: int, note: str, csv_path: Path |
     for provider, ratio in (("replicated/split", measured), ("encode alone all/largest share", alone),
                             ("analytic patches", patch_ratio), ("analytic FLOPs", flop_ratio)):
         rec.add(provider, "fwd", "ratio", x, ratio)
-    if csv_path is not None:
-        append_csv(csv_path, rec.rows)
 
     ok = worst_rel <= MAX_REL_DIFF
     env = rec.env

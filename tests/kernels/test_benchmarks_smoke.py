@@ -36,6 +36,8 @@ def test_quick_benchmarks_write_rows(tmp_path):
             for mode in ("fwd", "bwd", "fwd+bwd"):
                 assert (kernel, provider, mode) in timed
     assert all(float(r["p50"]) > 0 for r in rows), "a zero was written as data"
+    keys = [(r["kernel"], r["provider"], r["mode"], r["metric"], r["x"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a row was written twice"
     assert "## All kernel benchmarks" in proc.stdout
     assert "=== bench_reward_loss.py --prenormed: skipped (--skip)" in proc.stdout
     assert not any(r["kernel"] == "reward_loss_prenormed" for r in rows)

@@ -30,6 +30,8 @@ def test_bench_train_quick(tmp_path):
             ("planner", "est_GiB"), ("ours_vs_hf", "rel_diff"), ("ours_plain_vs_hf", "rel_diff"),
             ("ours_plain/hf_sdpa", "tok/s ratio")} <= metrics
     assert all(float(r["p50"]) > 0 for r in written if r["metric"] in ("ms", "tok/s", "est_GiB"))
+    keys = [(r["kernel"], r["provider"], r["mode"], r["metric"], r["x"]) for r in written]
+    assert len(keys) == len(set(keys)), "a row was written twice"
 
 
 def test_bench_models_keep_rotary_frequencies_in_fp32():
