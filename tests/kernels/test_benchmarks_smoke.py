@@ -88,3 +88,36 @@ def test_reward_loss_acceptance_lines():
         f"[fwd+bwd graph] {x} triton: 0.0863 ms (target <= 0.10), 9.81x hf_compile (0.847 ms; target >= 10)",
         f"[fwd+bwd graph] {x} triton_zero_fwd: 0.082 ms (target <= 0.10), 10.33x hf_compile (0.847 ms; target >= 10)",
     ]
+
+
+def test_rows_go_to_vlr_bench_csv_as_measured(tmp_path):
+    """Without --csv a benchmark appends to VLR_BENCH_CSV (gpu_check.sh points it into its LOGDIR), and it does so
+    row by row: a run killed before its end (as a stage's time limit does) keeps what it measured."""
+    out = tmp_path / "rows.csv"
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"), "OMP_NUM_THREADS": "1",
+           "VLR_BENCH_CSV": str(out)}
+    cmd = [sys.executable, str(BENCH / "bench_swiglu.py"), "--quick", "--providers", "hf_eager", "--rep", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["kernel"], r["provider"]) for r in rows} >= {("swiglu", "hf_eager")}
+    # a run stopped while its second provider is measured: the first one's rows are already in the file
+    slow = tmp_path / "slow.csv"
+    env["VLR_BENCH_CSV"] = str(slow)
+    cmd = [sys.executable, str(BENCH / "bench_swiglu.py"), "--quick", "--providers", "hf_eager,triton", "--rep",
+           "2000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if "hf_eager fwd+bwd" in line:  # the first provider is done; the interpreted one is slow
+                break
+        time.sleep(1.0)
+        assert proc.poll() is None, "the benchmark ended before it could be stopped"
+    finally:
+        proc.kill()
+        proc.wait()
+    with open(slow) as f:
+        rows = list(csv.DictReader(f))
+    assert ("swiglu", "hf_eager", "fwd+bwd", "ms") in {(r["kernel"], r["provider"], r["mode"], r["metric"])
+                                                      for r in rows}
