@@ -12,7 +12,8 @@
 #              TESTS="path::name ..." picks them (default: the kernel, model, planner and parallel GPU tests, the
 #              attention launch-candidate tests last; TESTS=tests adds the score CLI runs, which passed in A and B)
 #   new_probe  the GPU tests of the attention launch candidates never run on a GPU before (test ids ending in
-#              -new; vlr_kernels.attention.varlen_tiles.new_candidate_allowed), in processes of their own:
+#              -new; vlr_kernels.attention.varlen_tiles.new_candidate_allowed), in processes of their own
+#              that run beside the tests stage:
 #              VLR_ATTN_NEW then lists for the benchmarks' tuner the candidates whose every test passed (1: all,
 #              0: none; tests/kernels/new_probe.py; preset VLR_ATTN_NEW to skip the probe). The flat dK/dV
 #              candidates had this probe until run D passed all ten; VLR_ATTN_FLAT=0 still keeps them out
@@ -32,8 +33,9 @@
 # workloads together; LIMIT_KERNEL: each kernel benchmark configuration), within TOTAL_S for the whole script (560:
 # one 600 s device call after the wheel install), the slack of early stages going to attention and kernels; the
 # kernels stage leaves out bench_reward_loss --prenormed (measured in run D; KERNELS_SKIP= runs it). Rows go
-# straight to LOGDIR/kernels.csv (VLR_BENCH_CSV). The new-candidate probe (<= 90 s) and the tuning probe (<= 45 s;
-# preset VLR_TUNE_THREADS=8 to skip it: it passed in runs C and D) count too. The tests and bench_train run the default launch
+# straight to LOGDIR/kernels.csv (VLR_BENCH_CSV). The new-candidate probe (<= 90 s) runs beside the tests stage; the
+# tuning probe (<= 45 s; preset VLR_TUNE_THREADS=8 to skip it: it passed in runs C and D) counts too. The tests and
+# bench_train run the default launch
 # configurations (VLR_TUNE=0: the tuner's compiles would not fit; the candidate tests force every candidate under
 # the bf16 rule); the kernel benchmarks tune. A summary of every stage is printed last. To prepare a bare image:
 # benchmarks/gpu_wheels.sh.
@@ -87,15 +89,30 @@ tests/model/test_gpu.py tests/model/test_host_sync.py tests/runtime/test_plan.py
 XDIST=()
 if [ "${TEST_WORKERS:-4}" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${TEST_WORKERS:-4}"); fi
 summary+=("pytest workers: ${XDIST[*]:-one process (no pytest-xdist)}")
+# A launch candidate's first GPU run can hit an illegal address (the first flat dK/dV candidate did in run C, before a
+# loop change), which ends the CUDA context of the whole process. The candidates never run on a GPU before are tested
+# in processes of their own (the new_probe stage), beside the tests stage (both mostly compile on the CPU), and the
+# benchmarks' tuner gets those whose every test passed.
+probe_pid=""
+if [ -z "${VLR_ATTN_NEW:-}" ] && { has tests || has attention; }; then
+  echo "=== new_probe (limit ${LIMIT_NEW:-90}s, beside the tests stage): log new_probe.log"
+  probe_t0=$(date +%s)
+  ( timeout --kill-after=15 "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu ${XDIST[@]+"${XDIST[@]}"} \
+      tests/kernels/test_attention_gpu.py -k new -p no:cacheprovider --timeout 60 >"$LOGDIR/new_probe.log" 2>&1
+    echo "$? $(date +%s)" >"$LOGDIR/new_probe.rc" ) &
+  probe_pid=$!
+fi
 has tests && run_stage tests "${LIMIT_TESTS:-120}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
   ${XDIST[@]+"${XDIST[@]}"} ${TESTS:-$FAST_TESTS tests/kernels/test_attention_gpu.py} -k "not new" \
   -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
-# A launch candidate's first GPU run can hit an illegal address (the first flat dK/dV candidate did in run C, before a
-# loop change), which ends the CUDA context of the whole process. The candidates never run on a GPU before are tested
-# in a process of their own, and the benchmarks' tuner gets them only if every one passes there.
-if [ -z "${VLR_ATTN_NEW:-}" ] && { has tests || has attention; }; then
-  run_stage new_probe "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu ${XDIST[@]+"${XDIST[@]}"} \
-    tests/kernels/test_attention_gpu.py -k new -p no:cacheprovider --timeout 60
+if [ -n "$probe_pid" ]; then
+  wait "$probe_pid"
+  read -r probe_rc probe_t1 <"$LOGDIR/new_probe.rc" || { probe_rc=1; probe_t1=$(date +%s); }
+  echo "=== new_probe: exit $probe_rc"
+  tail -n "${TAIL_LINES:-25}" "$LOGDIR/new_probe.log"
+  summary+=("new_probe: exit $probe_rc in $(( probe_t1 - probe_t0 )) s (beside tests)$([ "$probe_rc" = 124 ] \
+    && echo ' (TIMED OUT)')")
+  [ "$probe_rc" = 0 ] || status=1
   # per candidate: the ones whose every test passed (a failure, a crash or the time limit keeps out only its own)
   VLR_ATTN_NEW=$("$PY" -m tests.kernels.new_probe "$LOGDIR/new_probe.log" 2>>"$LOGDIR/new_probe.log") || VLR_ATTN_NEW=0
   export VLR_ATTN_NEW
