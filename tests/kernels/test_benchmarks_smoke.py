@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -120,3 +121,23 @@ def test_rows_go_to_vlr_bench_csv_as_measured(tmp_path):
         rows = list(csv.DictReader(f))
     assert ("swiglu", "hf_eager", "fwd+bwd", "ms") in {(r["kernel"], r["provider"], r["mode"], r["metric"])
                                                       for r in rows}
+
+
+@pytest.mark.timeout(300)
+def test_gpu_check_script_runs_its_stages_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh, the one command a lent GPU gets, parses and runs its tests stage with the
+    new-candidate probe beside it (on the CPU every GPU test is skipped, so the probe admits no new candidate), then
+    prints its summary: the script's own logic is checked here, not first on a GPU's one call."""
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable, "STAGES": "tests", "LOGDIR": str(tmp_path / "logs"),
+           "TESTS": "tests/kernels/test_backend.py", "TEST_WORKERS": "0", "LIMIT_NEW": "240"}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=280, env=env,
+                          cwd=BENCH.parent, check=False)
+    out = proc.stdout
+    summary = out[out.index("=== summary"):]
+    assert "pytest workers: one process" in summary
+    assert re.search(r"tests: exit \d+ in \d+ s", summary), out[-3000:]
+    assert re.search(r"new_probe: exit 0 in \d+ s \(beside tests\)", summary), out[-3000:]
+    assert "new-candidate probe: VLR_ATTN_NEW=0" in summary  # nothing passed: every GPU test skips here
+    assert (tmp_path / "logs" / "new_probe.log").exists() and (tmp_path / "logs" / "tests.log").exists()
