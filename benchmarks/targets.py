@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_CSV
+from bench_reward_loss import OURS as REWARD_OURS  # our reward-loss providers: one list for both
 
 MODES = ("fwd+bwd", "fwd+bwd graph")
-REWARD_OURS = ("triton", "cuda", "triton_checked", "triton_zero_fwd", "triton_zero_stream")
 
 
 @dataclass

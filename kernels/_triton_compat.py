@@ -16,8 +16,6 @@ except ImportError:
         return fn
 
 
-
-
 def cdiv(a: int, b: int) -> int:
     """Host-side ``triton.cdiv``: in triton 3.x that is a ``ConstexprFunction``, ~4 us of host time per call from
     Python, paid on every launch; this is plain integer arithmetic with the same result."""

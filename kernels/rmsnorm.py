@@ -123,10 +123,6 @@ def _num_warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
-def _block_n(n: int) -> int:
-    return next_power_of_2(n)
-
-
 def rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,7 +132,7 @@ def rms_norm_fwd(
     y = torch.empty((m, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     s = x if residual is None else torch.empty_like(x)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_n = _block_n(n)
+    block_n = next_power_of_2(n)
     _rms_norm_fwd_kernel[(m,)](
         x, residual if residual is not None else x, weight, y, s, rstd, n, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
@@ -151,7 +147,7 @@ def rms_norm_bwd(
     Returns ``(dx [M, N] in s's dtype, dweight [N] in weight's dtype)``."""
     m, n = s.shape
     dx = torch.empty_like(s)
-    block_n = _block_n(n)
+    block_n = next_power_of_2(n)
     sms = sm_count(s.device) if s.is_cuda else 1
     partials: list[torch.Tensor] = []
 

@@ -409,13 +409,17 @@ def _varlen_attn_dq_kernel(
 
 def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, max_q: int, max_k: int,
             block_m: int | None, block_n: int | None, launch, shared: bool,
-            configs: dict[str, dict[str, int]] | None, extra: list[dict[str, int]] = ()) -> dict[str, int]:
+            configs: dict[str, dict[str, int]] | None, extra: list[dict[str, int]] = (),
+            table: list[dict[str, int]] | None = None) -> dict[str, int]:
     """``configs[kernel]`` when given; the default config with explicit tiles or a single candidate;
     otherwise the tuner's pick for this shape (powers of two of the maximum lengths: the tile shapes, not the
-    exact lengths, decide the best) among the table's candidates and ``extra`` ones."""
+    exact lengths, decide the best) among the table's candidates (``table``: that
+    :func:`~vlr_kernels.attention.varlen_tiles.launch_candidates` list, when the caller has it already) and
+    ``extra`` ones."""
     if configs and kernel in configs:
         return configs[kernel]
-    cands = launch_candidates(head_dim, max_q, max_k, kernel, block_m, block_n, shared)
+    cands = list(table) if table is not None else launch_candidates(head_dim, max_q, max_k, kernel, block_m,
+                                                                    block_n, shared)
     if block_m is not None or block_n is not None:
         return cands[0]
     cands += extra
@@ -556,14 +560,16 @@ def varlen_attention_bwd(
             delta_ready.append(True)
         launch_dq(cfg)
 
+    def choose_dq() -> dict[str, int]:
+        return _choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
+                       launch_dq_first, shared, configs)
+
     # The dK/dV candidates that need a dQ pass are timed together with the dQ tile that the final launch will
     # use (the tuner's pick), so that neither they nor the ones fusing dQ are favoured by a default dQ tile.
-    needs_dq_pass = any(not c.get("WINDOW") and dq_mode(c) == 0 for c in launch_candidates(
-        d, max_seqlen_q, max_seqlen_k, "dkdv", block_m, block_n, shared))
-    dq_for_dkdv = _choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
-                          launch_dq_first, shared, configs) if needs_dq_pass else None
+    dkdv_table = launch_candidates(d, max_seqlen_q, max_seqlen_k, "dkdv", block_m, block_n, shared)
+    dq_cfg = choose_dq() if any(dq_mode(c) == 0 for c in dkdv_table) else None
 
-    def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = dq_for_dkdv) -> None:
+    def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = dq_cfg) -> None:
         # timed with the passes each candidate needs: delta, and the dQ pass unless it fuses dQ
         if cfg.get("WINDOW"):
             # cfg's constexprs: BLOCK, HEADS, STAGES and RECOMPUTE (1: the kernel leaves out and lse unread)
@@ -606,11 +612,11 @@ def varlen_attention_bwd(
 
     windows = [] if shared else window_candidates(d, max_seqlen_q, max_seqlen_k, hkv, group, "dkdv")
     dkdv_cfg = _choose("dkdv", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
-                       launch_dkdv, shared, configs, windows)
+                       launch_dkdv, shared, configs, windows, dkdv_table)
     launch_dkdv(dkdv_cfg, dq_cfg=None)
     if not dkdv_cfg.get("WINDOW") and dq_mode(dkdv_cfg) == 0:
-        launch_dq(_choose("dq", shape_key, q.device, d, max_seqlen_q, max_seqlen_k, block_m, block_n,
-                          launch_dq, shared, configs))
+        # the pick made above (a forced dK/dV configuration may need a dQ pass that no table entry needs)
+        launch_dq(dq_cfg if dq_cfg is not None else choose_dq())
     return dq, dk, dv
 
 
