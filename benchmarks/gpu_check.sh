@@ -3,7 +3,7 @@
 # (megatron-core must already be importable: on a bare GPU image carry its wheel, see benchmarks/RESULTS.md).
 #
 #   bash benchmarks/gpu_check.sh [--quick]
-#   STAGES=tests,kernels LOGDIR=/tmp/x bash benchmarks/gpu_check.sh      # a subset; logs per stage in LOGDIR
+#   STAGES=tests,kernels LOGDIR=/tmp/x bash benchmarks/gpu_check.sh      # a subset; logs per stage in LOGDIR/logs.tar.gz
 #
 # Stages (each its own process under a time limit, so one hang or crash never costs the others), in this order:
 #   build      pip install --no-build-isolation --no-deps -e . (pybind11 data extension + the CUDA reward-loss one)
@@ -44,7 +44,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-build,tests,attention,kernels}
 LOGDIR=${LOGDIR:-${OUT:-/tmp/vlr_gpu_check}}
-mkdir -p "$LOGDIR"
+# A device call returns at most 8 files: every stage's log goes to LOGDIR/logs, packed into LOGDIR/logs.tar.gz on
+# exit (H200 run E lost tests.log and the probe's log to that limit). What comes back: logs.tar.gz, kernels.csv,
+# targets.md and the caller's console copy; failing tests' summary lines are printed to the console too.
+LOGS=$LOGDIR/logs
+mkdir -p "$LOGS"
+pack_logs() { tar -czf "$LOGDIR/logs.tar.gz" -C "$LOGDIR" logs && rm -rf "$LOGS"; }
+trap pack_logs EXIT
 export PYTHONUNBUFFERED=1
 export VLR_BENCH_CSV=${VLR_BENCH_CSV:-$LOGDIR/kernels.csv}  # every benchmark's rows, appended as each one ends
 # TOTAL_S: the whole script's time (the device call's limit minus the wheel install before it). Stages keep their
@@ -58,14 +64,14 @@ status=0
 
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 
-run_stage() {  # name limit_s command...: output to LOGDIR/name.log, tail shown, status recorded
+run_stage() {  # name limit_s command...: output to LOGDIR/logs/name.log, tail shown, status recorded
   local name=$1 limit=$2 t0 rc
   shift 2
   echo "=== $name (limit ${limit}s): $*"
   t0=$(date +%s)
-  timeout --kill-after=15 "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
+  timeout --kill-after=15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
-  tail -n "${TAIL_LINES:-25}" "$LOGDIR/$name.log"
+  tail -n "${TAIL_LINES:-25}" "$LOGS/$name.log"
   LAST_S=$(( $(date +%s) - t0 ))
   summary+=("$name: exit $rc in $LAST_S s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')")
   [ $rc -eq 0 ] || status=1
@@ -98,23 +104,24 @@ if [ -z "${VLR_ATTN_NEW:-}" ] && { has tests || has attention; }; then
   echo "=== new_probe (limit ${LIMIT_NEW:-90}s, beside the tests stage): log new_probe.log"
   probe_t0=$(date +%s)
   ( timeout --kill-after=15 "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu ${XDIST[@]+"${XDIST[@]}"} \
-      tests/kernels/test_attention_gpu.py -k new -p no:cacheprovider --timeout 60 >"$LOGDIR/new_probe.log" 2>&1
-    echo "$? $(date +%s)" >"$LOGDIR/new_probe.rc" ) &
+      tests/kernels/test_attention_gpu.py -k new -p no:cacheprovider --timeout 60 >"$LOGS/new_probe.log" 2>&1
+    echo "$? $(date +%s)" >"$LOGS/new_probe.rc" ) &
   probe_pid=$!
 fi
 has tests && run_stage tests "${LIMIT_TESTS:-120}" env VLR_TUNE="${VLR_TUNE:-0}" "$PY" -m pytest -v -m gpu \
   ${XDIST[@]+"${XDIST[@]}"} ${TESTS:-$FAST_TESTS tests/kernels/test_attention_gpu.py} -k "not new" \
-  -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
+  -p no:cacheprovider -rsfE --timeout "${TEST_TIMEOUT:-120}" --maxfail 20 --durations 15
+has tests && { grep -E "^(FAILED|ERROR) |^E  " "$LOGS/tests.log" | cut -c1-300 | head -n 60; true; }
 if [ -n "$probe_pid" ]; then
   wait "$probe_pid"
-  read -r probe_rc probe_t1 <"$LOGDIR/new_probe.rc" || { probe_rc=1; probe_t1=$(date +%s); }
+  read -r probe_rc probe_t1 <"$LOGS/new_probe.rc" || { probe_rc=1; probe_t1=$(date +%s); }
   echo "=== new_probe: exit $probe_rc"
-  tail -n "${TAIL_LINES:-25}" "$LOGDIR/new_probe.log"
+  tail -n "${TAIL_LINES:-25}" "$LOGS/new_probe.log"
   summary+=("new_probe: exit $probe_rc in $(( probe_t1 - probe_t0 )) s (beside tests)$([ "$probe_rc" = 124 ] \
     && echo ' (TIMED OUT)')")
   [ "$probe_rc" = 0 ] || status=1
   # per candidate: the ones whose every test passed (a failure, a crash or the time limit keeps out only its own)
-  VLR_ATTN_NEW=$("$PY" -m tests.kernels.new_probe "$LOGDIR/new_probe.log" 2>>"$LOGDIR/new_probe.log") || VLR_ATTN_NEW=0
+  VLR_ATTN_NEW=$("$PY" -m tests.kernels.new_probe "$LOGS/new_probe.log" 2>>"$LOGS/new_probe.log") || VLR_ATTN_NEW=0
   export VLR_ATTN_NEW
   case "$VLR_ATTN_NEW" in
     0|1) summary+=("new-candidate probe: VLR_ATTN_NEW=$VLR_ATTN_NEW (log: new_probe.log)") ;;
@@ -125,8 +132,8 @@ fi
 # shown that works on this machine (a GPU test tuning real kernels that way on a side stream), else serially.
 if [ -z "${VLR_TUNE_THREADS:-}" ] && { has attention || has kernels || has model; }; then
   timeout 45 env VLR_TUNE_THREADS=8 "$PY" -m pytest -q -m gpu tests/kernels/test_tune.py -k parallel \
-    -p no:cacheprovider >"$LOGDIR/tune_probe.log" 2>&1
-  grep -q "1 passed" "$LOGDIR/tune_probe.log" && export VLR_TUNE_THREADS=8
+    -p no:cacheprovider >"$LOGS/tune_probe.log" 2>&1
+  grep -q "1 passed" "$LOGS/tune_probe.log" && export VLR_TUNE_THREADS=8
   summary+=("tune probe: VLR_TUNE_THREADS=${VLR_TUNE_THREADS:-1} (log: tune_probe.log)")
 fi
 # bench_train runs the default launch configurations unless TRAIN_TUNE=1: tuning every kernel of the 7B-width

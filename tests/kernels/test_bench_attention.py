@@ -20,6 +20,10 @@ def test_quick_run_checks_and_times_every_provider(tmp_path):
                  "[pairs] ours_duplicated: max |x - sdpa_loop|", "[windows] sdpa_padded: max |x - sdpa_loop|"):
         assert line in stdout, stdout[-3000:]
     assert "disagrees with the SDPA loop" not in stdout
+    # pairs: ours shared and ours duplicated (the target's pair) before the peers, which a time limit may cut
+    order = [stdout.index(f"[pairs] {p}: max") for p in ("ours_shared", "ours_duplicated", "sdpa_loop_shared",
+                                                         "sdpa_loop_duplicated")]
+    assert order == sorted(order), order
     rows = list(csv.DictReader(out_csv.open()))
     timed = {(r["x"], r["provider"], r["mode"]) for r in rows if r["metric"] == "ms"}
     for x, provider in (("windows", "ours"), ("pairs", "ours_shared"), ("pairs", "ours_duplicated")):

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -140,4 +141,7 @@ def test_gpu_check_script_runs_its_stages_on_cpu(tmp_path):
     assert re.search(r"tests: exit \d+ in \d+ s", summary), out[-3000:]
     assert re.search(r"new_probe: exit 0 in \d+ s \(beside tests\)", summary), out[-3000:]
     assert "new-candidate probe: VLR_ATTN_NEW=0" in summary  # nothing passed: every GPU test skips here
-    assert (tmp_path / "logs" / "new_probe.log").exists() and (tmp_path / "logs" / "tests.log").exists()
+    # the stage logs come back packed in one file (a device call returns at most 8 files)
+    with tarfile.open(tmp_path / "logs" / "logs.tar.gz") as tar:
+        assert {"logs/new_probe.log", "logs/new_probe.rc", "logs/tests.log"} <= set(tar.getnames())
+    assert not (tmp_path / "logs" / "logs").exists()

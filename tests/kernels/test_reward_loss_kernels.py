@@ -288,7 +288,10 @@ def test_gpu_zero_in_forward_mode_under_cuda_graph(monkeypatch, mode):
         return loss
 
     monkeypatch.setenv(ZERO_IN_FORWARD_ENV, "0")
-    loss_off = step()
+    # detached: a loss that keeps its autograd graph alive keeps the leaves' AccumulateGrad nodes, created here on
+    # the default stream, and the captured backward would then make the legacy stream wait on the capture (H200 run
+    # E: cudaErrorStreamCaptureImplicit; torch warns about exactly this)
+    loss_off = step().detach()
     grads_off = [t.grad.clone() for t in params]
     monkeypatch.setenv(ZERO_IN_FORWARD_ENV, mode)
     side = torch.cuda.Stream()

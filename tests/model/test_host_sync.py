@@ -385,7 +385,9 @@ def test_no_host_sync_on_cuda(tp1):
         set_default_backend("torch")
     events = []
     for w in caught:
-        if "synchroniz" in str(w.message):
+        # torch's once-per-process notice that the debug mode is a prototype is not a synchronisation (which test
+        # sees it first depends on the order: under pytest-xdist it was this one, H200 run E)
+        if "synchroniz" in str(w.message) and "prototype feature" not in str(w.message):
             path = Path(w.filename).resolve()
             where = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
             events.append(("sync", f"{where}:{w.lineno}", linecache.getline(w.filename, w.lineno).strip()))
