@@ -192,7 +192,10 @@ class Tile(NamedTuple):
     split: bool = False  # dkdv: one program per q head, fp32 partial dK/dV that the launcher sums per kv head
     atomic: bool = False  # dkdv: also dQ, added to an fp32 buffer with atomics (no dQ pass)
     shared: bool = True  # also a candidate for shared-prompt pairs (False: that specialisation spills)
-    new: bool = False  # never run on a GPU yet (added after the last run of its workload): new_candidate_allowed
+    # never run on a GPU yet (added after the last run of its workload): new_candidate_allowed. Every entry below
+    # ran in H200 run E (43dc1ce): all their GPU tests passed and the tuner timed them (benchmarks/NOTES.md)
+    new: bool = False
+    shared_new: bool = False  # new only in the shared-prompt specialisation (which run E did not run it with)
 
 
 # Candidates per kernel and head-dim class. The first entry is the default; the others are alternatives
@@ -202,23 +205,22 @@ class Tile(NamedTuple):
 _TABLES = {
     96: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 128, 8, 3)),
          # 64x128 (215 registers at hd 80) and 128x64 (250): the wider dK/dV tiles of FlashAttention-2's
-         # backward, for the ViT's full-attention layers (up to 8,100-token images); spill-free on sm_90; added
-         # after run B, the last run of this workload, so not yet run on a GPU
-         "dkdv": (Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(64, 64, 8, 2), Tile(64, 128, 8, 2, new=True),
-                  Tile(128, 64, 8, 2, new=True),
+         # backward, for the ViT's full-attention layers (up to 8,100-token images); spill-free on sm_90
+         "dkdv": (Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(64, 64, 8, 2), Tile(64, 128, 8, 2),
+                  Tile(128, 64, 8, 2),
                   # FlashAttention-2's dQ: each kv tile's program adds dS K to an fp32 buffer, so S and dP are
                   # computed once (5 matmuls a tile pair instead of 7 with the separate dQ pass)
-                  Tile(64, 64, 8, 2, atomic=True, shared=False, new=True),
-                  Tile(64, 128, 8, 2, atomic=True, shared=False, new=True),
+                  Tile(64, 64, 8, 2, atomic=True, shared=False),
+                  Tile(64, 128, 8, 2, atomic=True, shared=False),
                   # 3 stages: the q-block loop keeps the next block's copies in flight (at 2 it waits for all of
                   # them, so only other programs' math hides a load); sm_90 hd 80: 220 / 218 registers, 81 / 101
                   # KiB (2 / 1 programs per SM), atomic 229 / 240, 105 / 133 KiB
-                  Tile(64, 64, 4, 3, shared=False, new=True), Tile(64, 128, 8, 3, shared=False, new=True),
-                  Tile(64, 64, 4, 3, atomic=True, shared=False, new=True),
-                  Tile(64, 128, 8, 3, atomic=True, shared=False, new=True)),
+                  Tile(64, 64, 4, 3, shared=False), Tile(64, 128, 8, 3, shared=False),
+                  Tile(64, 64, 4, 3, atomic=True, shared=False),
+                  Tile(64, 128, 8, 3, atomic=True, shared=False)),
          # 3 stages as for dK/dV (sm_90 hd 80: 168 / 182 registers, 80 / 100 KiB)
          "dq": (Tile(64, 64, 4, 2), Tile(128, 32, 8, 2), Tile(128, 64, 8, 2),
-                Tile(64, 64, 4, 3, shared=False, new=True), Tile(128, 64, 8, 3, shared=False, new=True))},
+                Tile(64, 64, 4, 3, shared=False), Tile(128, 64, 8, 3, shared=False))},
     128: {"fwd": (Tile(128, 64, 8, 3), Tile(64, 64, 8, 3), Tile(128, 32, 8, 3)),
           # The nested head loop fits only 16-row q blocks; the flat loop fits 32x64 (191 regs), 32x128
           # (244) and, without the shared-prompt mask, 64x64 (249). 2 stages: the loop waits for all its
@@ -230,12 +232,13 @@ _TABLES = {
                    Tile(32, 128, 8, 2, flat=True, split=True),
                    # atomic dQ (see the hd-80 class): sm_90 230 / 252 registers (255 with the shared-prompt mask), no
                    # spills; ~2-4 GB of fp32 atomics for the LLM workload against its ~0.85 ms dQ pass
-                   Tile(32, 64, 8, 3, flat=True, atomic=True, new=True),
-                   Tile(32, 128, 8, 3, flat=True, atomic=True, new=True)),
+                   Tile(32, 64, 8, 3, flat=True, atomic=True),
+                   Tile(32, 128, 8, 3, flat=True, atomic=True)),
           # run D's pick for the LLM was 128x64 at 2 stages, which waits for all of its copies at each kv block;
-          # the 3-stage 128x64 spills with the shared-prompt mask (sm_90: 249 registers without, 64 B spilled with)
+          # the 3-stage 128x64 (run E's LLM pick, 14% ahead of 2 stages) spilled 64 B with the shared-prompt mask
+          # until that mask's two masked kv ranges became one loop (sm_90: 249 registers plain, 250 shared)
           "dq": (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2), Tile(128, 64, 8, 2),
-                 Tile(64, 64, 8, 3), Tile(128, 32, 8, 3, new=True), Tile(128, 64, 8, 3, shared=False, new=True))},
+                 Tile(64, 64, 8, 3), Tile(128, 32, 8, 3), Tile(128, 64, 8, 3, shared_new=True))},
     256: {"fwd": (Tile(64, 32, 8, 2),), "dkdv": (Tile(16, 32, 8, 2),), "dq": (Tile(32, 32, 8, 2),)},
 }
 
@@ -299,7 +302,7 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
             cfg.update(FLAT=t.flat, SPLIT=t.split)
             if t.atomic:
                 cfg["ATOMIC_DQ"] = True
-        if t.new and not new_candidate_allowed(kernel, head_dim, cfg, new):
+        if (t.new or (shared and t.shared_new)) and not new_candidate_allowed(kernel, head_dim, cfg, new):
             continue
         if cfg not in out:
             out.append(cfg)

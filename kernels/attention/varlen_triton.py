@@ -55,30 +55,66 @@ from vlr_kernels.attention.varlen_windows import (
 
 
 @triton.jit
+def _gap_loop(lo, hi, lo2, hi2, BLOCK_N: tl.constexpr):
+    """Block count of a loop over ``[lo, hi)`` then ``[lo2, hi2)`` (``hi <= lo2``, ``hi - lo`` a multiple of
+    ``BLOCK_N`` when the second range is not empty) and the count of the first part."""
+    n1 = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    return n1 + tl.cdiv(tl.maximum(hi2 - lo2, 0), BLOCK_N), n1
+
+
+@triton.jit
+def _gap_start(i, lo, n1, lo2, BLOCK_N: tl.constexpr):
+    """The ``i``-th block's first column in a :func:`_gap_loop`."""
+    return tl.where(i < n1, lo + i * BLOCK_N, lo2 + (i - n1) * BLOCK_N)
+
+
+@triton.jit
+def _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt, offs_m, start_n, len_k,
+               diff, prefix, split, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+               SHARED: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+               HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the online softmax."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < len_k
+    k0, k1 = load_head(k_base, offs_n, col_ok, stride_kt, D0, D1, HEAD_DIM)
+    s = scores(q0, q1, k0, k1, D1, PREC) * qk_scale
+    if MASK:
+        ok = allowed(offs_m[:, None], offs_n[None, :], len_k, diff, prefix, split, CAUSAL, SHARED)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows that have seen no key yet keep max -inf; shifting them by 0 keeps every exp2 at exactly 0
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv = p.to(v_base.dtype.element_ty)
+    v0, v1 = load_head(v_base, offs_n, col_ok, stride_vt, D0, D1, HEAD_DIM)
+    acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=PREC)
+    if D1 > 0:
+        acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=PREC)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
 def _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, len_k,
                 diff, prefix, split, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                 SHARED: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < len_k
-        k0, k1 = load_head(k_base, offs_n, col_ok, stride_kt, D0, D1, HEAD_DIM)
-        s = scores(q0, q1, k0, k1, D1, PREC) * qk_scale
-        if MASK:
-            ok = allowed(offs_m[:, None], offs_n[None, :], len_k, diff, prefix, split, CAUSAL, SHARED)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows that have seen no key yet keep max -inf; shifting them by 0 keeps every exp2 at exactly 0
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = p.to(v_base.dtype.element_ty)
-        v0, v1 = load_head(v_base, offs_n, col_ok, stride_vt, D0, D1, HEAD_DIM)
-        acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=PREC)
-        if D1 > 0:
-            acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, lo2=0, hi2=0, GAP: tl.constexpr = False):
+    """Online softmax over the key blocks of ``[lo, hi)``; ``GAP``: then over ``[lo2, hi2)`` in the same loop
+    (the shared-prompt mask's two masked ranges in one software pipeline instead of two loops: at sm_90 the
+    3-stage 128x64 dQ tile then fits the registers, 254 instead of 255 + 64 B spilled; see :func:`_gap_loop`)."""
+    if GAP:
+        n, n1 = _gap_loop(lo, hi, lo2, hi2, BLOCK_N)
+        for i in range(n):
+            acc0, acc1, m_i, l_i = _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt,
+                                              stride_vt, offs_m, _gap_start(i, lo, n1, lo2, BLOCK_N), len_k,
+                                              diff, prefix, split, qk_scale, MASK, CAUSAL, SHARED, BLOCK_N,
+                                              D0, D1, HEAD_DIM, PREC)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc0, acc1, m_i, l_i = _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt,
+                                              stride_vt, offs_m, start_n, len_k, diff, prefix, split, qk_scale,
+                                              MASK, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC)
     return acc0, acc1, m_i, l_i
 
 
@@ -123,12 +159,8 @@ def _varlen_attn_fwd_kernel(
                                            qk_scale, False, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC)
         acc0, acc1, m_i, l_i = _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
                                            offs_m, full_hi, hi1, len_k, diff, prefix, split,
-                                           qk_scale, True, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC)
-        if SHARED:
-            acc0, acc1, m_i, l_i = _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt,
-                                               stride_vt, offs_m, lo2, hi, len_k, diff, prefix, split,
-                                               qk_scale, True, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM,
-                                               PREC)
+                                           qk_scale, True, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC,
+                                           lo2, hi, SHARED)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         o_base = Out + q_start.to(tl.int64) * stride_ot + hq * stride_oh
@@ -327,30 +359,50 @@ def _varlen_attn_dkdv_kernel(
 
 
 @triton.jit
+def _dq_block(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start_n,
+              len_k, diff, prefix, split, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+              SHARED: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+              HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """One key block's dS K added to dQ."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < len_k
+    k0 = load_rows(k_base, offs_n, col_ok, stride_kt, 0, D0, HEAD_DIM)
+    v0 = load_rows(v_base, offs_n, col_ok, stride_vt, 0, D0, HEAD_DIM)
+    s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+    dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)
+    if D1 > 0:
+        k1 = load_rows(k_base, offs_n, col_ok, stride_kt, D0, D1, HEAD_DIM)
+        v1 = load_rows(v_base, offs_n, col_ok, stride_vt, D0, D1, HEAD_DIM)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
+        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PREC)
+    p = tl.exp2(s * qk_scale - lse[:, None])
+    if MASK:
+        ok = allowed(offs_m[:, None], offs_n[None, :], len_k, diff, prefix, split, CAUSAL, SHARED)
+        p = tl.where(ok, p, 0.0)
+    ds = (p * (dp - delta[:, None])).to(k_base.dtype.element_ty)
+    dq0 = tl.dot(ds, k0, dq0, input_precision=PREC)
+    if D1 > 0:
+        dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
+    return dq0, dq1
+
+
+@triton.jit
 def _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi,
                len_k, diff, prefix, split, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                SHARED: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-               HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < len_k
-        k0 = load_rows(k_base, offs_n, col_ok, stride_kt, 0, D0, HEAD_DIM)
-        v0 = load_rows(v_base, offs_n, col_ok, stride_vt, 0, D0, HEAD_DIM)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
-        dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)
-        if D1 > 0:
-            k1 = load_rows(k_base, offs_n, col_ok, stride_kt, D0, D1, HEAD_DIM)
-            v1 = load_rows(v_base, offs_n, col_ok, stride_vt, D0, D1, HEAD_DIM)
-            s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
-            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PREC)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        if MASK:
-            ok = allowed(offs_m[:, None], offs_n[None, :], len_k, diff, prefix, split, CAUSAL, SHARED)
-            p = tl.where(ok, p, 0.0)
-        ds = (p * (dp - delta[:, None])).to(k_base.dtype.element_ty)
-        dq0 = tl.dot(ds, k0, dq0, input_precision=PREC)
-        if D1 > 0:
-            dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
+               HEAD_DIM: tl.constexpr, PREC: tl.constexpr, lo2=0, hi2=0, GAP: tl.constexpr = False):
+    """dQ over the key blocks of ``[lo, hi)`` (``GAP``: then ``[lo2, hi2)``, as in :func:`_fwd_blocks`)."""
+    if GAP:
+        n, n1 = _gap_loop(lo, hi, lo2, hi2, BLOCK_N)
+        for i in range(n):
+            dq0, dq1 = _dq_block(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                                 offs_m, _gap_start(i, lo, n1, lo2, BLOCK_N), len_k, diff, prefix, split,
+                                 qk_scale, MASK, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            dq0, dq1 = _dq_block(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                                 offs_m, start_n, len_k, diff, prefix, split, qk_scale, MASK, CAUSAL, SHARED,
+                                 BLOCK_N, D0, D1, HEAD_DIM, PREC)
     return dq0, dq1
 
 
@@ -396,11 +448,7 @@ def _varlen_attn_dq_kernel(
                               False, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC)
         dq0, dq1 = _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
                               offs_m, full_hi, hi1, len_k, diff, prefix, split, qk_scale,
-                              True, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC)
-        if SHARED:
-            dq0, dq1 = _dq_blocks(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt,
-                                  stride_vt, offs_m, lo2, hi, len_k, diff, prefix, split,
-                                  qk_scale, True, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC)
+                              True, CAUSAL, SHARED, BLOCK_N, D0, D1, HEAD_DIM, PREC, lo2, hi, SHARED)
         dq_base = DQ + q_start.to(tl.int64) * stride_dqt + hq * stride_dqh
         store_rows(dq_base, offs_m, row_ok, stride_dqt, dq0 * sm_scale, 0, D0, HEAD_DIM)
         if D1 > 0:

@@ -266,8 +266,9 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     (TTGIR waits and ptxas): forward 160 / 184 / 186 registers, 68 / 98 / 128 KiB at 2 / 3 / 4 stages;
     backward (recomputing) 223 / 229 registers, 144 / 184 KiB at 3 / 4 stages, the next 1 / 2 items' loads in
     flight (``async_wait num = 8 / 16``); no spills. The O-reading backward spills 8 bytes in this loop: not
-    offered. The persistent and the recomputing configurations have not run on a GPU yet: each reaches the
-    tuner per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False: none)."""
+    offered. The shapes in ``_NEW_BWD`` (two 4-warp programs per SM, 16 warps) have not run on a GPU yet: each
+    reaches the tuner per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False:
+    none)."""
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
     block = max(16, next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))
@@ -276,17 +277,36 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     shapes = [{**base, "HEADS": n, "STAGES": stages, "PERSIST": 0} for n, stages in ((4, 2), (2, 3))
               if heads % n == 0]
     # forward: 3 programs per SM fit at 2 stages (68 KiB), 2 at 3 (98 KiB), 1 at 4 (128 KiB); backward: one per
-    # SM (registers), recomputing only (the O-reading one spills in the persistent loop at sm_90)
-    persist = [{**base, "HEADS": 1, "STAGES": stages, "PERSIST": 1, "PROGS": progs}
-               for progs, stages in (((3, 2), (2, 3), (1, 4)) if kernel == "fwd" else ((1, 3), (1, 4)))]
+    # SM at 8 warps (registers), recomputing only (the O-reading one spills in the persistent loop at sm_90),
+    # then the shapes of _NEW_BWD
+    shapes_p = ((3, 2, warps), (2, 3, warps), (1, 4, warps)) if kernel == "fwd" else (
+        (1, 3, warps), (1, 4, warps), *_NEW_BWD)
+    persist = [{**base, "num_warps": w, "HEADS": 1, "STAGES": stages, "PERSIST": 1, "PROGS": progs}
+               for progs, stages, w in shapes_p]
     if kernel == "fwd":
         found = shapes + persist
     else:
-        # the recomputing backward came after run C, the last run of the windows: not yet run on a GPU either
         found = [{**cfg, "RECOMPUTE": r} for r in (0, 1) for cfg in shapes] + [
             {**cfg, "RECOMPUTE": 1} for cfg in persist]
-    return [cfg for cfg in found if not (cfg["PERSIST"] or cfg.get("RECOMPUTE"))
-            or new_candidate_allowed(kernel, head_dim, cfg, new)]
+    return [cfg for cfg in found if not _is_new(kernel, cfg) or new_candidate_allowed(kernel, head_dim, cfg, new)]
+
+
+# Persistent backward shapes (programs per SM, stages, warps) added after H200 run E, where the 8-warp one at one
+# program per SM moved its 584 MB at 48% of the copy ceiling (0.284 ms; the forward reached 77%): a program
+# holds one (window, head) item's five dependent 64x64 products at a time, and with one program per SM nothing
+# else runs while they wait on each other. sm_90 (triton 3.9, hd 80, recomputing): 4 warps at 2 stages are 253
+# registers and 104 KiB, so TWO programs fit an SM (2 x 128 threads x 256 registers = the 64K register file,
+# 208 of 227 KiB): one's loads and math overlap the other's; 16 warps at 3 / 2 stages are 128 registers (the
+# same items' element-wise softmax, dS and conversions spread over twice the threads), 144 / 104 KiB, one
+# program per SM. No spills (4 warps at 3 stages spill 40 B: not offered). Not yet run on a GPU.
+_NEW_BWD = ((2, 2, 4), (1, 3, 16), (1, 2, 16))
+
+
+def _is_new(kernel: str, cfg: dict[str, int]) -> bool:
+    """A window candidate that has not run on a GPU yet (run E ran every other one: its tests passed and the
+    tuner timed it)."""
+    return kernel == "dkdv" and bool(cfg["PERSIST"]) and (cfg["PROGS"], cfg["STAGES"], cfg["num_warps"]) in _NEW_BWD
+
 
 def window_grid(cfg: dict[str, int], n_seg: int, heads: int, device) -> tuple[tuple[int, ...], dict[str, int]]:
     """Grid of a window kernel launch and its runtime item arguments (``per``, ``n_items``, ``heads``), from

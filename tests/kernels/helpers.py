@@ -30,3 +30,20 @@ def assert_bf16_rule(kernel: torch.Tensor, torch_bf16: torch.Tensor, ref64: torc
     err_k = (kernel.double() - ref64.double()).abs().max().item()
     err_t = (torch_bf16.double() - ref64.double()).abs().max().item()
     assert err_k <= 2 * err_t + floor, f"{what}: kernel err {err_k:.3e} > 2 * torch-bf16 err {err_t:.3e} + {floor}"
+
+
+# The launch tiles that were "new" (never run on a GPU) until H200 run E ran and timed them, by head-dim class,
+# kernel and index in varlen_tiles._TABLES: the tests of the new-candidate machinery (VLR_ATTN_NEW, the probe's
+# verdict) mark them new again, so that they keep exercising it on the real tables' shapes.
+_RUN_E_TILES = {96: {"dkdv": range(3, 11), "dq": range(3, 5)}, 128: {"dkdv": (9, 10), "dq": (5, 6)}}
+
+
+def pretend_new_tiles(monkeypatch) -> None:
+    """Mark the run-E tiles of ``varlen_tiles._TABLES`` new for this test (``monkeypatch`` undoes it)."""
+    from vlr_kernels.attention import varlen_tiles as vt
+
+    tables = {cls: {kernel: tuple(t._replace(new=True) if i in _RUN_E_TILES.get(cls, {}).get(kernel, ()) else t
+                                  for i, t in enumerate(tiles)) for kernel, tiles in kinds.items()}
+              for cls, kinds in vt._TABLES.items()}
+    assert sum(t.new for kinds in tables.values() for tiles in kinds.values() for t in tiles) == 14
+    monkeypatch.setattr(vt, "_TABLES", tables)

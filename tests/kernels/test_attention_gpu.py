@@ -133,7 +133,7 @@ def test_sdpa_backend_runs_fused_kernels(case):
 
 def _candidate_cases() -> list[tuple[str, dict, bool]]:
     """Every launch candidate the tuner may pick for the LLM backward (hd 128, GQA 7; the shared-prompt
-    specialisation gets its own list), the vision full-attention backward (hd 80, dK/dV and dQ) and the one-tile
+    specialisation gets its own lists), the vision full-attention backward (hd 80, dK/dV and dQ) and the one-tile
     window kernels, each forced on its own, and whether it is one never run on a GPU before (its test id ends in
     ``-new``: benchmarks/gpu_check.sh runs those first, in a process of their own)."""
     from vlr_kernels.attention.varlen_tiles import launch_candidates
@@ -141,7 +141,7 @@ def _candidate_cases() -> list[tuple[str, dict, bool]]:
 
     out = []
     for case, kernel in (("llm_gqa", "dkdv"), ("pairs", "dkdv"), ("vision_full", "dkdv"), ("vision_full", "dq"),
-                         ("llm_gqa", "dq")):
+                         ("llm_gqa", "dq"), ("pairs", "dq")):
         lens, _, _, d, _, shared = CASES[case]
         args = (d, max(lens), max(lens), kernel)
         extra = {"flat": True} if kernel == "dkdv" else {}

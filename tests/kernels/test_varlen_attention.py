@@ -238,10 +238,13 @@ def test_triton_fp16():
     [
         # parts longer than a 16-row tile: rejected-only tiles skip chosen blocks; tiles straddling a boundary
         ([20 + 25 + 19, 5 + 3 + 2], [20, 5], [45, 8]),
+        # a rejected-only tile's two masked kv ranges with whole chosen blocks between them ([32, 48) skipped):
+        # the forward and dQ loops jump over them in one pipelined loop
+        ([20 + 40 + 19, 7 + 30 + 20], [20, 7], [60, 37]),
         # degenerate: plain causal (p=0, s=L), empty chosen (p=s), empty rejected (s=L), empty prompt (p=0)
         ([12, 9, 11, 10], [0, 4, 3, 0], [12, 4, 11, 6]),
     ],
-    ids=["multi-tile", "degenerate"],
+    ids=["multi-tile", "gap", "degenerate"],
 )
 def test_triton_shared_prompt_pairs_vs_dense_mask(lens, prefix, split):
     check_triton(lens, lens, 4, 2, 32, True, shared=(prefix, split), block_m=16, block_n=16, dense=True)
@@ -303,19 +306,21 @@ def test_triton_persistent_window_kernels():
     """The persistent window kernels (a few programs per SM - 3 "SMs" under the interpreter - each looping over
     a run of consecutive (window, head) items, segment bounds carried from item to item): 7 windows x 5 heads =
     35 items, so runs start and end inside windows and the last program gets fewer items (forward 3/SM: 9 runs
-    of 4, 2/SM: 6 of 6, 1/SM: 3 of 12; backward 1/SM: 3 of 12); every candidate, empty windows, causal and not,
-    hd 80 and 88, fp16, GQA forward."""
+    of 4, 2/SM: 6 of 6, 1/SM: 3 of 12; backward 1/SM: 3 of 12, 2/SM: 6 of 6); every candidate, empty windows,
+    causal and not, hd 80 and 88, fp16, GQA forward."""
     from vlr_kernels.attention.varlen_windows import window_candidates, window_grid
 
     fwds = [c for c in window_candidates(80, 64, 64, 5, 1, "fwd") if c["PERSIST"]]
     bwds = [c for c in window_candidates(80, 64, 64, 5, 1, "dkdv") if c["PERSIST"]]
     assert [(c["PROGS"], c["STAGES"]) for c in fwds] == [(3, 2), (2, 3), (1, 4)]
-    assert [(c["PROGS"], c["STAGES"], c["RECOMPUTE"]) for c in bwds] == [(1, 3, 1), (1, 4, 1)]
+    assert [(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"]) for c in bwds] == [
+        (1, 3, 8, 1), (1, 4, 8, 1), (2, 2, 4, 1), (1, 3, 16, 1), (1, 2, 16, 1)]
     grids = [window_grid(c, 7, 5, torch.device("cpu")) for c in (*fwds, *bwds)]
-    assert [(g[0], g[1]["per"]) for g in grids] == [((9,), 4), ((6,), 6), ((3,), 12), ((3,), 12), ((3,), 12)]
+    assert [(g[0], g[1]["per"]) for g in grids] == [((9,), 4), ((6,), 6), ((3,), 12), ((3,), 12), ((3,), 12),
+                                                    ((6,), 6), ((3,), 12), ((3,), 12)]
     windows = [1, 7, 64, 0, 20, 33, 5]
-    for i, fwd in enumerate(fwds):
-        configs = {"fwd": fwd, "dkdv": bwds[i % 2]}
+    for i, bwd in enumerate(bwds):
+        configs = {"fwd": fwds[i % len(fwds)], "dkdv": bwd}
         check_triton(windows, windows, 5, 5, 80, i % 2 == 0, configs=configs)
     check_triton(windows, windows, 5, 5, 88, True, configs={"fwd": fwds[1], "dkdv": bwds[1]})
     small = {"fwd": {**fwds[0], "BLOCK": 16}, "dkdv": {**bwds[0], "BLOCK": 16}}
@@ -374,12 +379,14 @@ def test_window_candidates_only_for_one_tile_segments():
     # the persistent one last in each
     dkdv = window_candidates(80, 64, 64, 16, 1, "dkdv")
     assert [(c["HEADS"], c["STAGES"], c["PERSIST"], c["RECOMPUTE"]) for c in dkdv] == [
-        (4, 2, 0, 0), (2, 3, 0, 0), (4, 2, 0, 1), (2, 3, 0, 1), (1, 3, 1, 1), (1, 4, 1, 1)]
+        (4, 2, 0, 0), (2, 3, 0, 0), (4, 2, 0, 1), (2, 3, 0, 1), (1, 3, 1, 1), (1, 4, 1, 1), (1, 2, 1, 1),
+        (1, 3, 1, 1), (1, 2, 1, 1)]
+    assert [(c["num_warps"], c.get("PROGS")) for c in dkdv[4:]] == [(8, 1), (8, 1), (4, 2), (16, 1), (16, 1)]
     assert window_candidates(80, 65, 64, 16, 1, "fwd") == []  # a segment needs two tiles
     assert window_candidates(128, 64, 64, 28, 7, "fwd") == []  # head_dim class not compile-checked
     assert window_candidates(80, 64, 64, 8, 2, "dkdv") == []  # GQA backward: the general kernels
     assert [(c["HEADS"], c["RECOMPUTE"]) for c in window_candidates(80, 30, 30, 6, 1, "dkdv")] == [
-        (2, 0), (2, 1), (1, 1), (1, 1)]
+        (2, 0), (2, 1)] + [(1, 1)] * 5
 
 
 def test_dkdv_candidates_cover_the_variants():
@@ -437,24 +444,32 @@ def test_flat_candidates_switch(monkeypatch):
 
 
 def test_new_candidates_switch(monkeypatch):
-    """The candidates never run on a GPU yet (atomic-dQ and 3-stage hd-80 backward tiles, 3-stage hd-128 dQ, the
-    persistent window kernels) reach the tuner unless VLR_ATTN_NEW=0 (or new=False), which leaves every other
-    candidate, defaults first, in place."""
+    """The candidates never run on a GPU yet (Tile.new; the window backward shapes of ``_NEW_BWD``) reach the
+    tuner unless VLR_ATTN_NEW=0 (or new=False), which leaves every other candidate, defaults first, in place.
+    The tiles that run E ran are marked new again here, to test the switch on the real tables' shapes."""
     from vlr_kernels.attention.varlen_tiles import launch_candidates
-    from vlr_kernels.attention.varlen_windows import window_candidates
+    from vlr_kernels.attention.varlen_windows import _NEW_BWD, window_candidates
+
+    from tests.kernels.helpers import pretend_new_tiles
 
     monkeypatch.delenv("VLR_ATTN_NEW", raising=False)
     shapes = [(80, 8100, 8100, "dkdv"), (80, 8100, 8100, "dq"), (128, 4096, 4096, "dq")]
+    plain = [launch_candidates(*a) for a in shapes]
+    pretend_new_tiles(monkeypatch)
     on = [launch_candidates(*a) for a in shapes]
+    assert on == plain  # marking a tile new changes nothing while VLR_ATTN_NEW is unset
     wins = [window_candidates(80, 64, 64, 16, 1, k) for k in ("fwd", "dkdv")]
     monkeypatch.setenv("VLR_ATTN_NEW", "0")
     off = [launch_candidates(*a) for a in shapes]
     wins_off = [window_candidates(80, 64, 64, 16, 1, k) for k in ("fwd", "dkdv")]
-    for a, b in zip(on + wins, off + wins_off):
+    for a, b in zip(on + wins[1:], off + wins_off[1:]):
         assert b and len(b) < len(a) and b == [c for c in a if c in b] and a[0] == b[0]
+    assert wins_off[0] == wins[0]  # no forward window shape is new
     assert any(c.get("ATOMIC_DQ") for c in on[0]) and not any(c.get("ATOMIC_DQ") for c in off[0])
     assert not any(c["num_stages"] == 3 for c in off[0] + off[1])
-    assert not any(c["PERSIST"] for c in wins_off[0] + wins_off[1])
+    new_shapes = {(c["PROGS"], c["STAGES"], c["num_warps"]) for c in wins[1] if c not in wins_off[1]}
+    assert new_shapes == set(_NEW_BWD)
+    assert any(c["PERSIST"] for c in wins_off[1])  # run E ran the 8-warp persistent backward
     assert off == [launch_candidates(*a, new=False) for a in shapes]
     monkeypatch.delenv("VLR_ATTN_NEW")
     assert off[0] == launch_candidates(80, 8100, 8100, "dkdv", new=False)
@@ -466,17 +481,20 @@ def test_new_candidates_by_name(monkeypatch):
     from vlr_kernels.attention.varlen_tiles import candidate_id, launch_candidates
     from vlr_kernels.attention.varlen_windows import window_candidates
 
+    from tests.kernels.helpers import pretend_new_tiles
+
     monkeypatch.delenv("VLR_ATTN_NEW", raising=False)
+    pretend_new_tiles(monkeypatch)
     cases = [((80, 8100, 8100, "dq"), 80, "dq"), ((128, 4096, 4096, "dq"), 128, "dq"),
              ((80, 8100, 8100, "dkdv"), 80, "dkdv")]
     new_by_case = [[c for c in launch_candidates(*a) if c not in launch_candidates(*a, new=False)]
                    for a, _, _ in cases]
-    win_new = [c for c in window_candidates(80, 64, 64, 16, 1, "fwd")
-               if c not in window_candidates(80, 64, 64, 16, 1, "fwd", new=False)]
-    assert all(new_by_case) and win_new
+    win_new = [c for c in window_candidates(80, 64, 64, 16, 1, "dkdv")
+               if c not in window_candidates(80, 64, 64, 16, 1, "dkdv", new=False)]
+    assert all(new_by_case) and len(win_new) == 3
     dq80, dq128 = new_by_case[0][-1], new_by_case[1][-1]
     assert candidate_id("dq", 80, dq80) == "dq@80:" + "-".join(str(int(v)) for v in dq80.values())
-    chosen = [candidate_id("dq", 80, dq80), candidate_id("fwd", 80, win_new[1])]
+    chosen = [candidate_id("dq", 80, dq80), candidate_id("dkdv", 80, win_new[1])]
     monkeypatch.setenv("VLR_ATTN_NEW", " , ".join(chosen))
     for (args, d, kernel), new in zip(cases, new_by_case):
         got = launch_candidates(*args)
@@ -487,9 +505,8 @@ def test_new_candidates_by_name(monkeypatch):
     # the hd-128 table has a new dQ tile with the same values as the listed hd-80 one: not listed, so left out
     assert dq128.items() == dq80.items()
     assert launch_candidates(128, 4096, 4096, "dq") == launch_candidates(128, 4096, 4096, "dq", new=False)
-    wins = window_candidates(80, 64, 64, 16, 1, "fwd")
-    assert [c for c in wins if c["PERSIST"]] == [win_new[1]]
-    assert not [c for c in window_candidates(80, 64, 64, 16, 1, "dkdv") if c.get("RECOMPUTE")]
+    wins = window_candidates(80, 64, 64, 16, 1, "dkdv")
+    assert [c for c in wins if c not in window_candidates(80, 64, 64, 16, 1, "dkdv", new=False)] == [win_new[1]]
 
 
 def test_public_triton_autograd_noncontiguous_inputs():
