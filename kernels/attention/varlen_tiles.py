@@ -285,7 +285,26 @@ def launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kerne
     fail them: run C on an H100 hit an illegal address in the first one before the loop change noted in
     ``varlen_triton._dkdv_flat``; run D passed all ten of their GPU tests). dkdv configurations carry ``FLAT``
     and ``SPLIT``, and ``ATOMIC_DQ`` where set (see :class:`Tile`). ``new``: include the candidates never run on
-    a GPU yet (default: per :func:`new_candidate_allowed`)."""
+    a GPU yet (default: per :func:`new_candidate_allowed`).
+
+    Called on every launch (the tuner looks its pick up in this list): computed once per argument tuple and
+    environment and copied out (building it took ~50 us of the ~125 us of Python a windows backward spent on the
+    host, H200 run E's host-launched rows being host-bound)."""
+    key = (head_dim, max_seqlen_q, max_seqlen_k, kernel, block_m, block_n, shared, flat, new,
+           os.environ.get("VLR_ATTN_FLAT"), os.environ.get(NEW_ENV))
+    hit = _CANDIDATES.get(key)
+    if hit is None or hit[0] is not _TABLES:  # tests replace the tables
+        hit = _CANDIDATES[key] = (_TABLES, _launch_candidates(head_dim, max_seqlen_q, max_seqlen_k, kernel,
+                                                              block_m, block_n, shared, flat, new))
+    return [dict(cfg) for cfg in hit[1]]
+
+
+_CANDIDATES: dict[tuple, tuple[dict, list[dict[str, int]]]] = {}
+
+
+def _launch_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, kernel: str, block_m: int | None,
+                       block_n: int | None, shared: bool, flat: bool | None,
+                       new: bool | None) -> list[dict[str, int]]:
     flat = _enabled("VLR_ATTN_FLAT", flat)
     table = _TABLES[next(c for c in sorted(_TABLES) if head_dim <= c)][kernel]
     out: list[dict[str, int]] = []

@@ -24,6 +24,8 @@ no shared-prompt metadata (windows are plain segments).
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 from vlr_kernels._backend import sm_count
@@ -31,6 +33,7 @@ from vlr_kernels._triton_compat import cdiv, next_power_of_2
 from vlr_kernels.attention.varlen_tiles import (
     LN2,
     LOG2E,
+    NEW_ENV,
     allowed,
     load_head,
     new_candidate_allowed,
@@ -269,6 +272,17 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     offered. The shapes in ``_NEW_BWD`` (two 4-warp programs per SM, 16 warps) have not run on a GPU yet: each
     reaches the tuner per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False:
     none)."""
+    key = (head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new, os.environ.get(NEW_ENV))
+    if key not in _CANDIDATES:  # once per arguments and environment (called on every launch), copied out
+        _CANDIDATES[key] = _window_candidates(head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new)
+    return [dict(cfg) for cfg in _CANDIDATES[key]]
+
+
+_CANDIDATES: dict[tuple, list[dict[str, int]]] = {}
+
+
+def _window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads: int, group: int,
+                       kernel: str, new: bool | None) -> list[dict[str, int]]:
     if max(max_seqlen_q, max_seqlen_k) > 64 or head_dim > 96 or (kernel == "dkdv" and group != 1):
         return []
     block = max(16, next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)))

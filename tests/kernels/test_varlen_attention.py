@@ -475,6 +475,32 @@ def test_new_candidates_switch(monkeypatch):
     assert off[0] == launch_candidates(80, 8100, 8100, "dkdv", new=False)
 
 
+def test_candidate_lists_are_cached_copies(monkeypatch):
+    """The candidate lists are built once per arguments and environment (they are looked up on every launch),
+    and every call gets its own copy: a caller that edits its list or a configuration changes no later call."""
+    from vlr_kernels.attention import varlen_tiles
+    from vlr_kernels.attention.varlen_tiles import launch_candidates
+    from vlr_kernels.attention.varlen_windows import window_candidates
+
+    monkeypatch.delenv("VLR_ATTN_FLAT", raising=False)
+    for get in (lambda: launch_candidates(128, 4096, 4096, "dkdv"),
+                lambda: window_candidates(80, 64, 64, 16, 1, "dkdv")):
+        first = get()
+        expected = [dict(c) for c in first]
+        first[0]["num_warps"] = 999
+        first.append({"BLOCK_M": 1})
+        assert get() == expected
+    calls = []
+    real = varlen_tiles._launch_candidates
+    monkeypatch.setattr(varlen_tiles, "_launch_candidates", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(varlen_tiles, "_CANDIDATES", {})
+    args = (128, 3000, 3000, "dq")
+    assert launch_candidates(*args) == launch_candidates(*args) and len(calls) == 1
+    monkeypatch.setenv("VLR_ATTN_FLAT", "0")  # another environment: built again, with the switch applied
+    off = launch_candidates(128, 3000, 3000, "dkdv")
+    assert not any(c["FLAT"] for c in off) and len(calls) == 2
+
+
 def test_new_candidates_by_name(monkeypatch):
     """VLR_ATTN_NEW as a list of candidate names (what gpu_check.sh sets from its probe): exactly the listed new
     candidates join the old ones, per kernel and head dim (the same tile at another head dim is another kernel)."""
