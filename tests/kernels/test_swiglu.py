@@ -3,6 +3,8 @@ inputs, the bf16 rule on GPU."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from transformers.activations import ACT2FN
@@ -11,6 +13,8 @@ from vlr_kernels import swiglu, swiglu_ref
 from tests.kernels.helpers import assert_bf16_rule, assert_close64, to64
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+swiglu_module = importlib.import_module("vlr_kernels.swiglu")  # the package exports a function of that name
+tune_module = importlib.import_module("vlr_kernels._tune")
 
 
 def _inputs(shape, dtype, seed=0):
@@ -74,3 +78,42 @@ def test_bf16_rule_on_gpu():
     assert_bf16_rule(y, yt, y64, "y")
     assert_bf16_rule(gate.grad, gt.grad, g64.grad, "dgate")
     assert_bf16_rule(up.grad, ut.grad, u64.grad, "dup")
+
+
+@pytest.mark.parametrize("cfg", swiglu_module._CONFIGS, ids=str)
+def test_every_launch_config_matches_float64(monkeypatch, cfg):
+    """Each launch shape the device tuner may pick (block size, warps, streaming cache hints), forced on its own,
+    on a size that is a multiple of no block (masked tail) and crosses several programs."""
+    monkeypatch.setattr(swiglu_module, "_CONFIGS", (cfg,))
+    gate, up = _inputs((3, 2731), torch.float32, seed=3)
+    y = swiglu(gate, up, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    g64, u64 = to64(gate, up)
+    y64 = swiglu_ref(g64, u64)
+    y64.backward(dy.double())
+    assert_close64(y, y64, torch.float32, "y", scale=4)
+    assert_close64(gate.grad, g64.grad, torch.float32, "dgate", scale=4)
+    assert_close64(up.grad, u64.grad, torch.float32, "dup", scale=4)
+
+
+@pytest.mark.gpu
+def test_every_launch_config_bf16_rule_on_gpu(monkeypatch):
+    """Each launch shape compiled for the GPU, forced in turn, under the bf16 rule; 4099 x 18944 fills no block
+    of 2048 or 4096."""
+    for cfg in swiglu_module._CONFIGS:
+        monkeypatch.setattr(swiglu_module, "_CONFIGS", (cfg,))
+        monkeypatch.setattr(tune_module, "_PICKED", {})
+        gate, up = _inputs((4099, 18944 // 4), torch.bfloat16, seed=5)
+        y = swiglu(gate, up, backend="triton")
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        gt, ut = (t.detach().clone().requires_grad_() for t in (gate, up))
+        yt = torch.nn.functional.silu(gt) * ut
+        yt.backward(dy)
+        g64, u64 = to64(gate, up)
+        y64 = swiglu_ref(g64, u64)
+        y64.backward(dy.double())
+        for name, a, b, c in (("y", y, yt, y64), ("dgate", gate.grad, gt.grad, g64.grad),
+                              ("dup", up.grad, ut.grad, u64.grad)):
+            assert_bf16_rule(a, b, c, f"{cfg} {name}")

@@ -46,10 +46,12 @@ CASES = [
        rmsnorm._rms_norm_bwd_kernel, RMS_BWD_TYPES,
        {"HAS_DS": True, "PREFETCH": prefetch, "STAGES": stages, "BLOCK_N": 4096}, warps)
       for warps, _, prefetch, stages in rmsnorm._BWD_CONFIGS],
-    ("swiglu_fwd", swiglu._swiglu_fwd_kernel, {"g_ptr": BF, "u_ptr": BF, "y_ptr": BF, "n": "i64"},
-     {"BLOCK": 1024}, 4),
-    ("swiglu_bwd", swiglu._swiglu_bwd_kernel,
-     {"dy_ptr": BF, "g_ptr": BF, "u_ptr": BF, "dg_ptr": BF, "du_ptr": BF, "n": "i64"}, {"BLOCK": 1024}, 4),
+    *[(f"swiglu_fwd_{block}_w{warps}{'_stream' if stream else ''}", swiglu._swiglu_fwd_kernel,
+       {"g_ptr": BF, "u_ptr": BF, "y_ptr": BF, "n": "i64"}, {"BLOCK": block, "STREAM": stream}, warps)
+      for block, warps, stream in swiglu._CONFIGS],
+    *[(f"swiglu_bwd_{block}_w{warps}{'_stream' if stream else ''}", swiglu._swiglu_bwd_kernel,
+       {"dy_ptr": BF, "g_ptr": BF, "u_ptr": BF, "dg_ptr": BF, "du_ptr": BF, "n": "i64"},
+       {"BLOCK": block, "STREAM": stream}, warps) for block, warps, stream in swiglu._CONFIGS],
     *[(f"rotary_{'bwd' if bwd else 'fwd'}_hd{d}", rotary._rotary_kernel,
        ROTARY_TYPES, {"HALF": d // 2, "BACKWARD": bwd, "BLOCK_T": 1, "BLOCK_H": 16,
                       "BLOCK_D": triton.next_power_of_2(d // 2)}, 4)
