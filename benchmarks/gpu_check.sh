@@ -90,10 +90,16 @@ FAST_TESTS="tests/kernels/test_reward_loss.py tests/kernels/test_reward_loss_ker
 tests/kernels/test_rotary.py tests/kernels/test_swiglu.py tests/kernels/test_adamw.py tests/kernels/test_tune.py \
 tests/model/test_gpu.py tests/model/test_host_sync.py tests/runtime/test_plan.py tests/parallel"
 # Most of a GPU test's time is Triton compiling its kernels on one core: with pytest-xdist importable (gpu_wheels.sh
-# carries it) the tests and the probe run on TEST_WORKERS processes sharing the GPU (default 4; 0 = one process).
+# carries it) the tests run on TEST_WORKERS processes sharing the GPU (default 8; 0 = one process) and the probe
+# beside them on PROBE_WORKERS (default 2: 4 tests since run E). Runs E/F: 71 tests on 4 workers took 59-75 s of
+# pytest time (+ ~15 s of start), mostly single-core Triton compiles, on a 16-core machine.
 # Run D's single process got through 28 of 52 tests in the 120 s.
 XDIST=()
-if [ "${TEST_WORKERS:-4}" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${TEST_WORKERS:-4}"); fi
+PROBE_XDIST=()
+if [ "${TEST_WORKERS:-8}" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n "${TEST_WORKERS:-8}")
+  [ "${PROBE_WORKERS:-2}" -gt 0 ] && PROBE_XDIST=(-n "${PROBE_WORKERS:-2}")
+fi
 summary+=("pytest workers: ${XDIST[*]:-one process (no pytest-xdist)}")
 # A launch candidate's first GPU run can hit an illegal address (the first flat dK/dV candidate did in run C, before a
 # loop change), which ends the CUDA context of the whole process. The candidates never run on a GPU before are tested
@@ -103,7 +109,7 @@ probe_pid=""
 if [ -z "${VLR_ATTN_NEW:-}" ] && { has tests || has attention; }; then
   echo "=== new_probe (limit ${LIMIT_NEW:-90}s, beside the tests stage): log new_probe.log"
   probe_t0=$(date +%s)
-  ( timeout --kill-after=15 "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu ${XDIST[@]+"${XDIST[@]}"} \
+  ( timeout --kill-after=15 "${LIMIT_NEW:-90}" env VLR_TUNE=0 "$PY" -m pytest -v -m gpu ${PROBE_XDIST[@]+"${PROBE_XDIST[@]}"} \
       tests/kernels/test_attention_gpu.py -k new -p no:cacheprovider --timeout 60 >"$LOGS/new_probe.log" 2>&1
     echo "$? $(date +%s)" >"$LOGS/new_probe.rc" ) &
   probe_pid=$!
