@@ -255,7 +255,10 @@ def modes(fn: Attention, q, k, v, dout) -> dict:
 
     return {
         "fwd": (lambda: fn(q, k, v), None),
-        "bwd": (lambda: torch.autograd.grad(saved["out"], (q, k, v), dout), forward_only),
+        # pop: an output kept alive keeps its autograd graph, whose leaves' AccumulateGrad nodes (made on the
+        # default stream) then break the later fwd+bwd graph capture (H200 run F lost ours_shared's that way:
+        # "operation failed due to a previous error during capture")
+        "bwd": (lambda: torch.autograd.grad(saved.pop("out"), (q, k, v), dout), forward_only),
         "fwd+bwd": (lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout), None),
     }
 
