@@ -25,7 +25,11 @@ def _inputs(shape, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", [(5, 123), (2, 3, 1031), (1,), (3, 18944 // 16)], ids=str)
 def test_triton_matches_float64_reference(shape, dtype):
-    gate, up = _inputs(shape, dtype)
+    _check_vs_float64(*_inputs(shape, dtype), dtype)
+
+
+def _check_vs_float64(gate, up, dtype):
+    """The Triton path's output and both gradients against the float64 reference."""
     y = swiglu(gate, up, backend="triton")
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -85,16 +89,7 @@ def test_every_launch_config_matches_float64(monkeypatch, cfg):
     """Each launch shape the device tuner may pick (block size, warps, streaming cache hints), forced on its own,
     on a size that is a multiple of no block (masked tail) and crosses several programs."""
     monkeypatch.setattr(swiglu_module, "_CONFIGS", (cfg,))
-    gate, up = _inputs((3, 2731), torch.float32, seed=3)
-    y = swiglu(gate, up, backend="triton")
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    g64, u64 = to64(gate, up)
-    y64 = swiglu_ref(g64, u64)
-    y64.backward(dy.double())
-    assert_close64(y, y64, torch.float32, "y", scale=4)
-    assert_close64(gate.grad, g64.grad, torch.float32, "dgate", scale=4)
-    assert_close64(up.grad, u64.grad, torch.float32, "dup", scale=4)
+    _check_vs_float64(*_inputs((3, 2731), torch.float32, seed=3), torch.float32)
 
 
 @pytest.mark.gpu
