@@ -99,6 +99,25 @@ def test_bad_inputs(backend):
         rms_norm(x, torch.ones(8), residual=torch.randn(4, 8, dtype=torch.float64), backend=backend)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("config", rmsnorm_module._FWD_CONFIGS, ids=str)
+@pytest.mark.parametrize("shape", [(7, 83), (9, 1)], ids=str)
+def test_every_forward_launch_config_matches_reference(monkeypatch, shape, config, residual):
+    """Each forward candidate (warps, rows per program): 7 and 9 rows fill no program of 2 or 4 rows (the last
+    program's missing rows are masked), outputs and the saved rstd through the backward."""
+    monkeypatch.setattr(rmsnorm_module, "_FWD_CONFIGS", (config,))
+    monkeypatch.setattr(tune_module, "_PICKED", {})
+    (x, w, r), outs, grads = _run(shape, torch.float32, residual, "triton", seed=5)
+    x64, w64, r64 = to64(x, w, r)
+    outs64 = rms_norm_ref(x64, w64, 1e-6, r64)
+    outs64 = outs64 if residual else (outs64,)
+    torch.autograd.backward(outs64, [gr.double() for gr in grads])
+    for o, o64, name in zip(outs, outs64, ("y", "x+residual")):
+        assert_close64(o, o64, torch.float32, name)
+    assert_close64(x.grad, x64.grad, torch.float32, "dx")
+    assert_close64(w.grad, w64.grad, torch.float32, "dweight", scale=8)
+
+
 def _assert_bf16_rule(shape, residual):
     """Triton bf16 outputs and every gradient within the design.md bf16 rule (vs plain torch in bf16, both
     against float64)."""
@@ -132,5 +151,16 @@ def test_every_backward_launch_config_on_gpu(monkeypatch, residual):
     pipeline's depth, and an uneven last slice."""
     for config in rmsnorm_module._BWD_CONFIGS:
         monkeypatch.setattr(rmsnorm_module, "_BWD_CONFIGS", (config,))
+        monkeypatch.setattr(tune_module, "_PICKED", {})
+        _assert_bf16_rule((1031, 3584), residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True])
+def test_every_forward_launch_config_on_gpu(monkeypatch, residual):
+    """Each forward candidate compiled for the GPU, forced in turn (1031 rows: no program of 2 or 4 rows full at
+    the end)."""
+    for config in rmsnorm_module._FWD_CONFIGS:
+        monkeypatch.setattr(rmsnorm_module, "_FWD_CONFIGS", (config,))
         monkeypatch.setattr(tune_module, "_PICKED", {})
         _assert_bf16_rule((1031, 3584), residual)

@@ -39,9 +39,10 @@ ROTARY_TYPES = {"q_ptr": BF, "k_ptr": BF, "cos_ptr": F32, "sin_ptr": F32, "yq_pt
 
 # (name, kernel, {arg: type}, constexprs, num_warps) - the launch configurations the Python launchers use
 CASES = [
-    ("rms_norm_fwd+res", rmsnorm._rms_norm_fwd_kernel,
-     {"x_ptr": BF, "r_ptr": BF, "w_ptr": BF, "y_ptr": BF, "s_ptr": BF, "rstd_ptr": F32, "n_cols": "i32",
-      "eps": "fp32"}, {"HAS_RESIDUAL": True, "BLOCK_N": 4096}, 16),
+    *[(f"rms_norm_fwd{'+res' if res else ''}_w{warps}_rows{rows}", rmsnorm._rms_norm_fwd_kernel,
+       {"x_ptr": BF, "r_ptr": BF, "w_ptr": BF, "y_ptr": BF, "s_ptr": BF, "rstd_ptr": F32, "n_rows": "i32",
+        "n_cols": "i32", "eps": "fp32"}, {"HAS_RESIDUAL": res, "BLOCK_N": 4096, "ROWS": rows}, warps)
+      for res in (False, True) for warps, rows in rmsnorm._FWD_CONFIGS],
     *[(f"rms_norm_bwd+ds{'+prefetch' if prefetch else ''}{f'+stages{stages}' if stages > 1 else ''}",
        rmsnorm._rms_norm_bwd_kernel, RMS_BWD_TYPES,
        {"HAS_DS": True, "PREFETCH": prefetch, "STAGES": stages, "BLOCK_N": 4096}, warps)
