@@ -13,9 +13,10 @@ stays full from the first item to the last (see :func:`window_candidates`).
 
 The backward computes ``delta`` in the same program (the general path runs a separate pass that reads O and
 dO once more) and writes dQ, dK and dV directly: a one-tile segment has one contributor to each of them.
-``delta = rowsum(O * dO)`` with P from the saved LSE, or (``RECOMPUTE``) - the tile holding whole rows - P
+``delta = rowsum(O * dO)`` with P from the saved LSE, or (``RECOMPUTE=1``) - the tile holding whole rows - P
 from the forward's softmax again and ``delta = rowsum(P * dP)``, equal for ``O = P V``: O and LSE unread, 4
-of 5 ``[T, H, D]`` reads (-12.5% of the bytes with the three gradient writes). GQA: a program owns whole kv
+of 5 ``[T, H, D]`` reads (-12.5% of the bytes with the three gradient writes); ``RECOMPUTE=2``: P from the
+saved LSE and delta from ``P * dP`` (O unread, one row reduction instead of three). GQA: a program owns whole kv
 heads and sums their group's dK/dV in registers.
 
 The launchers offer these kernels to the launch tuner next to the general ones (varlen_triton); they take
@@ -172,20 +173,21 @@ def _bwd_head(
         q0, q1 = load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
         do0, do1 = load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
                              HEAD_DIM)
-        if RECOMPUTE:
+        if RECOMPUTE == 1:
             # the tile holds whole rows: the forward's softmax again instead of reading LSE
             p, _, _, _, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
             p = p * inv_l[:, None]
         else:
-            o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
-                               HEAD_DIM)
-            delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
-            if D1 > 0:
-                delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+            if RECOMPUTE == 0:
+                o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
+                                   HEAD_DIM)
+                delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+                if D1 > 0:
+                    delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
             lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
             p = tl.where(ok, tl.exp2(scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
         dp = scores(do0, do1, v0, v1, D1, PREC)
-        if RECOMPUTE:
+        if RECOMPUTE != 0:
             # rowsum(P * dP) = rowsum(dO * O) for O = P V, without reading O (nor its bf16 rounding)
             delta = tl.sum(p * dp, 1)
         ds = (p * (dp - delta[:, None])).to(q0.dtype)
@@ -301,7 +303,8 @@ def _window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, head
         found = shapes + persist
     else:
         found = [{**cfg, "RECOMPUTE": r} for r in (0, 1) for cfg in shapes] + [
-            {**cfg, "RECOMPUTE": 1} for cfg in persist]
+            {**cfg, "RECOMPUTE": 1} for cfg in persist] + [
+            {**cfg, "RECOMPUTE": 2} for cfg in persist if cfg["num_warps"] == 8]
     return [cfg for cfg in found if not _is_new(kernel, cfg) or new_candidate_allowed(kernel, head_dim, cfg, new)]
 
 
@@ -314,12 +317,17 @@ def _window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, head
 # same items' element-wise softmax, dS and conversions spread over twice the threads), 144 / 104 KiB, one
 # program per SM. No spills (4 warps at 3 stages spill 40 B: not offered). Not yet run on a GPU.
 _NEW_BWD = ((2, 2, 4), (1, 3, 16), (1, 2, 16))
+# RECOMPUTE=2 (after run E too): P from the forward's LSE (2 MB for the ViT windows, not O's 83 MB) and delta =
+# rowsum(P * dP): of the three row reductions of the recomputing backward (max, sum, delta) only delta is left;
+# with 8 warps the two warpgroups split each 64-column row, so every row reduction is an exchange through shared
+# memory and a barrier. sm_90: 231 / 237 registers at 3 / 4 stages, no spills (4 and 16 warps spill: not offered)
 
 
 def _is_new(kernel: str, cfg: dict[str, int]) -> bool:
     """A window candidate that has not run on a GPU yet (run E ran every other one: its tests passed and the
     tuner timed it)."""
-    return kernel == "dkdv" and bool(cfg["PERSIST"]) and (cfg["PROGS"], cfg["STAGES"], cfg["num_warps"]) in _NEW_BWD
+    return kernel == "dkdv" and bool(cfg["PERSIST"]) and (
+        (cfg["PROGS"], cfg["STAGES"], cfg["num_warps"]) in _NEW_BWD or cfg.get("RECOMPUTE") == 2)
 
 
 def window_grid(cfg: dict[str, int], n_seg: int, heads: int, device) -> tuple[tuple[int, ...], dict[str, int]]:

@@ -314,10 +314,10 @@ def test_triton_persistent_window_kernels():
     bwds = [c for c in window_candidates(80, 64, 64, 5, 1, "dkdv") if c["PERSIST"]]
     assert [(c["PROGS"], c["STAGES"]) for c in fwds] == [(3, 2), (2, 3), (1, 4)]
     assert [(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"]) for c in bwds] == [
-        (1, 3, 8, 1), (1, 4, 8, 1), (2, 2, 4, 1), (1, 3, 16, 1), (1, 2, 16, 1)]
+        (1, 3, 8, 1), (1, 4, 8, 1), (2, 2, 4, 1), (1, 3, 16, 1), (1, 2, 16, 1), (1, 3, 8, 2), (1, 4, 8, 2)]
     grids = [window_grid(c, 7, 5, torch.device("cpu")) for c in (*fwds, *bwds)]
     assert [(g[0], g[1]["per"]) for g in grids] == [((9,), 4), ((6,), 6), ((3,), 12), ((3,), 12), ((3,), 12),
-                                                    ((6,), 6), ((3,), 12), ((3,), 12)]
+                                                    ((6,), 6), ((3,), 12), ((3,), 12), ((3,), 12), ((3,), 12)]
     windows = [1, 7, 64, 0, 20, 33, 5]
     for i, bwd in enumerate(bwds):
         configs = {"fwd": fwds[i % len(fwds)], "dkdv": bwd}
@@ -344,7 +344,8 @@ def test_window_grid_covers_every_item_once():
 
 def test_window_recompute_reads_neither_out_nor_lse():
     """The recomputing dK/dV candidate's gradients do not depend on the saved O and LSE: NaN in both changes
-    nothing (the O-reading candidate turns NaN), and they match float64."""
+    nothing (the O-reading candidate turns NaN), and they match float64; the LSE-reading one (RECOMPUTE=2)
+    ignores O but not the LSE, and matches float64 too."""
     from vlr_kernels.attention.varlen_windows import window_candidates
 
     lens = [1, 16, 0, 9]
@@ -354,18 +355,26 @@ def test_window_recompute_reads_neither_out_nor_lse():
     out, lse = varlen_attention_fwd(q, k, v, *args)
     dout = torch.randn_like(out)
     cands = window_candidates(16, 16, 16, 2, 1, "dkdv")
-    reading, recompute = ({"dkdv": {**cfg, "BLOCK": 16}} for cfg in (cands[0], cands[-1]))
-    assert not reading["dkdv"]["RECOMPUTE"] and recompute["dkdv"]["RECOMPUTE"]
+    last_recompute = [c for c in cands if c["RECOMPUTE"] == 1][-1]
+    reading, recompute = ({"dkdv": {**cfg, "BLOCK": 16}} for cfg in (cands[0], last_recompute))
+    assert not reading["dkdv"]["RECOMPUTE"] and recompute["dkdv"]["PERSIST"]
     nan_out, nan_lse = torch.full_like(out, float("nan")), torch.full_like(lse, float("nan"))
     got = varlen_attention_bwd(dout, q, k, v, nan_out, nan_lse, *args, configs=recompute)
     assert all(torch.isfinite(g).all() for g in got)
     stale = varlen_attention_bwd(dout, q, k, v, nan_out, nan_lse, *args, configs=reading)
     assert not torch.isfinite(stale[1]).all()
+    # RECOMPUTE=2 reads the LSE but not O: NaN in O changes nothing, NaN in the LSE does
+    lse_reading = {"dkdv": {**next(c for c in cands if c.get("RECOMPUTE") == 2), "BLOCK": 16}}
+    assert varlen_attention_bwd(dout, q, k, v, nan_out, lse, *args, configs=lse_reading)[1].equal(
+        varlen_attention_bwd(dout, q, k, v, out, lse, *args, configs=lse_reading)[1])
+    assert not torch.isfinite(varlen_attention_bwd(dout, q, k, v, out, nan_lse, *args, configs=lse_reading)[1]).all()
+    from_lse = varlen_attention_bwd(dout, q, k, v, nan_out, lse, *args, configs=lse_reading)
     q64, k64, v64 = (t.requires_grad_(True) for t in to64(q, k, v))
     ref = varlen_attention_ref(q64, k64, v64, c, c, 16, 16, False, 0.25)
     grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    for name, g, exp in zip(("dq", "dk", "dv"), got, grads):
+    for name, g, g2, exp in zip(("dq", "dk", "dv"), got, from_lse, grads):
         assert_close64(g, exp, torch.float32, name, scale=4.0)
+        assert_close64(g2, exp, torch.float32, f"{name} (LSE-reading)", scale=4.0)
 
 
 def test_window_candidates_only_for_one_tile_segments():
@@ -380,13 +389,14 @@ def test_window_candidates_only_for_one_tile_segments():
     dkdv = window_candidates(80, 64, 64, 16, 1, "dkdv")
     assert [(c["HEADS"], c["STAGES"], c["PERSIST"], c["RECOMPUTE"]) for c in dkdv] == [
         (4, 2, 0, 0), (2, 3, 0, 0), (4, 2, 0, 1), (2, 3, 0, 1), (1, 3, 1, 1), (1, 4, 1, 1), (1, 2, 1, 1),
-        (1, 3, 1, 1), (1, 2, 1, 1)]
-    assert [(c["num_warps"], c.get("PROGS")) for c in dkdv[4:]] == [(8, 1), (8, 1), (4, 2), (16, 1), (16, 1)]
+        (1, 3, 1, 1), (1, 2, 1, 1), (1, 3, 1, 2), (1, 4, 1, 2)]
+    assert [(c["num_warps"], c.get("PROGS")) for c in dkdv[4:]] == [(8, 1), (8, 1), (4, 2), (16, 1), (16, 1),
+                                                                    (8, 1), (8, 1)]
     assert window_candidates(80, 65, 64, 16, 1, "fwd") == []  # a segment needs two tiles
     assert window_candidates(128, 64, 64, 28, 7, "fwd") == []  # head_dim class not compile-checked
     assert window_candidates(80, 64, 64, 8, 2, "dkdv") == []  # GQA backward: the general kernels
     assert [(c["HEADS"], c["RECOMPUTE"]) for c in window_candidates(80, 30, 30, 6, 1, "dkdv")] == [
-        (2, 0), (2, 1)] + [(1, 1)] * 5
+        (2, 0), (2, 1)] + [(1, 1)] * 5 + [(1, 2)] * 2
 
 
 def test_dkdv_candidates_cover_the_variants():
@@ -467,8 +477,8 @@ def test_new_candidates_switch(monkeypatch):
     assert wins_off[0] == wins[0]  # no forward window shape is new
     assert any(c.get("ATOMIC_DQ") for c in on[0]) and not any(c.get("ATOMIC_DQ") for c in off[0])
     assert not any(c["num_stages"] == 3 for c in off[0] + off[1])
-    new_shapes = {(c["PROGS"], c["STAGES"], c["num_warps"]) for c in wins[1] if c not in wins_off[1]}
-    assert new_shapes == set(_NEW_BWD)
+    new_shapes = {(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"]) for c in wins[1] if c not in wins_off[1]}
+    assert new_shapes == {(*shape, 1) for shape in _NEW_BWD} | {(1, 3, 8, 2), (1, 4, 8, 2)}
     assert any(c["PERSIST"] for c in wins_off[1])  # run E ran the 8-warp persistent backward
     assert off == [launch_candidates(*a, new=False) for a in shapes]
     monkeypatch.delenv("VLR_ATTN_NEW")
@@ -517,7 +527,7 @@ def test_new_candidates_by_name(monkeypatch):
                    for a, _, _ in cases]
     win_new = [c for c in window_candidates(80, 64, 64, 16, 1, "dkdv")
                if c not in window_candidates(80, 64, 64, 16, 1, "dkdv", new=False)]
-    assert all(new_by_case) and len(win_new) == 3
+    assert all(new_by_case) and len(win_new) == 5
     dq80, dq128 = new_by_case[0][-1], new_by_case[1][-1]
     assert candidate_id("dq", 80, dq80) == "dq@80:" + "-".join(str(int(v)) for v in dq80.values())
     chosen = [candidate_id("dq", 80, dq80), candidate_id("dkdv", 80, win_new[1])]
