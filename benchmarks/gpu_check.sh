@@ -91,7 +91,7 @@ tests/kernels/test_rotary.py tests/kernels/test_swiglu.py tests/kernels/test_ada
 tests/model/test_gpu.py tests/model/test_host_sync.py tests/runtime/test_plan.py tests/parallel"
 # Most of a GPU test's time is Triton compiling its kernels on one core: with pytest-xdist importable (gpu_wheels.sh
 # carries it) the tests run on TEST_WORKERS processes sharing the GPU (default 8; 0 = one process) and the probe
-# beside them on PROBE_WORKERS (default 2: 4 tests since run E). Runs E/F: 71 tests on 4 workers took 59-75 s of
+# beside them on PROBE_WORKERS (default 2: 6 tests since run E). Runs E/F: 71 tests on 4 workers took 59-75 s of
 # pytest time (+ ~15 s of start), mostly single-core Triton compiles, on a 16-core machine.
 # Run D's single process got through 28 of 52 tests in the 120 s.
 XDIST=()
