@@ -620,7 +620,7 @@ def varlen_attention_bwd(
     def launch_dkdv(cfg: dict[str, int], dq_cfg: dict[str, int] | None = dq_cfg) -> None:
         # timed with the passes each candidate needs: delta, and the dQ pass unless it fuses dQ
         if cfg.get("WINDOW"):
-            # cfg's constexprs: BLOCK, HEADS, STAGES and RECOMPUTE (1: the kernel leaves out and lse unread)
+            # cfg's constexprs: BLOCK, HEADS, STAGES and RECOMPUTE (1: out and lse unread; 2: out unread)
             grid, items = window_grid(cfg, n_seg, hkv, q.device)
             cfg = {k: v for k, v in cfg.items() if k not in ("WINDOW", "PROGS")}
             _window_bwd_kernel[grid](

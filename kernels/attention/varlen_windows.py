@@ -271,8 +271,8 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     (TTGIR waits and ptxas): forward 160 / 184 / 186 registers, 68 / 98 / 128 KiB at 2 / 3 / 4 stages;
     backward (recomputing) 223 / 229 registers, 144 / 184 KiB at 3 / 4 stages, the next 1 / 2 items' loads in
     flight (``async_wait num = 8 / 16``); no spills. The O-reading backward spills 8 bytes in this loop: not
-    offered. The shapes in ``_NEW_BWD`` (two 4-warp programs per SM, 16 warps) have not run on a GPU yet: each
-    reaches the tuner per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False:
+    offered. The shapes in ``_NEW_BWD`` (two 4-warp programs per SM, 16 warps) and the ``RECOMPUTE=2`` ones
+    (8 warps, P from the saved LSE) have not run on a GPU yet: each reaches the tuner per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False:
     none)."""
     key = (head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new, os.environ.get(NEW_ENV))
     if key not in _CANDIDATES:  # once per arguments and environment (called on every launch), copied out
