@@ -350,7 +350,8 @@ def _describe(kernel: str, cfg: dict[str, int]) -> str:
         tile = f"{cfg['BLOCK']}x{cfg['BLOCK']} {spread} pipe{cfg['STAGES']} window"
     else:
         tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
-    flags = [name.lower() for name in ("FLAT", "SPLIT", "RECOMPUTE", "ATOMIC_DQ") if cfg.get(name)]
+    flags = [name.lower() for name in ("FLAT", "SPLIT", "ATOMIC_DQ", "KV_MAJOR") if cfg.get(name)]
+    flags += {1: ["recompute"], 2: ["lse_delta"]}.get(cfg.get("RECOMPUTE", 0), [])
     return " ".join([f"ours {kernel} {tile} w{cfg['num_warps']} s{cfg['num_stages']}", *flags])
 
 

@@ -58,21 +58,24 @@ def _softmax_parts(s, ok):
 
 
 @triton.jit
-def _masks(len_q, len_k, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+def _masks(len_q, len_k, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """Offsets, row and column masks over the one tile of a segment of ``len_q`` x ``len_k``, and its
-    attention mask."""
+    attention mask ([queries, keys]; ``TRANSPOSED``: [keys, queries])."""
     offs = tl.arange(0, BLOCK)
-    ok = allowed(offs[:, None], offs[None, :], len_k, len_k - len_q, 0, 0, CAUSAL, False)
+    if TRANSPOSED:
+        ok = allowed(offs[None, :], offs[:, None], len_k, len_k - len_q, 0, 0, CAUSAL, False)
+    else:
+        ok = allowed(offs[:, None], offs[None, :], len_k, len_k - len_q, 0, 0, CAUSAL, False)
     return offs, offs < len_q, offs < len_k, ok
 
 
 @triton.jit
-def _window(cu_q, cu_k, seg, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+def _window(cu_q, cu_k, seg, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """Segment ``seg``'s q/k starts, row and column masks over the one tile, and its attention mask."""
     q_start = tl.load(cu_q + seg)
     k_start = tl.load(cu_k + seg)
     offs, row_ok, col_ok, ok = _masks(tl.load(cu_q + seg + 1) - q_start, tl.load(cu_k + seg + 1) - k_start,
-                                      CAUSAL, BLOCK)
+                                      CAUSAL, BLOCK, TRANSPOSED)
     return q_start.to(tl.int64), k_start.to(tl.int64), offs, row_ok, col_ok, ok
 
 
@@ -159,9 +162,10 @@ def _bwd_head(
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt,
     stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, total_q, qk_scale, sm_scale,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PREC: tl.constexpr, RECOMPUTE: tl.constexpr,
+    PREC: tl.constexpr, RECOMPUTE: tl.constexpr, KV_MAJOR: tl.constexpr = False,
 ):
-    """dK, dV of kv head ``hk`` in one window and dQ of its ``GROUP`` q heads."""
+    """dK, dV of kv head ``hk`` in one window and dQ of its ``GROUP`` q heads (``KV_MAJOR``: the products
+    computed transposed, keys as rows; ``ok`` then [keys, queries]; RECOMPUTE 0 or 2 only)."""
     k0, k1 = load_head(K + k_off * stride_kt + hk * stride_kh, offs, col_ok, stride_kt, D0, D1, HEAD_DIM)
     v0, v1 = load_head(V + k_off * stride_vt + hk * stride_vh, offs, col_ok, stride_vt, D0, D1, HEAD_DIM)
     dk0 = tl.zeros((BLOCK, D0), tl.float32)
@@ -173,11 +177,9 @@ def _bwd_head(
         q0, q1 = load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
         do0, do1 = load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
                              HEAD_DIM)
-        if RECOMPUTE == 1:
-            # the tile holds whole rows: the forward's softmax again instead of reading LSE
-            p, _, _, _, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
-            p = p * inv_l[:, None]
-        else:
+        if KV_MAJOR:
+            # S^T = K Q^T: P^T and dS^T come out of their products already as the left operands of dV = P^T dO
+            # and dK = dS^T Q, so only dS is transposed (for dQ = dS K); ``ok`` is the transposed mask here
             if RECOMPUTE == 0:
                 o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
                                    HEAD_DIM)
@@ -185,14 +187,34 @@ def _bwd_head(
                 if D1 > 0:
                     delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
             lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
-            p = tl.where(ok, tl.exp2(scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
-        dp = scores(do0, do1, v0, v1, D1, PREC)
-        if RECOMPUTE != 0:
-            # rowsum(P * dP) = rowsum(dO * O) for O = P V, without reading O (nor its bf16 rounding)
-            delta = tl.sum(p * dp, 1)
-        ds = (p * (dp - delta[:, None])).to(q0.dtype)
-        pt = tl.trans(p.to(q0.dtype))
-        dst = tl.trans(ds)
+            p_t = tl.where(ok, tl.exp2(scores(k0, k1, q0, q1, D1, PREC) * qk_scale - lse[None, :]), 0.0)
+            dp_t = scores(v0, v1, do0, do1, D1, PREC)
+            if RECOMPUTE != 0:
+                delta = tl.sum(p_t * dp_t, 0)  # over the keys: a column sum of P^T * dP^T
+            dst = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+            pt = p_t.to(q0.dtype)
+            ds = tl.trans(dst)
+        else:
+            if RECOMPUTE == 1:
+                # the tile holds whole rows: the forward's softmax again instead of reading LSE
+                p, _, _, _, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
+                p = p * inv_l[:, None]
+            else:
+                if RECOMPUTE == 0:
+                    o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0,
+                                       D1, HEAD_DIM)
+                    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+                    if D1 > 0:
+                        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+                lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
+                p = tl.where(ok, tl.exp2(scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
+            dp = scores(do0, do1, v0, v1, D1, PREC)
+            if RECOMPUTE != 0:
+                # rowsum(P * dP) = rowsum(dO * O) for O = P V, without reading O (nor its bf16 rounding)
+                delta = tl.sum(p * dp, 1)
+            ds = (p * (dp - delta[:, None])).to(q0.dtype)
+            pt = tl.trans(p.to(q0.dtype))
+            dst = tl.trans(ds)
         dv0 = tl.dot(pt, do0, dv0, input_precision=PREC)
         dk0 = tl.dot(dst, q0, dk0, input_precision=PREC)
         dq_base = DQ + q_off * stride_dqt + h * stride_dqh
@@ -219,28 +241,29 @@ def _window_bwd_kernel(
     stride_dvt, stride_dvh, total_q, qk_scale, sm_scale, per, n_items, heads,
     GROUP: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
-    RECOMPUTE: tl.constexpr, PERSIST: tl.constexpr,
+    RECOMPUTE: tl.constexpr, PERSIST: tl.constexpr, KV_MAJOR: tl.constexpr = False,
 ):
     """Items are (window, kv head); ``PERSIST`` and ``HEADS`` as in the forward, ``heads`` = kv heads."""
     if PERSIST:
         seg, hk, n, q_lo, q_hi, k_lo, k_hi = _first_item(cu_q, cu_k, per, n_items, heads)
         for _ in tl.range(0, n, num_stages=STAGES):
-            offs, row_ok, col_ok, ok = _masks(q_hi - q_lo, k_hi - k_lo, CAUSAL, BLOCK)
+            offs, row_ok, col_ok, ok = _masks(q_hi - q_lo, k_hi - k_lo, CAUSAL, BLOCK, KV_MAJOR)
             _bwd_head(Q, K, V, Out, DO, LSE, DQ, DK, DV, q_lo.to(tl.int64), k_lo.to(tl.int64), offs, row_ok,
                       col_ok, ok, hk, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                       stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt,
                       stride_dkh, stride_dvt, stride_dvh, total_q, qk_scale, sm_scale, GROUP, BLOCK, D0, D1,
-                      HEAD_DIM, PREC, RECOMPUTE)
+                      HEAD_DIM, PREC, RECOMPUTE, KV_MAJOR)
             seg, hk, q_lo, q_hi, k_lo, k_hi = _next_item(cu_q, cu_k, seg, hk, heads, n_items, q_lo, q_hi, k_lo,
                                                          k_hi)
     else:
         hk0 = tl.program_id(1) * HEADS
-        q_off, k_off, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK)
+        q_off, k_off, offs, row_ok, col_ok, ok = _window(cu_q, cu_k, tl.program_id(0), CAUSAL, BLOCK, KV_MAJOR)
         for i in tl.range(0, HEADS, num_stages=STAGES):
             _bwd_head(Q, K, V, Out, DO, LSE, DQ, DK, DV, q_off, k_off, offs, row_ok, col_ok, ok, hk0 + i,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                       stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt,
-                      stride_dvh, total_q, qk_scale, sm_scale, GROUP, BLOCK, D0, D1, HEAD_DIM, PREC, RECOMPUTE)
+                      stride_dvh, total_q, qk_scale, sm_scale, GROUP, BLOCK, D0, D1, HEAD_DIM, PREC, RECOMPUTE,
+                      KV_MAJOR)
 
 
 def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads: int, group: int,
@@ -271,8 +294,9 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     (TTGIR waits and ptxas): forward 160 / 184 / 186 registers, 68 / 98 / 128 KiB at 2 / 3 / 4 stages;
     backward (recomputing) 223 / 229 registers, 144 / 184 KiB at 3 / 4 stages, the next 1 / 2 items' loads in
     flight (``async_wait num = 8 / 16``); no spills. The O-reading backward spills 8 bytes in this loop: not
-    offered. The shapes in ``_NEW_BWD`` (two 4-warp programs per SM, 16 warps) and the ``RECOMPUTE=2`` ones
-    (8 warps, P from the saved LSE) have not run on a GPU yet: each reaches the tuner per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False:
+    offered. The shapes in ``_NEW_BWD`` (two 4-warp programs per SM, 16 warps), the ``RECOMPUTE=2`` ones
+    (8 warps, P from the saved LSE) and the ``KV_MAJOR`` ones have not run on a GPU yet: each reaches the tuner
+    per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False:
     none)."""
     key = (head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new, os.environ.get(NEW_ENV))
     if key not in _CANDIDATES:  # once per arguments and environment (called on every launch), copied out
@@ -304,7 +328,8 @@ def _window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, head
     else:
         found = [{**cfg, "RECOMPUTE": r} for r in (0, 1) for cfg in shapes] + [
             {**cfg, "RECOMPUTE": 1} for cfg in persist] + [
-            {**cfg, "RECOMPUTE": 2} for cfg in persist if cfg["num_warps"] == 8]
+            {**cfg, "RECOMPUTE": 2} for cfg in persist if cfg["num_warps"] == 8] + [
+            {**cfg, "RECOMPUTE": r, "KV_MAJOR": 1} for r in (0, 2) for cfg in persist if cfg["num_warps"] == 8]
     return [cfg for cfg in found if not _is_new(kernel, cfg) or new_candidate_allowed(kernel, head_dim, cfg, new)]
 
 
@@ -323,11 +348,19 @@ _NEW_BWD = ((2, 2, 4), (1, 3, 16), (1, 2, 16))
 # memory and a barrier. sm_90: 231 / 237 registers at 3 / 4 stages, no spills (4 and 16 warps spill: not offered)
 
 
+# KV_MAJOR (after run E too): the products computed transposed, S^T = K Q^T and dP^T = V dO^T, as FlashAttention-2's
+# dK/dV kernel does: P^T and dS^T are then already the left operands of dV = P^T dO and dK = dS^T Q, and only dS is
+# transposed through shared memory (for dQ), one round trip of the two per item; with the LSE (RECOMPUTE 2: delta
+# a column sum) or O (RECOMPUTE 0: no reduction over the tile at all, at +83 MB read). sm_90, 8 warps, 3 / 4
+# stages: 236 / 244 registers (LSE), 252 / 252 (O; the q-major O-reading loop spills 8 B), no spills
+
+
 def _is_new(kernel: str, cfg: dict[str, int]) -> bool:
     """A window candidate that has not run on a GPU yet (run E ran every other one: its tests passed and the
     tuner timed it)."""
     return kernel == "dkdv" and bool(cfg["PERSIST"]) and (
-        (cfg["PROGS"], cfg["STAGES"], cfg["num_warps"]) in _NEW_BWD or cfg.get("RECOMPUTE") == 2)
+        (cfg["PROGS"], cfg["STAGES"], cfg["num_warps"]) in _NEW_BWD or cfg.get("RECOMPUTE") == 2
+        or bool(cfg.get("KV_MAJOR")))
 
 
 def window_grid(cfg: dict[str, int], n_seg: int, heads: int, device) -> tuple[tuple[int, ...], dict[str, int]]:

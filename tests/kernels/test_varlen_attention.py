@@ -313,11 +313,12 @@ def test_triton_persistent_window_kernels():
     fwds = [c for c in window_candidates(80, 64, 64, 5, 1, "fwd") if c["PERSIST"]]
     bwds = [c for c in window_candidates(80, 64, 64, 5, 1, "dkdv") if c["PERSIST"]]
     assert [(c["PROGS"], c["STAGES"]) for c in fwds] == [(3, 2), (2, 3), (1, 4)]
-    assert [(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"]) for c in bwds] == [
-        (1, 3, 8, 1), (1, 4, 8, 1), (2, 2, 4, 1), (1, 3, 16, 1), (1, 2, 16, 1), (1, 3, 8, 2), (1, 4, 8, 2)]
+    assert [(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"], c.get("KV_MAJOR", 0)) for c in bwds] == [
+        (1, 3, 8, 1, 0), (1, 4, 8, 1, 0), (2, 2, 4, 1, 0), (1, 3, 16, 1, 0), (1, 2, 16, 1, 0), (1, 3, 8, 2, 0),
+        (1, 4, 8, 2, 0), (1, 3, 8, 0, 1), (1, 4, 8, 0, 1), (1, 3, 8, 2, 1), (1, 4, 8, 2, 1)]
     grids = [window_grid(c, 7, 5, torch.device("cpu")) for c in (*fwds, *bwds)]
     assert [(g[0], g[1]["per"]) for g in grids] == [((9,), 4), ((6,), 6), ((3,), 12), ((3,), 12), ((3,), 12),
-                                                    ((6,), 6), ((3,), 12), ((3,), 12), ((3,), 12), ((3,), 12)]
+                                                    ((6,), 6)] + [((3,), 12)] * 8
     windows = [1, 7, 64, 0, 20, 33, 5]
     for i, bwd in enumerate(bwds):
         configs = {"fwd": fwds[i % len(fwds)], "dkdv": bwd}
@@ -363,18 +364,27 @@ def test_window_recompute_reads_neither_out_nor_lse():
     assert all(torch.isfinite(g).all() for g in got)
     stale = varlen_attention_bwd(dout, q, k, v, nan_out, nan_lse, *args, configs=reading)
     assert not torch.isfinite(stale[1]).all()
-    # RECOMPUTE=2 reads the LSE but not O: NaN in O changes nothing, NaN in the LSE does
-    lse_reading = {"dkdv": {**next(c for c in cands if c.get("RECOMPUTE") == 2), "BLOCK": 16}}
-    assert varlen_attention_bwd(dout, q, k, v, nan_out, lse, *args, configs=lse_reading)[1].equal(
-        varlen_attention_bwd(dout, q, k, v, out, lse, *args, configs=lse_reading)[1])
-    assert not torch.isfinite(varlen_attention_bwd(dout, q, k, v, out, nan_lse, *args, configs=lse_reading)[1]).all()
-    from_lse = varlen_attention_bwd(dout, q, k, v, nan_out, lse, *args, configs=lse_reading)
     q64, k64, v64 = (t.requires_grad_(True) for t in to64(q, k, v))
     ref = varlen_attention_ref(q64, k64, v64, c, c, 16, 16, False, 0.25)
     grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    for name, g, g2, exp in zip(("dq", "dk", "dv"), got, from_lse, grads):
+    for name, g, exp in zip(("dq", "dk", "dv"), got, grads):
         assert_close64(g, exp, torch.float32, name, scale=4.0)
-        assert_close64(g2, exp, torch.float32, f"{name} (LSE-reading)", scale=4.0)
+    # RECOMPUTE=2 (q-major and KV_MAJOR) reads the LSE but not O: NaN in O changes nothing, NaN in the LSE does;
+    # the KV_MAJOR O-reading one turns NaN with O; each matches float64
+    for pick in (lambda c: c.get("RECOMPUTE") == 2 and not c.get("KV_MAJOR"),
+                 lambda c: c.get("RECOMPUTE") == 2 and c.get("KV_MAJOR"),
+                 lambda c: c.get("RECOMPUTE") == 0 and c.get("KV_MAJOR")):
+        cfg = {"dkdv": {**next(c for c in cands if pick(c)), "BLOCK": 16}}
+        label = f"{cfg['dkdv']}"
+        good = varlen_attention_bwd(dout, q, k, v, out, lse, *args, configs=cfg)
+        for name, g, exp in zip(("dq", "dk", "dv"), good, grads):
+            assert_close64(g, exp, torch.float32, f"{name} {label}", scale=4.0)
+        assert not torch.isfinite(varlen_attention_bwd(dout, q, k, v, out, nan_lse, *args, configs=cfg)[1]).all()
+        no_out = varlen_attention_bwd(dout, q, k, v, nan_out, lse, *args, configs=cfg)[1]
+        if cfg["dkdv"]["RECOMPUTE"] == 2:
+            assert no_out.equal(good[1]), label
+        else:
+            assert not torch.isfinite(no_out).all(), label
 
 
 def test_window_candidates_only_for_one_tile_segments():
@@ -389,14 +399,15 @@ def test_window_candidates_only_for_one_tile_segments():
     dkdv = window_candidates(80, 64, 64, 16, 1, "dkdv")
     assert [(c["HEADS"], c["STAGES"], c["PERSIST"], c["RECOMPUTE"]) for c in dkdv] == [
         (4, 2, 0, 0), (2, 3, 0, 0), (4, 2, 0, 1), (2, 3, 0, 1), (1, 3, 1, 1), (1, 4, 1, 1), (1, 2, 1, 1),
-        (1, 3, 1, 1), (1, 2, 1, 1), (1, 3, 1, 2), (1, 4, 1, 2)]
-    assert [(c["num_warps"], c.get("PROGS")) for c in dkdv[4:]] == [(8, 1), (8, 1), (4, 2), (16, 1), (16, 1),
-                                                                    (8, 1), (8, 1)]
+        (1, 3, 1, 1), (1, 2, 1, 1), (1, 3, 1, 2), (1, 4, 1, 2), (1, 3, 1, 0), (1, 4, 1, 0), (1, 3, 1, 2),
+        (1, 4, 1, 2)]
+    assert [(c["num_warps"], c.get("PROGS"), c.get("KV_MAJOR", 0)) for c in dkdv[4:]] == [
+        (8, 1, 0), (8, 1, 0), (4, 2, 0), (16, 1, 0), (16, 1, 0), (8, 1, 0), (8, 1, 0)] + [(8, 1, 1)] * 4
     assert window_candidates(80, 65, 64, 16, 1, "fwd") == []  # a segment needs two tiles
     assert window_candidates(128, 64, 64, 28, 7, "fwd") == []  # head_dim class not compile-checked
     assert window_candidates(80, 64, 64, 8, 2, "dkdv") == []  # GQA backward: the general kernels
     assert [(c["HEADS"], c["RECOMPUTE"]) for c in window_candidates(80, 30, 30, 6, 1, "dkdv")] == [
-        (2, 0), (2, 1)] + [(1, 1)] * 5 + [(1, 2)] * 2
+        (2, 0), (2, 1)] + [(1, 1)] * 5 + [(1, 2)] * 2 + [(1, 0)] * 2 + [(1, 2)] * 2
 
 
 def test_dkdv_candidates_cover_the_variants():
@@ -477,8 +488,10 @@ def test_new_candidates_switch(monkeypatch):
     assert wins_off[0] == wins[0]  # no forward window shape is new
     assert any(c.get("ATOMIC_DQ") for c in on[0]) and not any(c.get("ATOMIC_DQ") for c in off[0])
     assert not any(c["num_stages"] == 3 for c in off[0] + off[1])
-    new_shapes = {(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"]) for c in wins[1] if c not in wins_off[1]}
-    assert new_shapes == {(*shape, 1) for shape in _NEW_BWD} | {(1, 3, 8, 2), (1, 4, 8, 2)}
+    new_shapes = {(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"], c.get("KV_MAJOR", 0))
+                  for c in wins[1] if c not in wins_off[1]}
+    assert new_shapes == {(*shape, 1, 0) for shape in _NEW_BWD} | {
+        (1, stages, 8, r, kv) for stages in (3, 4) for r, kv in ((2, 0), (0, 1), (2, 1))}
     assert any(c["PERSIST"] for c in wins_off[1])  # run E ran the 8-warp persistent backward
     assert off == [launch_candidates(*a, new=False) for a in shapes]
     monkeypatch.delenv("VLR_ATTN_NEW")
@@ -527,7 +540,7 @@ def test_new_candidates_by_name(monkeypatch):
                    for a, _, _ in cases]
     win_new = [c for c in window_candidates(80, 64, 64, 16, 1, "dkdv")
                if c not in window_candidates(80, 64, 64, 16, 1, "dkdv", new=False)]
-    assert all(new_by_case) and len(win_new) == 5
+    assert all(new_by_case) and len(win_new) == 9
     dq80, dq128 = new_by_case[0][-1], new_by_case[1][-1]
     assert candidate_id("dq", 80, dq80) == "dq@80:" + "-".join(str(int(v)) for v in dq80.values())
     chosen = [candidate_id("dq", 80, dq80), candidate_id("dkdv", 80, win_new[1])]
