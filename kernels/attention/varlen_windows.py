@@ -157,6 +157,17 @@ def _window_fwd_kernel(
 
 
 @triton.jit
+def _delta_from_out(o_base, offs, row_ok, stride_ot, do0, do1, D0: tl.constexpr, D1: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
+    """``rowsum(O * dO)`` of one head's rows (fp32), O read from ``o_base``."""
+    o0, o1 = load_head(o_base, offs, row_ok, stride_ot, D0, D1, HEAD_DIM)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    if D1 > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+    return delta
+
+
+@triton.jit
 def _bwd_head(
     Q, K, V, Out, DO, LSE, DQ, DK, DV, q_off, k_off, offs, row_ok, col_ok, ok, hk, stride_qt, stride_qh,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt,
@@ -181,11 +192,8 @@ def _bwd_head(
             # S^T = K Q^T: P^T and dS^T come out of their products already as the left operands of dV = P^T dO
             # and dK = dS^T Q, so only dS is transposed (for dQ = dS K); ``ok`` is the transposed mask here
             if RECOMPUTE == 0:
-                o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0, D1,
-                                   HEAD_DIM)
-                delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
-                if D1 > 0:
-                    delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+                delta = _delta_from_out(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, do0,
+                                        do1, D0, D1, HEAD_DIM)
             lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
             p_t = tl.where(ok, tl.exp2(scores(k0, k1, q0, q1, D1, PREC) * qk_scale - lse[None, :]), 0.0)
             dp_t = scores(v0, v1, do0, do1, D1, PREC)
@@ -201,11 +209,8 @@ def _bwd_head(
                 p = p * inv_l[:, None]
             else:
                 if RECOMPUTE == 0:
-                    o0, o1 = load_head(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, D0,
-                                       D1, HEAD_DIM)
-                    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
-                    if D1 > 0:
-                        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+                    delta = _delta_from_out(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot,
+                                            do0, do1, D0, D1, HEAD_DIM)
                 lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
                 p = tl.where(ok, tl.exp2(scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
             dp = scores(do0, do1, v0, v1, D1, PREC)
