@@ -283,8 +283,8 @@ def _ms(t: list[float]) -> str:
 
 
 def report(result: dict, work: Workload, procs: int, note: str, csv_path: Path | None) -> tuple[str, bool]:
-    """CSV rows (appended to ``csv_path`` by the Recorder as they are added) and the markdown table of :func:`run_ranks`' ``result``; also whether
-    the outputs agreed."""
+    """CSV rows (appended to ``csv_path`` by the Recorder as they are added) and the markdown table of
+    :func:`run_ranks`' ``result``; also whether the outputs agreed."""
     ranks = result["ranks"]
     per_rank, images, patch_ratio, flop_ratio = result["analytic"]
     a = work.vision

@@ -52,7 +52,7 @@ mkdir -p "$LOGS"
 pack_logs() { tar -czf "$LOGDIR/logs.tar.gz" -C "$LOGDIR" logs && rm -rf "$LOGS"; }
 trap pack_logs EXIT
 export PYTHONUNBUFFERED=1
-export VLR_BENCH_CSV=${VLR_BENCH_CSV:-$LOGDIR/kernels.csv}  # every benchmark's rows, appended as each one ends
+export VLR_BENCH_CSV=${VLR_BENCH_CSV:-$LOGDIR/kernels.csv}  # every benchmark's rows, each as it is measured
 # TOTAL_S: the whole script's time (the device call's limit minus the wheel install before it). Stages keep their
 # LIMIT_*; time the earlier stages left unused (a probe that ends early, quick tests) goes half to the attention
 # workloads and the rest to the kernel benchmarks, each stage capped so the script ends in time.

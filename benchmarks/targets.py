@@ -46,12 +46,10 @@ class Rows:
     def __init__(self, rows: list[dict[str, str]]):
         self.p50: dict[tuple[str, str, str, str, str], float] = {}
         self.xs: dict[str, list[str]] = {}
-        self.cards: set[str] = set()
         for r in rows:
             self.p50[(r["kernel"], r["provider"], r["mode"], r["metric"], r["x"])] = float(r["p50"])
             if r["provider"] != "copy" and r["x"] not in self.xs.setdefault(r["kernel"], []):
                 self.xs[r["kernel"]].append(r["x"])
-            self.cards.add(r["gpu"])
 
     def get(self, kernel: str, provider: str, mode: str, metric: str = "ms", x: str | None = None) -> float | None:
         """``x`` None: the kernel's latest workload (the benchmarks of issue 4 run one shape per kernel)."""

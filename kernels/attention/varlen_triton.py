@@ -102,7 +102,7 @@ def _fwd_blocks(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_
                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, lo2=0, hi2=0, GAP: tl.constexpr = False):
     """Online softmax over the key blocks of ``[lo, hi)``; ``GAP``: then over ``[lo2, hi2)`` in the same loop
     (the shared-prompt mask's two masked ranges in one software pipeline instead of two loops: at sm_90 the
-    3-stage 128x64 dQ tile then fits the registers, 254 instead of 255 + 64 B spilled; see :func:`_gap_loop`)."""
+    3-stage 128x64 dQ tile then fits the registers, 250 instead of 255 + 64 B spilled; see :func:`_gap_loop`)."""
     if GAP:
         n, n1 = _gap_loop(lo, hi, lo2, hi2, BLOCK_N)
         for i in range(n):

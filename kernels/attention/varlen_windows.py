@@ -188,13 +188,14 @@ def _bwd_head(
         q0, q1 = load_head(Q + q_off * stride_qt + h * stride_qh, offs, row_ok, stride_qt, D0, D1, HEAD_DIM)
         do0, do1 = load_head(DO + q_off * stride_dot + h * stride_doh, offs, row_ok, stride_dot, D0, D1,
                              HEAD_DIM)
+        if RECOMPUTE == 0:
+            delta = _delta_from_out(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, do0, do1,
+                                    D0, D1, HEAD_DIM)
+        if RECOMPUTE != 1:
+            lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
         if KV_MAJOR:
             # S^T = K Q^T: P^T and dS^T come out of their products already as the left operands of dV = P^T dO
             # and dK = dS^T Q, so only dS is transposed (for dQ = dS K); ``ok`` is the transposed mask here
-            if RECOMPUTE == 0:
-                delta = _delta_from_out(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot, do0,
-                                        do1, D0, D1, HEAD_DIM)
-            lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
             p_t = tl.where(ok, tl.exp2(scores(k0, k1, q0, q1, D1, PREC) * qk_scale - lse[None, :]), 0.0)
             dp_t = scores(v0, v1, do0, do1, D1, PREC)
             if RECOMPUTE != 0:
@@ -208,10 +209,6 @@ def _bwd_head(
                 p, _, _, _, inv_l = _softmax_parts(scores(q0, q1, k0, k1, D1, PREC) * qk_scale, ok)
                 p = p * inv_l[:, None]
             else:
-                if RECOMPUTE == 0:
-                    delta = _delta_from_out(Out + q_off * stride_ot + h * stride_oh, offs, row_ok, stride_ot,
-                                            do0, do1, D0, D1, HEAD_DIM)
-                lse = tl.load(LSE + h.to(tl.int64) * total_q + q_off + offs, mask=row_ok, other=0.0) * LOG2E
                 p = tl.where(ok, tl.exp2(scores(q0, q1, k0, k1, D1, PREC) * qk_scale - lse[:, None]), 0.0)
             dp = scores(do0, do1, v0, v1, D1, PREC)
             if RECOMPUTE != 0:
