@@ -15,7 +15,8 @@
 #              -new; vlr_kernels.attention.varlen_tiles.new_candidate_allowed), in processes of their own
 #              that run beside the tests stage:
 #              VLR_ATTN_NEW then lists for the benchmarks' tuner the candidates whose every test passed (1: all,
-#              0: none; tests/kernels/new_probe.py; preset VLR_ATTN_NEW to skip the probe). The flat dK/dV
+#              0: none; tests/kernels/new_probe.py; preset VLR_ATTN_NEW to skip the probe; none is new since run G:
+#              pytest then collects no test, exit 5, which passes). The flat dK/dV
 #              candidates had this probe until run D passed all ten; VLR_ATTN_FLAT=0 still keeps them out
 #   train      bench_train.py: one training step vs stock transformers, tokens/s, MFU, peak memory vs the planner
 #              (providers hf_sdpa, ours, ours_plain and a profile of ours/ours_plain; TRAIN_ARGS="" runs every
@@ -124,10 +125,14 @@ if [ -n "$probe_pid" ]; then
   echo "=== new_probe: exit $probe_rc"
   tail -n "${TAIL_LINES:-25}" "$LOGS/new_probe.log"
   summary+=("new_probe: exit $probe_rc in $(( probe_t1 - probe_t0 )) s (beside tests)$([ "$probe_rc" = 124 ] \
-    && echo ' (TIMED OUT)')")
-  [ "$probe_rc" = 0 ] || status=1
-  # per candidate: the ones whose every test passed (a failure, a crash or the time limit keeps out only its own)
-  VLR_ATTN_NEW=$("$PY" -m tests.kernels.new_probe "$LOGS/new_probe.log" 2>>"$LOGS/new_probe.log") || VLR_ATTN_NEW=0
+    && echo ' (TIMED OUT)')$([ "$probe_rc" = 5 ] && echo ': no new candidate (pytest collected no test)')")
+  if [ "$probe_rc" = 5 ]; then  # nothing new (run G ran every candidate): nothing for the verdict to keep out
+    VLR_ATTN_NEW=1
+  else
+    [ "$probe_rc" = 0 ] || status=1
+    # per candidate: the ones whose every test passed (a failure, a crash or the time limit keeps out only its own)
+    VLR_ATTN_NEW=$("$PY" -m tests.kernels.new_probe "$LOGS/new_probe.log" 2>>"$LOGS/new_probe.log") || VLR_ATTN_NEW=0
+  fi
   export VLR_ATTN_NEW
   case "$VLR_ATTN_NEW" in
     0|1) summary+=("new-candidate probe: VLR_ATTN_NEW=$VLR_ATTN_NEW (log: new_probe.log)") ;;

@@ -193,9 +193,10 @@ class Tile(NamedTuple):
     atomic: bool = False  # dkdv: also dQ, added to an fp32 buffer with atomics (no dQ pass)
     shared: bool = True  # also a candidate for shared-prompt pairs (False: that specialisation spills)
     # never run on a GPU yet (added after the last run of its workload): new_candidate_allowed. Every entry below
-    # ran in H200 run E (43dc1ce): all their GPU tests passed and the tuner timed them (benchmarks/NOTES.md)
+    # ran in H200 run E (43dc1ce) or, the 3-stage 128x64 dQ tile with the shared-prompt mask, run G (5e09106): all
+    # their GPU tests passed and the tuner timed them (benchmarks/NOTES.md)
     new: bool = False
-    shared_new: bool = False  # new only in the shared-prompt specialisation (which run E did not run it with)
+    shared_new: bool = False  # new only in the shared-prompt specialisation
 
 
 # Candidates per kernel and head-dim class. The first entry is the default; the others are alternatives
@@ -238,7 +239,7 @@ _TABLES = {
           # the 3-stage 128x64 (run E's LLM pick, 14% ahead of 2 stages) spilled 64 B with the shared-prompt mask
           # until that mask's two masked kv ranges became one loop (sm_90: 249 registers plain, 250 shared)
           "dq": (Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2), Tile(128, 64, 8, 2),
-                 Tile(64, 64, 8, 3), Tile(128, 32, 8, 3), Tile(128, 64, 8, 3, shared_new=True))},
+                 Tile(64, 64, 8, 3), Tile(128, 32, 8, 3), Tile(128, 64, 8, 3))},
     256: {"fwd": (Tile(64, 32, 8, 2),), "dkdv": (Tile(16, 32, 8, 2),), "dq": (Tile(32, 32, 8, 2),)},
 }
 

@@ -50,6 +50,7 @@ from vlr_kernels.attention.varlen_windows import (
     _window_bwd_kernel,
     _window_fwd_kernel,
     window_candidates,
+    window_default,
     window_grid,
 )
 
@@ -471,6 +472,9 @@ def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, 
     if block_m is not None or block_n is not None:
         return cands[0]
     cands += extra
+    if extra and device.type == "cuda":  # untuned, a GPU launch takes the measured window pick (window_default)
+        first = window_default(kernel, list(extra))
+        cands = [first, *(c for c in cands if c is not first)]
     key = (kernel, head_dim, next_power_of_2(max(max_q, 1)),
            next_power_of_2(max(max_k, 1)), *shape_key)
     return pick(key, cands, launch, device)

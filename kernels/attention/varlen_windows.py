@@ -296,10 +296,11 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     (TTGIR waits and ptxas): forward 160 / 184 / 186 registers, 68 / 98 / 128 KiB at 2 / 3 / 4 stages;
     backward (recomputing) 223 / 229 registers, 144 / 184 KiB at 3 / 4 stages, the next 1 / 2 items' loads in
     flight (``async_wait num = 8 / 16``); no spills. The O-reading backward spills 8 bytes in this loop: not
-    offered. The shapes in ``_NEW_BWD`` (two 4-warp programs per SM, 16 warps), the ``RECOMPUTE=2`` ones
-    (8 warps, P from the saved LSE) and the ``KV_MAJOR`` ones have not run on a GPU yet: each reaches the tuner
-    per :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False:
-    none)."""
+    offered. Then the shapes of ``_MORE_BWD`` (two 4-warp programs per SM: H200 run G's pick; 16 warps), the
+    ``RECOMPUTE=2`` ones (8 warps, P from the saved LSE) and the ``KV_MAJOR`` ones. A configuration in
+    ``_NEW_WINDOWS`` (none since run G ran them all) has not run on a GPU: it reaches the tuner per
+    :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False: none). The list's order
+    is the tests' and the tuner's; :func:`window_default` says which one an untuned launch takes."""
     key = (head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new, os.environ.get(NEW_ENV))
     if key not in _CANDIDATES:  # once per arguments and environment (called on every launch), copied out
         _CANDIDATES[key] = _window_candidates(head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new)
@@ -320,9 +321,9 @@ def _window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, head
               if heads % n == 0]
     # forward: 3 programs per SM fit at 2 stages (68 KiB), 2 at 3 (98 KiB), 1 at 4 (128 KiB); backward: one per
     # SM at 8 warps (registers), recomputing only (the O-reading one spills in the persistent loop at sm_90),
-    # then the shapes of _NEW_BWD
+    # then the shapes of _MORE_BWD
     shapes_p = ((3, 2, warps), (2, 3, warps), (1, 4, warps)) if kernel == "fwd" else (
-        (1, 3, warps), (1, 4, warps), *_NEW_BWD)
+        (1, 3, warps), (1, 4, warps), *_MORE_BWD)
     persist = [{**base, "num_warps": w, "HEADS": 1, "STAGES": stages, "PERSIST": 1, "PROGS": progs}
                for progs, stages, w in shapes_p]
     if kernel == "fwd":
@@ -342,8 +343,9 @@ def _window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, head
 # registers and 104 KiB, so TWO programs fit an SM (2 x 128 threads x 256 registers = the 64K register file,
 # 208 of 227 KiB): one's loads and math overlap the other's; 16 warps at 3 / 2 stages are 128 registers (the
 # same items' element-wise softmax, dS and conversions spread over twice the threads), 144 / 104 KiB, one
-# program per SM. No spills (4 warps at 3 stages spill 40 B: not offered). Not yet run on a GPU.
-_NEW_BWD = ((2, 2, 4), (1, 3, 16), (1, 2, 16))
+# program per SM. No spills (4 warps at 3 stages spill 40 B: not offered). H200 run G: the two 4-warp programs
+# 0.198 ms against 0.288 for the 8-warp one (70% of copy against 48%); 16 warps 0.40-0.49 ms.
+_MORE_BWD = ((2, 2, 4), (1, 3, 16), (1, 2, 16))
 # RECOMPUTE=2 (after run E too): P from the forward's LSE (2 MB for the ViT windows, not O's 83 MB) and delta =
 # rowsum(P * dP): of the three row reductions of the recomputing backward (max, sum, delta) only delta is left;
 # with 8 warps the two warpgroups split each 64-column row, so every row reduction is an exchange through shared
@@ -357,12 +359,35 @@ _NEW_BWD = ((2, 2, 4), (1, 3, 16), (1, 2, 16))
 # stages: 236 / 244 registers (LSE), 252 / 252 (O; the q-major O-reading loop spills 8 B), no spills
 
 
+def window_key(cfg: dict[str, int]) -> tuple[int, ...]:
+    """A persistent backward window configuration as (PROGS, STAGES, num_warps, RECOMPUTE, KV_MAJOR)."""
+    return (cfg["PROGS"], cfg["STAGES"], cfg["num_warps"], cfg.get("RECOMPUTE", 0), cfg.get("KV_MAJOR", 0))
+
+
+# Persistent dK/dV window configurations (window_key) that have not run on a GPU yet. Empty: H200 run G (5e09106)
+# ran every one offered (all their GPU tests passed, the tuner timed them); the next ones go here.
+_NEW_WINDOWS: frozenset[tuple[int, ...]] = frozenset()
+
+
 def _is_new(kernel: str, cfg: dict[str, int]) -> bool:
-    """A window candidate that has not run on a GPU yet (run E ran every other one: its tests passed and the
-    tuner timed it)."""
-    return kernel == "dkdv" and bool(cfg["PERSIST"]) and (
-        (cfg["PROGS"], cfg["STAGES"], cfg["num_warps"]) in _NEW_BWD or cfg.get("RECOMPUTE") == 2
-        or bool(cfg.get("KV_MAJOR")))
+    """A window candidate that has not run on a GPU yet (see ``_NEW_WINDOWS``)."""
+    return kernel == "dkdv" and bool(cfg["PERSIST"]) and window_key(cfg) in _NEW_WINDOWS
+
+
+# The configuration an untuned launch on a GPU takes (VLR_TUNE=0, a launch under CUDA-graph capture before any
+# tuning): H200 run G's tuner picks for the ViT windows. Forward: 4 heads a program at 2 stages (0.0998 ms in the
+# tuner's loop; the general table's default tile 0.349 ms); backward: two 4-warp persistent recomputing programs per
+# SM (0.198 ms; the general default dK/dV tile 0.509 ms, plus its dQ pass).
+_DEFAULT = {"fwd": {"PERSIST": 0, "HEADS": 4, "STAGES": 2},
+            "dkdv": {"PERSIST": 1, "PROGS": 2, "STAGES": 2, "num_warps": 4, "RECOMPUTE": 1}}
+
+
+def window_default(kernel: str, cands: list[dict[str, int]]) -> dict[str, int] | None:
+    """The candidate of ``cands`` (a :func:`window_candidates` list) that an untuned GPU launch takes: the one
+    matching ``_DEFAULT[kernel]`` (absent keys count as 0), else the first; None for an empty list."""
+    want = _DEFAULT[kernel]
+    match = [c for c in cands if all(c.get(k, 0) == v for k, v in want.items()) and not c.get("KV_MAJOR")]
+    return match[0] if match else (cands[0] if cands else None)
 
 
 def window_grid(cfg: dict[str, int], n_seg: int, heads: int, device) -> tuple[tuple[int, ...], dict[str, int]]:

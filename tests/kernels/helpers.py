@@ -36,14 +36,27 @@ def assert_bf16_rule(kernel: torch.Tensor, torch_bf16: torch.Tensor, ref64: torc
 # kernel and index in varlen_tiles._TABLES: the tests of the new-candidate machinery (VLR_ATTN_NEW, the probe's
 # verdict) mark them new again, so that they keep exercising it on the real tables' shapes.
 _RUN_E_TILES = {96: {"dkdv": range(3, 11), "dq": range(3, 5)}, 128: {"dkdv": (9, 10), "dq": (5, 6)}}
+# ...and those new until H200 run G: the 3-stage 128x64 dQ tile with the shared-prompt mask, and nine persistent
+# window backward configurations (varlen_windows.window_key: programs per SM, stages, warps, RECOMPUTE, KV_MAJOR)
+_RUN_G_SHARED_TILES = {128: {"dq": (6,)}}
+RUN_G_WINDOWS = frozenset({(2, 2, 4, 1, 0), (1, 3, 16, 1, 0), (1, 2, 16, 1, 0)}
+                          | {(1, stages, 8, r, kv) for stages in (3, 4) for r, kv in ((2, 0), (0, 1), (2, 1))})
 
 
 def pretend_new_tiles(monkeypatch) -> None:
-    """Mark the run-E tiles of ``varlen_tiles._TABLES`` new for this test (``monkeypatch`` undoes it)."""
+    """Mark the run-E tiles of ``varlen_tiles._TABLES``, and the candidates run G ran first, new for this test
+    (``monkeypatch`` undoes it)."""
     from vlr_kernels.attention import varlen_tiles as vt
+    from vlr_kernels.attention import varlen_windows as vw
 
     tables = {cls: {kernel: tuple(t._replace(new=True) if i in _RUN_E_TILES.get(cls, {}).get(kernel, ()) else t
                                   for i, t in enumerate(tiles)) for kernel, tiles in kinds.items()}
               for cls, kinds in vt._TABLES.items()}
     assert sum(t.new for kinds in tables.values() for tiles in kinds.values() for t in tiles) == 14
+    for cls, kinds in _RUN_G_SHARED_TILES.items():
+        for kernel, idx in kinds.items():
+            tables[cls][kernel] = tuple(t._replace(shared_new=True) if i in idx else t
+                                        for i, t in enumerate(tables[cls][kernel]))
     monkeypatch.setattr(vt, "_TABLES", tables)
+    monkeypatch.setattr(vw, "_NEW_WINDOWS", RUN_G_WINDOWS)
+    monkeypatch.setattr(vw, "_CANDIDATES", {})  # window lists are cached per arguments and environment only

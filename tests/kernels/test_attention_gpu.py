@@ -147,8 +147,8 @@ def _candidate_cases() -> list[tuple[str, dict, bool]]:
         extra = {"flat": True} if kernel == "dkdv" else {}
         old = launch_candidates(*args, shared=shared is not None, new=False, **extra)
         for cfg in launch_candidates(*args, shared=shared is not None, new=True, **extra):
-            if kernel == "dq" and cfg in old:
-                continue  # the dQ pass of every dK/dV case above already ran the default dQ tiles
+            if kernel == "dq" and old and cfg == old[0]:
+                continue  # the dQ pass of every dK/dV case above already ran the default dQ tile
             out.append((case, {kernel: cfg}, cfg not in old))
     lens, hq, hkv, d, _, _ = CASES["windows"]
     for kernel in ("fwd", "dkdv"):

@@ -394,8 +394,8 @@ def test_window_candidates_only_for_one_tile_segments():
     assert [(c["HEADS"], c["STAGES"], c["PERSIST"]) for c in cands] == [
         (4, 2, 0), (2, 3, 0), (1, 2, 1), (1, 3, 1), (1, 4, 1)]
     assert all("RECOMPUTE" not in c for c in cands)
-    # the O-reading backward first (its first entry: the default measured on a GPU), then the recomputing one;
-    # the persistent one last in each
+    # the O-reading backward first, then the recomputing one; the persistent one last in each (the order the
+    # tuner times them in; an untuned GPU launch takes window_default's pick, see the next test)
     dkdv = window_candidates(80, 64, 64, 16, 1, "dkdv")
     assert [(c["HEADS"], c["STAGES"], c["PERSIST"], c["RECOMPUTE"]) for c in dkdv] == [
         (4, 2, 0, 0), (2, 3, 0, 0), (4, 2, 0, 1), (2, 3, 0, 1), (1, 3, 1, 1), (1, 4, 1, 1), (1, 2, 1, 1),
@@ -408,6 +408,36 @@ def test_window_candidates_only_for_one_tile_segments():
     assert window_candidates(80, 64, 64, 8, 2, "dkdv") == []  # GQA backward: the general kernels
     assert [(c["HEADS"], c["RECOMPUTE"]) for c in window_candidates(80, 30, 30, 6, 1, "dkdv")] == [
         (2, 0), (2, 1)] + [(1, 1)] * 5 + [(1, 2)] * 2 + [(1, 0)] * 2 + [(1, 2)] * 2
+
+
+def test_untuned_gpu_launch_takes_the_measured_window_pick(monkeypatch):
+    """On a GPU an untuned launch (VLR_TUNE=0, or one under CUDA-graph capture before any tuning) of a one-tile
+    window workload takes H200 run G's picks, not the general table's first tile; on the CPU (the interpreter)
+    the table's order stays; a head count without the 4-head forward program takes the first window shape."""
+    from vlr_kernels.attention import varlen_triton as vtr
+    from vlr_kernels.attention.varlen_tiles import launch_candidates
+    from vlr_kernels.attention.varlen_windows import window_candidates, window_default
+
+    monkeypatch.setenv("VLR_TUNE", "0")
+    timed = []
+
+    def choose(kernel, device, heads):
+        wins = window_candidates(80, 64, 64, heads, 1, kernel)
+        return vtr._choose(kernel, (False, False, 1, torch.bfloat16), device, 80, 64, 64, None, None, timed.append,
+                           False, None, wins)
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    fwd, dkdv = choose("fwd", gpu, 16), choose("dkdv", gpu, 16)
+    assert fwd["WINDOW"] and (fwd["PERSIST"], fwd["HEADS"], fwd["STAGES"]) == (0, 4, 2)
+    assert dkdv["WINDOW"] and (dkdv["PERSIST"], dkdv["PROGS"], dkdv["STAGES"], dkdv["num_warps"],
+                               dkdv["RECOMPUTE"], dkdv.get("KV_MAJOR", 0)) == (1, 2, 2, 4, 1, 0)
+    for kernel in ("fwd", "dkdv"):
+        assert choose(kernel, cpu, 16) == launch_candidates(80, 64, 64, kernel)[0]
+        assert not choose(kernel, cpu, 16).get("WINDOW")
+    assert choose("fwd", gpu, 6) == window_candidates(80, 64, 64, 6, 1, "fwd")[0]
+    assert choose("fwd", gpu, 6)["HEADS"] == 2
+    assert window_default("dkdv", []) is None
+    assert not timed  # VLR_TUNE=0: nothing launched to time
 
 
 def test_dkdv_candidates_cover_the_variants():
@@ -465,13 +495,14 @@ def test_flat_candidates_switch(monkeypatch):
 
 
 def test_new_candidates_switch(monkeypatch):
-    """The candidates never run on a GPU yet (Tile.new; the window backward shapes of ``_NEW_BWD``) reach the
-    tuner unless VLR_ATTN_NEW=0 (or new=False), which leaves every other candidate, defaults first, in place.
-    The tiles that run E ran are marked new again here, to test the switch on the real tables' shapes."""
+    """The candidates never run on a GPU yet (Tile.new; the window backward configurations of ``_NEW_WINDOWS``)
+    reach the tuner unless VLR_ATTN_NEW=0 (or new=False), which leaves every other candidate, defaults first, in
+    place. The candidates that runs E and G ran are marked new again here, to test the switch on the real tables'
+    shapes."""
     from vlr_kernels.attention.varlen_tiles import launch_candidates
-    from vlr_kernels.attention.varlen_windows import _NEW_BWD, window_candidates
+    from vlr_kernels.attention.varlen_windows import window_candidates
 
-    from tests.kernels.helpers import pretend_new_tiles
+    from tests.kernels.helpers import RUN_G_WINDOWS, pretend_new_tiles
 
     monkeypatch.delenv("VLR_ATTN_NEW", raising=False)
     shapes = [(80, 8100, 8100, "dkdv"), (80, 8100, 8100, "dq"), (128, 4096, 4096, "dq")]
@@ -490,8 +521,7 @@ def test_new_candidates_switch(monkeypatch):
     assert not any(c["num_stages"] == 3 for c in off[0] + off[1])
     new_shapes = {(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"], c.get("KV_MAJOR", 0))
                   for c in wins[1] if c not in wins_off[1]}
-    assert new_shapes == {(*shape, 1, 0) for shape in _NEW_BWD} | {
-        (1, stages, 8, r, kv) for stages in (3, 4) for r, kv in ((2, 0), (0, 1), (2, 1))}
+    assert new_shapes == RUN_G_WINDOWS
     assert any(c["PERSIST"] for c in wins_off[1])  # run E ran the 8-warp persistent backward
     assert off == [launch_candidates(*a, new=False) for a in shapes]
     monkeypatch.delenv("VLR_ATTN_NEW")
