@@ -464,7 +464,7 @@ def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, 
     otherwise the tuner's pick for this shape (powers of two of the maximum lengths: the tile shapes, not the
     exact lengths, decide the best) among the table's candidates (``table``: that
     :func:`~vlr_kernels.attention.varlen_tiles.launch_candidates` list, when the caller has it already) and
-    ``extra`` ones."""
+    ``extra`` ones. ``shape_key`` ends with the inputs' dtype."""
     if configs and kernel in configs:
         return configs[kernel]
     cands = list(table) if table is not None else launch_candidates(head_dim, max_q, max_k, kernel, block_m,
@@ -472,7 +472,9 @@ def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, 
     if block_m is not None or block_n is not None:
         return cands[0]
     cands += extra
-    if extra and device.type == "cuda":  # untuned, a GPU launch takes the measured window pick (window_default)
+    if extra and device.type == "cuda" and shape_key[-1] in (torch.bfloat16, torch.float16):
+        # untuned, a 16-bit GPU launch takes the measured window pick (window_default); fp32 keeps the table's
+        # first tile, the one the GPU tests ran in fp32 (the model's fp32 parity test)
         first = window_default(kernel, list(extra))
         cands = [first, *(c for c in cands if c is not first)]
     key = (kernel, head_dim, next_power_of_2(max(max_q, 1)),

@@ -412,8 +412,9 @@ def test_window_candidates_only_for_one_tile_segments():
 
 def test_untuned_gpu_launch_takes_the_measured_window_pick(monkeypatch):
     """On a GPU an untuned launch (VLR_TUNE=0, or one under CUDA-graph capture before any tuning) of a one-tile
-    window workload takes H200 run G's picks, not the general table's first tile; on the CPU (the interpreter)
-    the table's order stays; a head count without the 4-head forward program takes the first window shape."""
+    window workload in bf16/fp16 takes H200 run G's picks, not the general table's first tile; on the CPU (the
+    interpreter) and in fp32 the table's order stays; a head count without the 4-head forward program takes the
+    first window shape."""
     from vlr_kernels.attention import varlen_triton as vtr
     from vlr_kernels.attention.varlen_tiles import launch_candidates
     from vlr_kernels.attention.varlen_windows import window_candidates, window_default
@@ -421,9 +422,9 @@ def test_untuned_gpu_launch_takes_the_measured_window_pick(monkeypatch):
     monkeypatch.setenv("VLR_TUNE", "0")
     timed = []
 
-    def choose(kernel, device, heads):
+    def choose(kernel, device, heads, dtype=torch.bfloat16):
         wins = window_candidates(80, 64, 64, heads, 1, kernel)
-        return vtr._choose(kernel, (False, False, 1, torch.bfloat16), device, 80, 64, 64, None, None, timed.append,
+        return vtr._choose(kernel, (False, False, 1, dtype), device, 80, 64, 64, None, None, timed.append,
                            False, None, wins)
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
@@ -431,9 +432,12 @@ def test_untuned_gpu_launch_takes_the_measured_window_pick(monkeypatch):
     assert fwd["WINDOW"] and (fwd["PERSIST"], fwd["HEADS"], fwd["STAGES"]) == (0, 4, 2)
     assert dkdv["WINDOW"] and (dkdv["PERSIST"], dkdv["PROGS"], dkdv["STAGES"], dkdv["num_warps"],
                                dkdv["RECOMPUTE"], dkdv.get("KV_MAJOR", 0)) == (1, 2, 2, 4, 1, 0)
+    assert choose("dkdv", gpu, 16, torch.float16) == dkdv
     for kernel in ("fwd", "dkdv"):
         assert choose(kernel, cpu, 16) == launch_candidates(80, 64, 64, kernel)[0]
         assert not choose(kernel, cpu, 16).get("WINDOW")
+        # fp32 on a GPU: the table's first tile (the one the model's fp32 GPU test ran)
+        assert choose(kernel, gpu, 16, torch.float32) == launch_candidates(80, 64, 64, kernel)[0]
     assert choose("fwd", gpu, 6) == window_candidates(80, 64, 64, 6, 1, "fwd")[0]
     assert choose("fwd", gpu, 6)["HEADS"] == 2
     assert window_default("dkdv", []) is None
