@@ -475,7 +475,7 @@ def _choose(kernel: str, shape_key: tuple, device: torch.device, head_dim: int, 
     if extra and device.type == "cuda" and shape_key[-1] in (torch.bfloat16, torch.float16):
         # untuned, a 16-bit GPU launch takes the measured window pick (window_default); fp32 keeps the table's
         # first tile, the one the GPU tests ran in fp32 (the model's fp32 parity test)
-        first = window_default(kernel, list(extra))
+        first = window_default(kernel, extra)
         cands = [first, *(c for c in cands if c is not first)]
     key = (kernel, head_dim, next_power_of_2(max(max_q, 1)),
            next_power_of_2(max(max_k, 1)), *shape_key)

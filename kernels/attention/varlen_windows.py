@@ -301,8 +301,8 @@ def window_candidates(head_dim: int, max_seqlen_q: int, max_seqlen_k: int, heads
     ``_NEW_WINDOWS`` (none since run G ran them all) has not run on a GPU: it reaches the tuner per
     :func:`~vlr_kernels.attention.varlen_tiles.new_candidate_allowed` (``new`` False: none). The list's order
     is the tests' and the tuner's; :func:`window_default` says which one an untuned launch takes."""
-    key = (head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new, os.environ.get(NEW_ENV))
-    if key not in _CANDIDATES:  # once per arguments and environment (called on every launch), copied out
+    key = (head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new, os.environ.get(NEW_ENV), _NEW_WINDOWS)
+    if key not in _CANDIDATES:  # once per arguments, environment and new set (called on every launch), copied out
         _CANDIDATES[key] = _window_candidates(head_dim, max_seqlen_q, max_seqlen_k, heads, group, kernel, new)
     return [dict(cfg) for cfg in _CANDIDATES[key]]
 
@@ -379,14 +379,14 @@ def _is_new(kernel: str, cfg: dict[str, int]) -> bool:
 # tuner's loop; the general table's default tile 0.349 ms); backward: two 4-warp persistent recomputing programs per
 # SM (0.198 ms; the general default dK/dV tile 0.509 ms, plus its dQ pass).
 _DEFAULT = {"fwd": {"PERSIST": 0, "HEADS": 4, "STAGES": 2},
-            "dkdv": {"PERSIST": 1, "PROGS": 2, "STAGES": 2, "num_warps": 4, "RECOMPUTE": 1}}
+            "dkdv": {"PERSIST": 1, "PROGS": 2, "STAGES": 2, "num_warps": 4, "RECOMPUTE": 1, "KV_MAJOR": 0}}
 
 
 def window_default(kernel: str, cands: list[dict[str, int]]) -> dict[str, int] | None:
     """The candidate of ``cands`` (a :func:`window_candidates` list) that an untuned GPU launch takes: the one
     matching ``_DEFAULT[kernel]`` (absent keys count as 0), else the first; None for an empty list."""
     want = _DEFAULT[kernel]
-    match = [c for c in cands if all(c.get(k, 0) == v for k, v in want.items()) and not c.get("KV_MAJOR")]
+    match = [c for c in cands if all(c.get(k, 0) == v for k, v in want.items())]
     return match[0] if match else (cands[0] if cands else None)
 
 

@@ -59,4 +59,3 @@ def pretend_new_tiles(monkeypatch) -> None:
                                         for i, t in enumerate(tables[cls][kernel]))
     monkeypatch.setattr(vt, "_TABLES", tables)
     monkeypatch.setattr(vw, "_NEW_WINDOWS", RUN_G_WINDOWS)
-    monkeypatch.setattr(vw, "_CANDIDATES", {})  # window lists are cached per arguments and environment only

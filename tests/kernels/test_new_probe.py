@@ -14,9 +14,9 @@ NODE = "tests/kernels/test_attention_gpu.py::test_every_candidate_bf16_rule"
 
 
 @pytest.fixture(autouse=True)
-def _run_e_tiles_new(monkeypatch):
-    """Since run E only three window shapes are new: the tiles it ran are marked new again, so that the verdict is
-    tested over many candidates, kernels and cases (the ones run E's probe had)."""
+def _past_candidates_new(monkeypatch):
+    """No candidate is new since run G: the ones runs E and G ran are marked new again, so that the verdict is
+    tested over many candidates, kernels and cases (the ones those runs' probes had)."""
     pretend_new_tiles(monkeypatch)
 
 

@@ -504,7 +504,7 @@ def test_new_candidates_switch(monkeypatch):
     place. The candidates that runs E and G ran are marked new again here, to test the switch on the real tables'
     shapes."""
     from vlr_kernels.attention.varlen_tiles import launch_candidates
-    from vlr_kernels.attention.varlen_windows import window_candidates
+    from vlr_kernels.attention.varlen_windows import window_candidates, window_key
 
     from tests.kernels.helpers import RUN_G_WINDOWS, pretend_new_tiles
 
@@ -523,8 +523,7 @@ def test_new_candidates_switch(monkeypatch):
     assert wins_off[0] == wins[0]  # no forward window shape is new
     assert any(c.get("ATOMIC_DQ") for c in on[0]) and not any(c.get("ATOMIC_DQ") for c in off[0])
     assert not any(c["num_stages"] == 3 for c in off[0] + off[1])
-    new_shapes = {(c["PROGS"], c["STAGES"], c["num_warps"], c["RECOMPUTE"], c.get("KV_MAJOR", 0))
-                  for c in wins[1] if c not in wins_off[1]}
+    new_shapes = {window_key(c) for c in wins[1] if c not in wins_off[1]}
     assert new_shapes == RUN_G_WINDOWS
     assert any(c["PERSIST"] for c in wins_off[1])  # run E ran the 8-warp persistent backward
     assert off == [launch_candidates(*a, new=False) for a in shapes]
